@@ -1,0 +1,55 @@
+"""`transfer <command> [overrides]`: a thin dispatcher that imports heavy modules lazily.
+
+`transfer --help` must stay fast, so nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+USAGE = """usage: transfer <command> [options] [key=value overrides]
+
+Image transfer learning experiments, configured with Hydra.
+
+commands:
+  train     train a backbone with a strategy; writes a run directory under outputs/
+            (`transfer train --help` lists the config groups and their options;
+             `transfer train -m strategy=a,b` sweeps)
+
+examples:
+  transfer train experiment=smoke
+  transfer train strategy=gradual backbone=resnet18 dataset=folder dataset.root=~/images
+  transfer train -m experiment=smoke strategy=feature_extract,fine_tune
+"""
+
+
+def _train(argv: list[str]) -> int:
+    from transfer_cli.hydra_app import run_train
+
+    return run_train(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `transfer` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in {"-V", "--version"}:
+        from transfer_cli import __version__
+
+        print(f"transfer {__version__}")
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"transfer: unknown command '{argv[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(argv[1:])

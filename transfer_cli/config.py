@@ -1,0 +1,160 @@
+"""Typed schemas for every config node, stored in Hydra's ConfigStore.
+
+`conf/train.yaml` names `train_schema` first in its defaults list, so each YAML file and
+override is merged onto these dataclasses: an unknown key or a wrong type fails when the
+config is composed, not in epoch 3. Below the CLI the code receives these dataclasses
+(via `OmegaConf.to_object`), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class BackboneConfig:
+    """Which network to start from and where its weights come from."""
+
+    source: str = MISSING  # timm | torchvision
+    name: str = MISSING  # timm name[.tag] or torchvision model name
+    weights: Optional[str] = "DEFAULT"  # torchvision weights enum member, DEFAULT or null
+    pretrained: bool = True
+    checkpoint: Optional[str] = None  # local state-dict file used instead of a download
+
+
+@dataclass
+class HeadConfig:
+    """The classifier that replaces the backbone's own."""
+
+    kind: str = "linear"  # linear | mlp
+    dropout: float = 0.0  # linear: dropout before the layer
+    hidden: int = 256  # mlp only
+    dropouts: list[float] = field(default_factory=lambda: [0.5, 0.3])  # mlp only
+
+
+@dataclass
+class StageConfig:
+    """One stage of a strategy: which layer groups train, for how long, at which lr.
+
+    `train` holds group selectors: `head`, `last:N` (the N groups before the head, plus
+    the head), `all`, or group names. `lr` is one rate for every trained group, `lrs` a
+    per-group map (groups it leaves out are frozen), and `lr_decay` multiplies the rate by
+    this factor per group from the head towards the stem.
+    """
+
+    name: str = MISSING
+    epochs: int = MISSING
+    train: list[str] = field(default_factory=lambda: ["head"])
+    lr: Optional[float] = None
+    lrs: Optional[dict[str, float]] = None
+    lr_decay: Optional[float] = None
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    description: str = ""
+    pretrained: bool = True  # false: random init whatever the backbone says (scratch)
+    lr: float = 1e-3  # default rate of stages that name none
+    train_bn: bool = False  # frozen groups keep BatchNorm affine params trainable (stats stay frozen)
+    stages: list[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class DatasetConfig:
+    """Where images come from. Fields a dataset kind does not use are ignored by it."""
+
+    name: str = MISSING  # flowers102 | cifar10 | dtd | imagenette | folder | synthetic
+    root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
+    download: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+    val_fraction: float = 0.2  # folder without train/ and val/: share held out, stratified
+    train_subset: Optional[int] = None  # stratified, seeded subset of the training split
+    val_subset: Optional[int] = None
+    # synthetic only
+    num_classes: int = 4
+    train_size: int = 256
+    val_size: int = 128
+    image_size: int = 64
+
+
+@dataclass
+class TransformsConfig:
+    """Preprocessing; null fields follow the backbone's pretrained config."""
+
+    image_size: Optional[int] = None
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None  # bilinear | bicubic | nearest
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, as data; `none` leaves train = eval preprocessing."""
+
+    name: str = MISSING
+    random_resized_crop: Optional[list[float]] = None  # scale range, e.g. [0.08, 1.0]
+    hflip: float = 0.0
+    rotation: float = 0.0
+    color_jitter: Optional[list[float]] = None  # brightness, contrast, saturation, hue
+    translate: Optional[list[float]] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING  # adam | adamw | sgd
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_scale: float = 1.0  # multiplies every stage lr (quick runs on random-init models)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING  # onecycle | cosine | constant
+    warmup_pct: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    epochs: Optional[int] = None  # null: the strategy's stage epochs; N: stages scaled to N
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: str = "auto"  # auto (on for CUDA) | true | false
+    channels_last: str = "auto"
+    seed: int = 42
+    num_workers: int = 4
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    backbone: BackboneConfig = MISSING
+    head: HeadConfig = field(default_factory=HeadConfig)
+    strategy: StrategyConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    augment: AugmentConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Store the schema so `conf/train.yaml` can extend it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_plain(cfg: Any) -> Any:
+    """A dataclass config as plain dicts and lists (for JSON and checkpoints)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

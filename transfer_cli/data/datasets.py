@@ -1,0 +1,136 @@
+"""Dataset registry: each entry returns the raw train and val splits and the class names.
+
+torchvision sets download into `dataset.root` (default `~/.cache/transfer/data`) on first
+use; with no network the error names that folder and how to use local data instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import Dataset, Subset
+
+from transfer_cli.config import DatasetConfig
+from transfer_cli.data.folder import ImageFolderDataset, class_folders, has_predefined_split
+from transfer_cli.data.splits import stratified_split, stratified_subset
+from transfer_cli.data.synthetic import SyntheticImages
+from transfer_cli.errors import TransferError
+from transfer_cli.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawSplits:
+    """Untransformed splits: items are (PIL image or uint8 tensor, label)."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    train_labels: list[int]
+    val_labels: list[int]
+
+
+DATASETS: Registry[Callable[[DatasetConfig, int], RawSplits]] = Registry("dataset", "dataset")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TRANSFER_DATA", Path.home() / ".cache" / "transfer" / "data")).expanduser()
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Labels without decoding images, from the attribute each torchvision set keeps them in."""
+    for attribute in ("targets", "_labels"):
+        if hasattr(dataset, attribute):
+            return [int(label) for label in getattr(dataset, attribute)]
+    if hasattr(dataset, "_samples"):
+        return [int(label) for _, label in dataset._samples]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def _subset(dataset: Dataset, labels: list[int], indices: Sequence[int]) -> tuple[Dataset, list[int]]:
+    return Subset(dataset, list(indices)), [labels[i] for i in indices]
+
+
+def load_splits(cfg: DatasetConfig, seed: int) -> RawSplits:
+    """Build the dataset named by `cfg`, then apply the stratified, seeded subsets."""
+    splits = DATASETS.get(cfg.name)(cfg, seed)
+    if cfg.train_subset is not None:
+        indices = stratified_subset(splits.train_labels, cfg.train_subset, seed)
+        splits.train, splits.train_labels = _subset(splits.train, splits.train_labels, indices)
+    if cfg.val_subset is not None:
+        indices = stratified_subset(splits.val_labels, cfg.val_subset, seed, option="dataset.val_subset")
+        splits.val, splits.val_labels = _subset(splits.val, splits.val_labels, indices)
+    return splits
+
+
+@DATASETS.register("synthetic")
+def _synthetic(cfg: DatasetConfig, seed: int) -> RawSplits:
+    if cfg.num_classes < 2:
+        raise TransferError(f"dataset.num_classes={cfg.num_classes}: a classifier needs at least 2 classes")
+    train = SyntheticImages(cfg.num_classes, cfg.train_size, cfg.image_size, seed)
+    val = SyntheticImages(cfg.num_classes, cfg.val_size, cfg.image_size, seed + 1)
+    return RawSplits(train, val, train.classes, train.targets, val.targets)
+
+
+@DATASETS.register("folder")
+def _folder(cfg: DatasetConfig, seed: int) -> RawSplits:
+    if cfg.root is None:
+        raise TransferError("dataset=folder needs dataset.root=<folder with class subfolders>")
+    root = Path(cfg.root).expanduser()
+    if has_predefined_split(root, cfg.train_split, cfg.val_split):
+        classes = class_folders(root / cfg.train_split)
+        val_classes = class_folders(root / cfg.val_split)
+        if val_classes != classes:
+            raise TransferError(
+                f"val classes differ from train classes in {root} (only in train: "
+                f"{sorted(set(classes) - set(val_classes))}, only in val: {sorted(set(val_classes) - set(classes))}): "
+                "give both splits the same class folders"
+            )
+        train = ImageFolderDataset(root / cfg.train_split, classes)
+        val = ImageFolderDataset(root / cfg.val_split, classes)
+        return RawSplits(train, val, classes, train.targets, val.targets)
+    classes = class_folders(root)
+    everything = ImageFolderDataset(root, classes)
+    train_idx, val_idx = stratified_split(everything.targets, cfg.val_fraction, seed)
+    train, train_labels = _subset(everything, everything.targets, train_idx)
+    val, val_labels = _subset(everything, everything.targets, val_idx)
+    return RawSplits(train, val, classes, train_labels, val_labels)
+
+
+def _torchvision_split(factory: Callable[..., Dataset], split_arg: Callable[[str], dict], cfg: DatasetConfig,
+                       split: str) -> Dataset:
+    root = Path(cfg.root).expanduser() if cfg.root else default_cache_dir()
+    try:
+        return factory(root=str(root), download=cfg.download, **split_arg(split))
+    except (OSError, RuntimeError) as exc:
+        raise TransferError(
+            f"could not load {cfg.name} split '{split}' from {root} ({str(exc).splitlines()[0][:160]}): "
+            f"with no network, place the dataset there (or set dataset.root=<its folder> and "
+            "dataset.download=false), or use dataset=folder dataset.root=<your images>"
+        ) from exc
+
+
+def _register_torchvision(name: str, factory_name: str, split_arg: Callable[[str], dict]) -> None:
+    def build(cfg: DatasetConfig, seed: int) -> RawSplits:
+        import torchvision.datasets
+
+        factory = getattr(torchvision.datasets, factory_name)
+        train = _torchvision_split(factory, split_arg, cfg, cfg.train_split)
+        val = _torchvision_split(factory, split_arg, cfg, cfg.val_split)
+        train_labels = labels_of(train)
+        classes = [str(c[0] if isinstance(c, tuple) else c) for c in getattr(train, "classes", [])]
+        classes = classes or [str(c) for c in range(max(train_labels) + 1)]
+        return RawSplits(train, val, classes, train_labels, labels_of(val))
+
+    DATASETS.register(name)(build)
+
+
+_register_torchvision("flowers102", "Flowers102", lambda split: {"split": split})
+_register_torchvision("dtd", "DTD", lambda split: {"split": split})
+_register_torchvision("imagenette", "Imagenette", lambda split: {"split": split, "size": "320px"})
+_register_torchvision("cifar10", "CIFAR10", lambda split: {"train": split == "train"})

@@ -1,0 +1,63 @@
+"""Stratified, seeded subsets and train/val splits: the same indices for the same seed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from transfer_cli.errors import TransferError
+
+
+def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
+    indices: dict[int, list[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        indices[int(label)].append(index)
+    return dict(sorted(indices.items()))
+
+
+def _shuffled(items: list[int], generator: torch.Generator) -> list[int]:
+    return [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
+
+
+def stratified_subset(labels: Sequence[int], size: int, seed: int, option: str = "dataset.train_subset") -> list[int]:
+    """`size` indices whose class shares match `labels` (largest remainder), sorted."""
+    classes = _by_class(labels)
+    if size > len(labels):
+        raise TransferError(f"{option}={size} is larger than the split ({len(labels)} images): use at most {len(labels)}")
+    if size < len(classes):
+        raise TransferError(f"{option}={size} is smaller than the {len(classes)} classes: use at least {len(classes)}")
+    generator = torch.Generator().manual_seed(seed)
+    shares = {c: len(idx) * size / len(labels) for c, idx in classes.items()}
+    counts = {c: max(1, int(share)) for c, share in shares.items()}
+    by_remainder = sorted(classes, key=lambda c: shares[c] - int(shares[c]), reverse=True)
+    extra = size - sum(counts.values())
+    for c in by_remainder:
+        if extra <= 0:
+            break
+        if counts[c] < len(classes[c]):
+            counts[c] += 1
+            extra -= 1
+    while sum(counts.values()) > size:  # the one-per-class floor overshot
+        largest = max(counts, key=counts.get)
+        counts[largest] -= 1
+    chosen = [i for c, idx in classes.items() for i in _shuffled(idx, generator)[: counts[c]]]
+    return sorted(chosen)
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into train and val, holding out `val_fraction` of every class."""
+    if not 0.0 < val_fraction < 1.0:
+        raise TransferError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2)")
+    generator = torch.Generator().manual_seed(seed)
+    train: list[int] = []
+    val: list[int] = []
+    for label, indices in _by_class(labels).items():
+        if len(indices) < 2:
+            raise TransferError(f"class {label} has {len(indices)} image: a train/val split needs at least 2 per class")
+        shuffled = _shuffled(indices, generator)
+        held_out = min(len(indices) - 1, max(1, round(len(indices) * val_fraction)))
+        val.extend(shuffled[:held_out])
+        train.extend(shuffled[held_out:])
+    return sorted(train), sorted(val)

@@ -1,0 +1,135 @@
+"""Interpret a strategy (stages written in YAML) against a model's layer groups.
+
+A stage resolves to a map {group name: lr} of the groups that train; every other group
+is frozen: `requires_grad=False` and, unless `train_bn`, its BatchNorm layers held in eval
+mode so running statistics do not drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from transfer_cli.config import StageConfig, StrategyConfig
+from transfer_cli.errors import TransferError
+from transfer_cli.models import HEAD, LayerGroup, TransferModel
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    epochs: int
+    lrs: dict[str, float]  # trainable group -> lr, ordered from stem to head
+
+
+def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: int | None,
+                lr_scale: float = 1.0) -> list[Stage]:
+    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths."""
+    if not strategy.stages:
+        raise TransferError(f"strategy '{strategy.name}' has no stages: give it at least one under strategy.stages")
+    epochs = scale_epochs([stage.epochs for stage in strategy.stages], total_epochs)
+    return [
+        Stage(stage.name, count, {g: lr * lr_scale for g, lr in _stage_lrs(stage, strategy, model).items()})
+        for stage, count in zip(strategy.stages, epochs)
+    ]
+
+
+def scale_epochs(epochs: list[int], total: int | None) -> list[int]:
+    """Stage lengths rescaled to `total` in proportion (largest remainder, each >= 1)."""
+    if any(count <= 0 for count in epochs):
+        raise TransferError(f"stage epochs must be positive, got {epochs}: fix strategy.stages[*].epochs")
+    if total is None or total == sum(epochs):
+        return list(epochs)
+    if total < len(epochs):
+        raise TransferError(
+            f"trainer.epochs={total} is fewer than the strategy's {len(epochs)} stages: give at least {len(epochs)}"
+        )
+    shares = [count * total / sum(epochs) for count in epochs]
+    scaled = [max(1, int(share)) for share in shares]
+    by_remainder = sorted(range(len(epochs)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: total - sum(scaled)]:
+        scaled[i] += 1
+    while sum(scaled) > total:  # the max(1, .) floor overshot: trim the longest stage
+        scaled[scaled.index(max(scaled))] -= 1
+    return scaled
+
+
+def _selected_groups(selectors: list[str], model: TransferModel) -> list[str]:
+    names = [group.name for group in model.groups]
+    chosen: set[str] = set()
+    for selector in selectors:
+        if selector == "all":
+            chosen.update(names)
+        elif selector.startswith("last:"):
+            count = _parse_count(selector)
+            body = names[:-1]
+            chosen.update(body[len(body) - min(count, len(body)):] + [HEAD])
+        else:
+            chosen.add(model.group(selector).name)
+    return [name for name in names if name in chosen]
+
+
+def _parse_count(selector: str) -> int:
+    try:
+        count = int(selector.split(":", 1)[1])
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise TransferError(f"bad group selector '{selector}': write last:N with N >= 0")
+    return count
+
+
+def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferModel) -> dict[str, float]:
+    if stage.lrs is not None:
+        lrs = {model.group(name).name: float(lr) for name, lr in stage.lrs.items()}
+        order = [group.name for group in model.groups]
+        lrs = {name: lrs[name] for name in order if name in lrs}
+    else:
+        base = stage.lr if stage.lr is not None else strategy.lr
+        trained = _selected_groups(stage.train, model)
+        if stage.lr_decay is None:
+            lrs = {name: float(base) for name in trained}
+        else:
+            depth = len(trained) - 1
+            lrs = {name: float(base) * stage.lr_decay ** (depth - i) for i, name in enumerate(trained)}
+    bad = [f"{name}={lr}" for name, lr in lrs.items() if not lr > 0]
+    if bad:
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' has lr <= 0 ({', '.join(bad)}): use positive rates")
+    if not lrs:
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' trains no layer group: name some in its train list")
+    return lrs
+
+
+def apply_stage(model: TransferModel, stage: Stage, train_bn: bool) -> None:
+    """Set `requires_grad` so exactly the stage's groups (and, with train_bn, BN affine params) train."""
+    params = dict(model.model.named_parameters())
+    for group in model.groups:
+        trainable = group.name in stage.lrs
+        for name in group.params:
+            params[name].requires_grad_(trainable)
+    if train_bn:
+        for module in frozen_batchnorms(model, stage):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(True)
+
+
+def frozen_batchnorms(model: TransferModel, stage: Stage) -> list[nn.Module]:
+    """BatchNorm layers whose parameters belong to groups the stage freezes."""
+    frozen = {name for group in model.groups if group.name not in stage.lrs for name in group.params}
+    return [
+        module for path, module in model.model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and any(f"{path}.{name}" in frozen for name, _ in module.named_parameters(recurse=False))
+    ]
+
+
+def hold_frozen_batchnorm(model: TransferModel, stage: Stage) -> None:
+    """Call after `model.train()`: frozen BatchNorm keeps using (and keeping) its running stats."""
+    for module in frozen_batchnorms(model, stage):
+        module.eval()
+
+
+def group_of(groups: list[LayerGroup]) -> dict[str, str]:
+    """Parameter name -> layer group name."""
+    return {param: group.name for group in groups for param in group.params}
