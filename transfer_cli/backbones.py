@@ -97,7 +97,7 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
         raise _offline_error(cfg.name, HF_HUB_CACHE, exc) from exc
     data = resolve_data_config({}, model=model)
     source = f"file {checkpoint}" if checkpoint is not None and load else (
-        f"timm/{model.pretrained_cfg.get('hf_hub_id') or cfg.name}" if load else "random init"
+        f"hf-hub {model.pretrained_cfg.get('hf_hub_id') or cfg.name}" if load else "random init"
     )
     return RawBackbone(
         model=model,

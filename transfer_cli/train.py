@@ -77,6 +77,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Run one experiment into `run_dir` and return its summary."""
     _validate(cfg)
     started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
     device = resolve_device(cfg.trainer.device)
     precision, scaler = resolve_precision(cfg.trainer, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
                 pin_memory: bool) -> DataLoader:
     """Train loaders shuffle with their own seeded generator and drop a ragged last batch."""
     generator = torch.Generator().manual_seed(seed) if train else None
+    num_workers = min(num_workers, os.cpu_count() or 1)
     return DataLoader(
         dataset,
         batch_size=batch_size,

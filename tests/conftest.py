@@ -1,0 +1,48 @@
+"""Shared fixtures: in-process config composition and the optional real-data assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from transfer_cli.config import TrainConfig, register_configs
+from transfer_cli.hydra_app import config_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, quick runs: the smoke experiment shrunk further.
+FAST = [
+    "experiment=smoke",
+    "dataset.train_size=96",
+    "dataset.val_size=48",
+    "trainer.epochs=3",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hydra_schema() -> None:
+    register_configs()
+
+
+def compose_train(overrides: list[str]) -> TrainConfig:
+    """The TrainConfig `transfer train <overrides>` would run, composed in-process."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        composed = compose("train", overrides=overrides)
+    return OmegaConf.to_object(composed)
+
+
+@pytest.fixture
+def assets() -> Path:
+    """../shared/assets, where TRANSFER_TEST_ASSETS points at it; skip otherwise."""
+    root = os.environ.get("TRANSFER_TEST_ASSETS")
+    if not root:
+        pytest.skip("TRANSFER_TEST_ASSETS is unset: set it to ../shared/assets to run real-data tests")
+    path = Path(root).resolve()
+    if not (path / "data" / "hymenoptera").is_dir():
+        pytest.skip(f"TRANSFER_TEST_ASSETS={root} has no data/hymenoptera folder")
+    return path

@@ -1,0 +1,88 @@
+"""The installed `transfer` command, run as a user would (one subprocess test per behaviour)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+SMALL = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=3"]
+
+
+def transfer(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands_without_importing_torch() -> None:
+    code = "import sys; from transfer_cli.cli import main; main(['--help']); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "train" in result.stdout
+    assert result.stdout.strip().endswith("False")
+
+
+def test_unknown_command_is_one_line_error() -> None:
+    result = transfer("trian")
+    assert result.returncode == 2
+    assert "did you mean 'train'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_train_help_shows_config_groups() -> None:
+    result = transfer("train", "--help")
+    assert result.returncode == 0
+    for group in ("backbone:", "strategy:", "dataset:", "augment:", "optimizer:", "scheduler:", "experiment:"):
+        assert group in result.stdout
+    assert "feature_extract, fine_tune" in result.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "transfer"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "commands:" in result.stdout
+
+
+def test_train_writes_a_complete_run_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = transfer("train", *SMALL, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run_dir / name).is_file(), name
+    assert f"run dir: {run_dir}" in result.stdout and "best val acc" in result.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 3
+
+
+def test_multirun_leaves_one_dir_per_job(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = transfer("train", "-m", *SMALL, "strategy=feature_extract,fine_tune", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2
+    strategies = {json.loads((s.parent / "metrics.jsonl").read_text().splitlines()[0])["stage"] for s in summaries}
+    assert strategies == {"head", "all"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["backbone.name=test_resnt"], "did you mean test_resnet"),
+        (["dataset=folder", "dataset.root=/nonexistent/images"], "is not a directory"),
+        (["strategy=discriminative", "backbone.name=test_vit"], "layer group 'layer1' does not exist"),
+        (["trainer.epochs=0"], "must be positive"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors_and_leave_no_run_dir(tmp_path: Path, overrides: list[str], message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = transfer("train", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()

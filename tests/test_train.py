@@ -1,0 +1,90 @@
+"""End-to-end `train()` in-process: run-dir contents, every strategy, repeatability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST, compose_train
+from transfer_cli.errors import TransferError
+from transfer_cli.runlog import read_metrics
+from transfer_cli.train import train
+
+STRATEGIES = ["feature_extract", "fine_tune", "gradual", "discriminative", "discriminative_decay", "scratch"]
+TORCHVISION = ["backbone=torchvision", "backbone.name=resnet18", "backbone.weights=null"]
+SUMMARY_KEYS = {"best_val_acc", "final_val_acc", "best_epoch", "epochs_run", "num_classes", "params_total",
+                "params_trainable", "wall_time_s", "seed", "versions"}
+
+
+def test_run_dir_holds_every_artifact(tmp_path: Path) -> None:
+    summary = train(compose_train(FAST + ["strategy=gradual"]), tmp_path)
+
+    records = read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["stage"] for r in records] == ["head", "last_block", "all"]
+    for record in records:
+        assert {"train/loss", "train/acc1", "val/loss", "val/acc1", "seconds", "lr"} <= set(record)
+        assert set(record["lr"]) == {"stem", "layer1", "layer2", "layer3", "layer4", "head"}
+    assert records[0]["lr"]["layer1"] == 0.0 and records[0]["lr"]["head"] > 0
+
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(on_disk)
+    assert on_disk == json.loads(json.dumps(summary))
+    assert 0.0 <= on_disk["final_val_acc"] <= 1.0 and on_disk["epochs_run"] == 3
+    assert on_disk["best_val_acc"] == max(r["val/acc1"] for r in records)
+    assert on_disk["params_trainable"]["head"] < on_disk["params_trainable"]["all"] == on_disk["params_total"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+    last = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "stage", "epoch", "rng", "config", "classes"} <= set(last)
+    assert last["epoch"] == 3 and last["stage"] == 2
+    best = torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == on_disk["best_epoch"]
+
+
+@pytest.mark.parametrize("backbone", ["timm", "torchvision"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_runs_on_both_sources(tmp_path: Path, strategy: str, backbone: str) -> None:
+    overrides = FAST + [f"strategy={strategy}", "trainer.epochs=3"]
+    if backbone == "torchvision":
+        overrides += TORCHVISION + ["dataset.train_size=48", "dataset.val_size=16"]
+    summary = train(compose_train(overrides), tmp_path)
+    assert summary["epochs_run"] == 3
+    assert len(read_metrics(tmp_path)) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["feature_extract", "fine_tune", "gradual", "discriminative", "scratch"])
+def test_smoke_learns_with_every_strategy(tmp_path: Path, strategy: str) -> None:
+    summary = train(compose_train(["experiment=smoke", f"strategy={strategy}"]), tmp_path)
+    assert summary["best_val_acc"] > 0.6, "4 classes: chance is 0.25"
+
+
+def test_two_seeded_runs_give_identical_metrics(tmp_path: Path) -> None:
+    overrides = FAST + ["strategy=gradual", "augment=basic"]
+    train(compose_train(overrides), tmp_path / "a")
+    train(compose_train(overrides), tmp_path / "b")
+    strip = lambda records: [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
+    first, second = strip(read_metrics(tmp_path / "a")), strip(read_metrics(tmp_path / "b"))
+    assert first == second
+
+
+def test_a_different_seed_changes_the_run(tmp_path: Path) -> None:
+    train(compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1"]), tmp_path / "a")
+    train(compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1", "trainer.seed=7"]), tmp_path / "b")
+    assert read_metrics(tmp_path / "a")[0]["train/loss"] != read_metrics(tmp_path / "b")[0]["train/loss"]
+
+
+def test_discriminative_lrs_reach_the_optimizer(tmp_path: Path) -> None:
+    train(compose_train(FAST + ["strategy=discriminative", "scheduler=constant", "optimizer.lr_scale=1"]), tmp_path)
+    lrs = read_metrics(tmp_path)[0]["lr"]
+    assert lrs == {"stem": 0.0, "layer1": 1e-5, "layer2": 5e-5, "layer3": 1e-4, "layer4": 5e-4, "head": 1e-3}
+
+
+@pytest.mark.parametrize("override", ["trainer.epochs=0", "trainer.epochs=-2", "strategy.lr=0"])
+def test_bad_numbers_are_user_errors(tmp_path: Path, override: str) -> None:
+    with pytest.raises(TransferError):
+        train(compose_train(FAST + ["strategy=fine_tune", override]), tmp_path)
