@@ -1,26 +1,35 @@
-"""Real photos and real ImageNet weights from ../shared/assets (skipped where unset)."""
+"""Real photos and real ImageNet weights from ../shared/assets (skipped where unset).
+
+Runs the installed command in a subprocess: huggingface_hub reads HF_HOME and
+HF_HUB_OFFLINE when first imported, so they must be set before the process starts.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import compose_train
-from transfer_cli.train import train
+from conftest import REPO
 
 
 @pytest.mark.slow
-def test_feature_extraction_on_hymenoptera_reaches_90_percent(assets: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HOME", str(assets / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = compose_train([
-        "backbone=tf_efficientnet_lite0",
+def test_feature_extraction_on_hymenoptera_reaches_90_percent(assets: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HOME": str(assets / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "transfer_cli", "train",
+        "backbone=timm", "backbone.name=tf_efficientnet_lite0.in1k",
         "dataset=folder", f"dataset.root={assets / 'data' / 'hymenoptera'}",
-        "strategy=feature_extract", "trainer.epochs=3", "trainer.num_workers=2",
-    ])
-    summary = train(cfg, tmp_path)
+        "strategy=feature_extract", "trainer.epochs=3", "trainer.num_workers=2", f"hydra.run.dir={tmp_path}",
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["weights"].startswith("hf-hub"), "pretrained weights must come from the offline cache"
-    assert summary["preprocessing"]["mean"] == (0.5, 0.5, 0.5) and summary["preprocessing"]["interpolation"] == "bicubic"
+    assert summary["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert summary["preprocessing"]["interpolation"] == "bicubic"
     assert summary["best_val_acc"] >= 0.90

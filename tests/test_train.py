@@ -13,7 +13,7 @@ from transfer_cli.errors import TransferError
 from transfer_cli.runlog import read_metrics
 from transfer_cli.train import train
 
-STRATEGIES = ["feature_extract", "fine_tune", "gradual", "discriminative", "discriminative_decay", "scratch"]
+STRATEGIES = ["feature_extract", "fine_tune", "gradual", "discriminative", "discriminative_decay", "scratch", "lp_ft"]
 TORCHVISION = ["backbone=torchvision", "backbone.name=resnet18", "backbone.weights=null"]
 SUMMARY_KEYS = {"best_val_acc", "final_val_acc", "best_epoch", "epochs_run", "num_classes", "params_total",
                 "params_trainable", "wall_time_s", "seed", "versions"}

@@ -16,6 +16,7 @@ commands:
   train     train a backbone with a strategy; writes a run directory under outputs/
             (`transfer train --help` lists the config groups and their options;
              `transfer train -m strategy=a,b` sweeps)
+  report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
 
 examples:
   transfer train experiment=smoke
@@ -30,7 +31,13 @@ def _train(argv: list[str]) -> int:
     return run_train(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train}
+def _report(argv: list[str]) -> int:
+    from transfer_cli.report import run_report
+
+    return run_report(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,15 +15,15 @@ from torch import nn
 
 from transfer_cli import runlog
 from transfer_cli.config import TrainConfig, TrainerConfig, to_plain
-from transfer_cli.data.datasets import load_splits
+from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.loaders import TransformedDataset, make_loader
-from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
+from transfer_cli.data.transforms import Preprocessing, eval_transform, resolve_preprocessing, train_transform
 from transfer_cli.engine import Precision
 from transfer_cli.errors import TransferError
-from transfer_cli.models import build_model
+from transfer_cli.models import TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
-from transfer_cli.strategies import plan_stages
-from transfer_cli.trainer import FitSetup, fit
+from transfer_cli.strategies import Stage, plan_stages
+from transfer_cli.trainer import FitResult, FitSetup, fit
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,24 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         train_bn=cfg.strategy.train_bn, grad_clip=cfg.trainer.grad_clip, scaler=scaler,
         checkpoint_extra={"config": plain_cfg, "classes": splits.classes},
     ))
-    summary = {
+    summary = _summary(result, splits, model, stages, preprocessing, precision, cfg.trainer.seed)
+    summary["wall_time_s"] = time.perf_counter() - started
+    runlog.write_json(run_dir / "summary.json", summary)
+    runlog.plot_curves(result.records, run_dir / "curves.png",
+                       title=f"{cfg.backbone.name} / {cfg.strategy.name} / {cfg.dataset.name}")
+    return summary
+
+
+def _summary(result: FitResult, splits: RawSplits, model: TransferModel, stages: list[Stage],
+             preprocessing: Preprocessing, precision: Precision, seed: int) -> dict[str, Any]:
+    """summary.json: the figures to compare runs by, and what produced them."""
+    final = result.records[-1]
+    return {
         "best_val_acc": result.best_val_acc,
-        "final_val_acc": result.records[-1]["val/acc1"],
+        "final_val_acc": final["val/acc1"],
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.records),
-        "num_classes": num_classes,
+        "num_classes": len(splits.classes),
         "classes": splits.classes,
         "train_images": len(splits.train),
         "val_images": len(splits.val),
@@ -124,18 +136,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,
         "preprocessing": {**vars(preprocessing), "resize_size": preprocessing.resize_size},
-        "device": str(device),
+        "device": str(precision.device),
         "amp": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None,
         "train_images_per_s": _mean([r["train/images_per_s"] for r in result.records]),
-        "wall_time_s": time.perf_counter() - started,
-        "seed": cfg.trainer.seed,
+        **{k: v for k, v in final.items() if k.startswith("val/")},
+        "seed": seed,
         "versions": _versions(),
     }
-    summary.update({k: v for k, v in result.records[-1].items() if k.startswith("val/")})
-    runlog.write_json(run_dir / "summary.json", summary)
-    runlog.plot_curves(result.records, run_dir / "curves.png",
-                       title=f"{cfg.backbone.name} / {cfg.strategy.name} / {cfg.dataset.name}")
-    return summary
 
 
 def _mean(values: list[float]) -> float:

@@ -1,0 +1,205 @@
+"""`transfer report`: run dirs written by hand (two strategies x two seeds, an unfinished and a
+failed run), plus one end-to-end report on a real tiny sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from transfer_cli import report
+from transfer_cli.cli import main
+
+FIGURES = {  # dir -> (strategy, seed, val acc per epoch, finished)
+    "0": ("feature_extract", 0, [0.5, 0.6], True),
+    "1": ("feature_extract", 1, [0.7, 0.65], True),
+    "2": ("fine_tune", 0, [0.6, 0.8, 0.8], True),
+    "3": ("fine_tune", 1, [0.9, 0.7, 0.85], True),
+    "4": ("fine_tune", 2, [0.3, 0.4], False),
+}
+STRATEGY_LR = {"feature_extract": 1e-3, "fine_tune": 1e-5}
+STAGES = {"feature_extract": ["head"] * 3, "fine_tune": ["head", "head", "all"]}
+TRAINABLE = {"feature_extract": {"head": 100}, "fine_tune": {"head": 100, "all": 5000}}
+
+
+def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None, finished: bool,
+              lr: float | None = None) -> None:
+    """A run dir laid out as `transfer train` writes one (`lr`: a `strategy.lr=` override)."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    config = {"backbone": {"source": "timm", "name": "test_resnet"},
+              "strategy": {"name": strategy, "lr": lr or STRATEGY_LR[strategy], "stages": [{"name": "x", "epochs": 10}]},
+              "dataset": {"name": "synthetic", "root": "/data/same/for/all"},
+              "trainer": {"epochs": 3, "seed": seed, "device": "cpu"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    overrides = [f"strategy={strategy}", f"trainer.seed={seed}", *([f"strategy.lr={lr}"] if lr else [])]
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
+    records = [{"epoch": i + 1, "stage": STAGES[strategy][i], "val/acc1": acc, "val/loss": 1.0, "seconds": 2.0}
+               for i, acc in enumerate(accs or [])]
+    if records:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if finished:
+        summary = {"best_val_acc": max(accs), "final_val_acc": accs[-1], "best_epoch": accs.index(max(accs)) + 1,
+                   "epochs_run": len(accs), "wall_time_s": 10.0 * len(accs) + seed,
+                   "params_total": 9000, "params_trainable": TRAINABLE[strategy], "seed": seed}
+        (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """Six runs: 2 strategies x 2 seeds finished, one unfinished (cut-off last line), one failed."""
+    root = tmp_path / "sweep"
+    for name, (strategy, seed, accs, finished) in FIGURES.items():
+        write_run(root / name, strategy, seed, accs, finished)
+    with open(root / "4" / "metrics.jsonl", "a", encoding="utf-8") as file:
+        file.write('{"epoch": 3, "stage": "al')  # the process died mid-write
+    write_run(root / "5", "fine_tune", 3, None, finished=False)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def parse_markdown(table: str) -> list[dict[str, str]]:
+    header, _, *lines = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()]
+    return [dict(zip(header, line)) for line in lines]
+
+
+def run_report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["report", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_rows_show_differing_keys_grouped_seeds_and_every_status(sweep: Path, capsys) -> None:
+    code, out, _ = run_report(capsys, str(sweep))
+    assert code == 0
+    rows = parse_markdown(out.strip())
+    assert [row["run"] for row in rows] == ["0, 1", "2, 3", "4", "5"]
+    # only keys that differ; strategy.lr follows from the strategy choice, so it is not a column
+    assert list(rows[0])[:3] == ["strategy.name", "trainer.seed", "n"]
+    fe, ft, unfinished, failed = rows
+    assert fe == {"strategy.name": "feature_extract", "trainer.seed": "0, 1", "n": "2",
+                  "best val acc": "0.6500 ± 0.0707", "final val acc": "0.6250 ± 0.0354", "epochs": "2",
+                  "wall time (s)": "20.5 ± 0.7", "trainable params": "100", "status": "finished", "run": "0, 1"}
+    assert ft["best val acc"] == "0.8500 ± 0.0707" and ft["final val acc"] == "0.8250 ± 0.0354"
+    assert ft["trainable params"] == "5,000"  # the largest per-stage count
+    assert unfinished == {"strategy.name": "fine_tune", "trainer.seed": "2", "n": "1", "best val acc": "0.4000",
+                          "final val acc": "0.4000", "epochs": "2", "wall time (s)": "-",
+                          "trainable params": "-", "status": "unfinished", "run": "4"}
+    assert failed["status"] == "failed" and failed["best val acc"] == failed["epochs"] == "-"
+    assert (sweep / "results.md").read_text().strip() == out.strip()
+
+
+def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsys) -> None:
+    run_report(capsys, str(sweep))
+    with open(sweep / "results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["status"] for row in rows] == ["finished", "finished", "unfinished", "failed"]
+    ft = rows[1]
+    assert ft["strategy.lr"] == "1e-05" and ft["n"] == "2" and ft["runs"] == "2 3"
+    assert float(ft["best_val_acc"]) == pytest.approx(0.85)
+    assert float(ft["best_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
+    assert float(ft["wall_time_s"]) == pytest.approx(30.5)
+    assert "dataset.root" not in rows[0]  # identical in every run
+    assert rows[2]["best_val_acc_std"] == "" and rows[3]["best_val_acc"] == ""
+
+
+def test_plot_has_one_line_per_run_with_its_stage_boundaries(sweep: Path, capsys, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    saved: list[Figure] = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
+    run_report(capsys, str(sweep))
+    assert (sweep / "val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = saved[0].axes[0].get_lines()
+    labelled = [line for line in lines if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in labelled] == [
+        "strategy.name=feature_extract trainer.seed=0 (finished)", "strategy.name=feature_extract trainer.seed=1 (finished)",
+        "strategy.name=fine_tune trainer.seed=0 (finished)", "strategy.name=fine_tune trainer.seed=1 (finished)",
+        "strategy.name=fine_tune trainer.seed=2 (unfinished)"]  # the failed run has no epochs to draw
+    assert list(labelled[2].get_ydata()) == [0.6, 0.8, 0.8]
+    boundaries = [line for line in lines if line.get_label().startswith("_")]
+    assert [list(b.get_xdata()) for b in boundaries] == [[2.5, 2.5], [2.5, 2.5]]  # fine_tune's head -> all
+    assert boundaries[0].get_color() == labelled[2].get_color()
+
+
+def test_out_option_and_nested_or_repeated_dirs(sweep: Path, tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "report"
+    code, out, _ = run_report(capsys, str(sweep), str(sweep / "2"), "--out", str(out_dir))
+    assert code == 0
+    assert len(parse_markdown(out.strip())) == 4  # sweep/2 is not counted twice
+    assert {p.name for p in out_dir.iterdir()} == {"results.md", "results.csv", "val_acc.png"}
+    assert not (sweep / "results.md").exists()
+
+
+def test_single_run_is_named_by_its_dir(tmp_path: Path, capsys) -> None:
+    write_run(tmp_path / "runs" / "2024-01-01_10-00-00", "fine_tune", 0, [0.5], True)
+    code, out, _ = run_report(capsys, str(tmp_path / "runs"))
+    (row,) = parse_markdown(out.strip())
+    assert code == 0 and row["run"] == "2024-01-01_10-00-00" and row["best val acc"] == "0.5000"
+
+
+def test_runs_are_found_in_natural_order_and_overridden_subkeys_are_shown(tmp_path: Path) -> None:
+    write_run(tmp_path / "10", "feature_extract", 0, [0.5], True, lr=0.5)
+    write_run(tmp_path / "9", "feature_extract", 0, [0.5], True, lr=0.1)
+    write_run(tmp_path / "2", "fine_tune", 0, [0.5], True)
+    found = report.find_run_dirs([tmp_path])
+    assert [p.name for p in found] == ["2", "9", "10"]
+    runs = [report.load_run(p) for p in found]
+    assert report.shown_keys(runs, report.differing_keys(runs)) == ["strategy.name", "strategy.lr"]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "file"])
+def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys, case: str) -> None:
+    path = tmp_path / case
+    if case == "empty":
+        (path / "not_a_run").mkdir(parents=True)
+        (path / "not_a_run" / "config.yaml").write_text("a: 1\n")  # no results, no .hydra/
+    elif case == "file":
+        path.write_text("x")
+    code, out, err = run_report(capsys, str(path))
+    assert code == 2 and out == ""
+    expected = {"missing": "does not exist", "empty": "no run directories under", "file": "is not a directory"}[case]
+    assert err.startswith("transfer: error: ") and expected in err and str(path) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("args", "loaded"), [(["--help"], "False False"), ([], "False True")])
+def test_report_never_imports_torch_and_matplotlib_only_to_plot(sweep: Path, args: list[str], loaded: str) -> None:
+    code = (f"import contextlib, sys\nfrom transfer_cli.cli import main\n"
+            f"with contextlib.suppress(SystemExit):\n    main(['report', {str(sweep)!r}, *{args!r}])\n"
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(loaded)
+    assert ("usage: transfer report" in result.stdout) == bool(args)
+
+
+def test_top_level_help_lists_report(capsys) -> None:
+    assert main(["--help"]) == 0
+    assert "report" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_report_on_a_real_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    overrides = ["experiment=smoke", "dataset.train_size=32", "dataset.val_size=16", "trainer.epochs=2",
+                 "strategy=feature_extract,fine_tune", "trainer.seed=1,2", f"hydra.sweep.dir={sweep}"]
+    transfer: list[str] = [sys.executable, "-m", "transfer_cli"]
+    trained = subprocess.run([*transfer, "train", "-m", *overrides], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    result = subprocess.run([*transfer, "report", str(sweep)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = parse_markdown(result.stdout.strip())
+    # seeds of one strategy differ in nothing else, so they share a row
+    assert [(r["strategy.name"], r["trainer.seed"], r["n"], r["status"]) for r in rows] == [
+        ("feature_extract", "1, 2", "2", "finished"), ("fine_tune", "1, 2", "2", "finished")]
+    summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
+    assert rows[0]["best val acc"].split(" ± ")[0] == f"{statistics.mean(s['best_val_acc'] for s in summaries):.4f}"
+    assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "val_acc.png"))

@@ -1,0 +1,300 @@
+"""`transfer report DIR...`: one table and one plot comparing the runs found below DIRs.
+
+It reads only what `transfer train` leaves behind (config.yaml, .hydra/overrides.yaml,
+metrics.jsonl, summary.json), so it imports neither torch nor Hydra; matplotlib is
+imported only to draw val_acc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transfer_cli import runlog
+from transfer_cli.errors import TransferError
+
+SEED = "trainer.seed"
+# Keys that name a config group's choice: their siblings follow from the choice.
+IDENTITY_LEAVES = ("name", "kind")
+# metric -> (markdown header, number format)
+METRICS = {
+    "best_val_acc": ("best val acc", ".4f"),
+    "final_val_acc": ("final val acc", ".4f"),
+    "epochs": ("epochs", "g"),
+    "wall_time_s": ("wall time (s)", ".1f"),
+    "params_trainable": ("trainable params", ",.0f"),
+}
+
+
+@dataclass
+class Run:
+    """One run directory, read once."""
+
+    path: Path
+    config: dict[str, str]
+    overrides: list[str]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+    @property
+    def status(self) -> str:
+        if self.summary is not None:
+            return "finished"
+        return "unfinished" if self.records else "failed"
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        """Figures from summary.json; an unfinished run still shows what its epochs reached."""
+        if self.summary is not None:
+            trainable = self.summary.get("params_trainable") or {}
+            return {"best_val_acc": self.summary.get("best_val_acc"),
+                    "final_val_acc": self.summary.get("final_val_acc"),
+                    "epochs": self.summary.get("epochs_run"), "wall_time_s": self.summary.get("wall_time_s"),
+                    "params_trainable": max(trainable.values(), default=None)}
+        accs = [record["val/acc1"] for record in self.records if "val/acc1" in record]
+        return {"best_val_acc": max(accs, default=None), "final_val_acc": accs[-1] if accs else None,
+                "epochs": len(self.records) or None, "wall_time_s": None, "params_trainable": None}
+
+
+@dataclass
+class Row:
+    """Runs that differ only in their seed (finished ones), or a single run."""
+
+    runs: list[Run] = field(default_factory=list)
+
+    def key_value(self, key: str) -> str:
+        return ", ".join(dict.fromkeys(run.config.get(key, "-") for run in self.runs))
+
+    def values(self, metric: str) -> list[float]:
+        return [value for run in self.runs if (value := run.metrics[metric]) is not None]
+
+
+def is_run_dir(path: Path) -> bool:
+    """Hydra writes .hydra/ into every run, even one that died before its first epoch."""
+    has_results = (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
+    return (path / ".hydra").is_dir() or ((path / "config.yaml").is_file() and has_results)
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Every run directory at or below `paths`, in natural order (job 10 after job 9)."""
+    seen: set[Path] = set()
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise TransferError(f"{path} does not exist")
+        if not path.is_dir():
+            raise TransferError(f"{path} is not a directory")
+        found.extend(_walk(path, seen))
+    if not found:
+        raise TransferError(f"no run directories under {', '.join(map(str, paths))} "
+                            "(a run directory holds .hydra/, or config.yaml with metrics.jsonl or summary.json)")
+    return found
+
+
+def _walk(path: Path, seen: set[Path]) -> Iterator[Path]:
+    if (resolved := path.resolve()) in seen:  # the same dir given twice, or a symlink loop
+        return
+    seen.add(resolved)
+    if is_run_dir(path):
+        yield path
+        return
+    try:
+        children = sorted((c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural)
+    except PermissionError:
+        return
+    for child in children:
+        yield from _walk(child, seen)
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_run(path: Path) -> Run:
+    """Read a run dir; a config missing from config.yaml falls back to the composed .hydra/config.yaml."""
+    config_path = next((p for p in (path / "config.yaml", path / ".hydra" / "config.yaml") if p.is_file()), None)
+    config = _flatten(_load_yaml(config_path) or {}) if config_path else {}
+    overrides_path = path / ".hydra" / "overrides.yaml"
+    overrides = (_load_yaml(overrides_path) or []) if overrides_path.is_file() else []
+    summary_path = path / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    except json.JSONDecodeError as error:
+        raise TransferError(f"{summary_path} is not valid JSON: {error}") from error
+    return Run(path, config, [str(o) for o in overrides], _read_records(path / "metrics.jsonl"), summary)
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise TransferError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from error
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """Like runlog.read_metrics, but skips a line a crash cut short instead of failing the report."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings to dotted keys; lists and scalars become comparable strings."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+def differing_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value is not the same in every run that has a config."""
+    configs = [run.config for run in runs if run.config]
+    keys = list(dict.fromkeys(key for config in configs for key in config))
+    return [key for key in keys if len({config.get(key) for config in configs}) > 1]
+
+
+def shown_keys(runs: list[Run], keys: list[str]) -> list[str]:
+    """Drop keys implied by a group choice (strategy.lr when strategy.name differs) unless overridden."""
+    overridden = {o.split("=", 1)[0].lstrip("+~") for run in runs for o in run.overrides}
+    identities = {key.rsplit(".", 1)[0] for key in keys if key.rsplit(".", 1)[-1] in IDENTITY_LEAVES}
+
+    def implied(key: str) -> bool:
+        parents = [key[:i] for i, char in enumerate(key) if char == "."]
+        return any(p in identities for p in parents) and key.rsplit(".", 1)[-1] not in IDENTITY_LEAVES
+
+    return [key for key in keys if key in overridden or not implied(key)]
+
+
+def group_rows(runs: list[Run], keys: list[str]) -> list[Row]:
+    """Finished runs whose configs differ only in trainer.seed share a row; others stand alone."""
+    rows: dict[tuple[str | None, ...], Row] = {}
+    for run in runs:
+        if run.status == "finished":
+            ident = tuple(run.config.get(key) for key in keys if key != SEED)
+        else:
+            ident = (str(run.path),)
+        rows.setdefault(ident, Row()).runs.append(run)
+    return list(rows.values())
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None where undefined)."""
+    if not values:
+        return None, None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _format(values: list[float], spec: str) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return "-"
+    return f"{mean:{spec}} ± {std:{spec}}" if std else f"{mean:{spec}}"
+
+
+def markdown_table(rows: list[Row], keys: list[str], names: dict[int, str]) -> str:
+    header = [*keys, "n", *(title for title, _ in METRICS.values()), "status", "run"]
+    lines = [header, ["---"] * len(header)]
+    for row in rows:
+        lines.append([*(row.key_value(k) for k in keys), str(len(row.runs)),
+                      *(_format(row.values(m), spec) for m, (_, spec) in METRICS.items()),
+                      row.runs[0].status, ", ".join(names[id(run)] for run in row.runs)])
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
+
+
+def write_csv(path: Path, rows: list[Row], keys: list[str], names: dict[int, str]) -> None:
+    """Raw numbers (mean and sample std per metric) and every differing key, for further analysis."""
+    stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow([*keys, "n", *stats, "status", "runs"])
+        for row in rows:
+            numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
+            writer.writerow([*(row.key_value(k) for k in keys), len(row.runs),
+                             *("" if v is None else v for v in numbers),
+                             row.runs[0].status, " ".join(names[id(run)] for run in row.runs)])
+
+
+def plot_val_acc(path: Path, runs: list[Run], keys: list[str], names: dict[int, str]) -> None:
+    """Val accuracy per epoch, one line per run; its stage boundaries dotted in the line's colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for run in runs:
+        points = [(r["epoch"], r["val/acc1"]) for r in run.records if "val/acc1" in r]
+        if not points:
+            continue
+        label = " ".join(f"{key}={run.config.get(key, '-')}" for key in keys) or names[id(run)]
+        (line,) = axis.plot(*zip(*points), "-o", markersize=3, label=f"{label} ({run.status})")
+        for boundary in runlog.stage_boundaries(run.records):
+            axis.axvline(boundary, color=line.get_color(), linestyle=":", linewidth=1)
+    axis.set(xlabel="epoch", ylabel="val top-1 accuracy", ylim=(0, 1), title="val accuracy (dotted: stage changes)")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(alpha=0.3)
+    if axis.lines:
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def build_report(paths: list[Path], out: Path) -> str:
+    """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the table."""
+    runs = [load_run(path) for path in find_run_dirs(paths)]
+    keys = differing_keys(runs)
+    shown = shown_keys(runs, keys)
+    rows = group_rows(runs, keys)
+    base = Path(os.path.commonpath([run.path.resolve().parent for run in runs]))
+    names = {id(run): run.path.resolve().relative_to(base).as_posix() for run in runs}
+    table = markdown_table(rows, shown, names)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n", encoding="utf-8")
+        write_csv(out / "results.csv", rows, keys, names)
+        plot_val_acc(out / "val_acc.png", runs, shown, names)
+    except OSError as error:
+        raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
+    return table
+
+
+
+def run_report(argv: list[str]) -> int:
+    """`transfer report`: user mistakes become one line on stderr and exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="transfer report",
+        description="Compare the runs below DIRs: one row per run (seeds of the same config share a row, "
+                    "mean ± sample std), written as results.md, results.csv and val_acc.png.")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dirs, sweep dirs or any folder above them")
+    parser.add_argument("--out", type=Path, metavar="OUTDIR", help="where to write the report (default: the first DIR)")
+    args = parser.parse_args(argv)
+    try:
+        table = build_report(args.dirs, args.out or args.dirs[0])
+    except TransferError as error:
+        print(f"transfer: error: {error}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote results.md, results.csv and val_acc.png to {args.out or args.dirs[0]}", file=sys.stderr)
+    return 0
