@@ -6,6 +6,7 @@ tests run offline on a CPU in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,31 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     val_loader = make_loader(TransformedDataset(val, eval_transform(preprocessing)), batch_size, train=False,
                              num_workers=0, seed=seed, pin_memory=False)
     optimizer = optimizer or OptimizerConfig(name="adamw", weight_decay=0.01)
-    return FitSetup(
-        model=model, stages=stages,
-        optimizer=StagedOptimizer(model, optimizer, stages[0], train_bn),
+    staged = StagedOptimizer(model, optimizer, stages[0], train_bn)
+    loss_fn, precision = nn.CrossEntropyLoss(), Precision(torch.device("cpu"))
+    common = dict(
+        model=model, stages=stages, optimizer=staged,
         scheduler_cfg=scheduler or SchedulerConfig(name="constant", warmup_pct=0.0),
-        train_loader=train_loader, val_loader=val_loader, loss_fn=nn.CrossEntropyLoss(),
-        precision=Precision(torch.device("cpu")), num_classes=num_classes, run_dir=Path(run_dir),
+        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=Path(run_dir),
         train_bn=train_bn,
     )
+    fields = {f.name for f in dataclasses.fields(FitSetup)}
+    if "runner" in fields:  # the loop steps through a StepRunner (as train.py builds it)
+        from transfer_cli.engine import StepRunner
+
+        common["runner"] = StepRunner(model.model, staged.optimizer, loss_fn, precision)
+    else:
+        common.update(loss_fn=loss_fn, precision=precision)
+    return FitSetup(**common)
+
+
+def setup_loss_and_precision(setup) -> tuple[nn.Module, Any]:
+    """The loss function and Precision a FitSetup evaluates with (wherever it keeps them)."""
+    holder = getattr(setup, "runner", setup)
+    return holder.loss_fn, holder.precision
+
+
+def params_trainable(result) -> dict[str, int]:
+    """Trainable-parameter counts per stage from a FitResult."""
+    holder = getattr(result, "progress", result)
+    return holder.params_trainable

@@ -11,6 +11,8 @@ from helpers import (
     batchnorms,
     make_fit_setup,
     params_of,
+    params_trainable,
+    setup_loss_and_precision,
     snapshot_buffers,
     snapshot_params,
     stage,
@@ -57,7 +59,7 @@ def test_fit_ran_two_epochs_and_wrote_the_run(frozen_run, tmp_path_factory):
     assert (setup.run_dir / "checkpoints" / "last.pt").is_file()
     assert (setup.run_dir / "checkpoints" / "best.pt").is_file()
     head_count = sum(p.numel() for n, p in model.model.named_parameters() if n.startswith("fc."))
-    assert result.params_trainable == {"head": head_count}
+    assert params_trainable(result) == {"head": head_count}
     assert all(r["lr"]["head"] > 0 and all(r["lr"][g] == 0.0 for g in RESNET_GROUPS[:-1]) for r in result.records)
 
 
@@ -106,7 +108,7 @@ def test_train_bn_trains_frozen_bn_affine_but_not_running_stats(train_bn_run):
             assert torch.equal(now[path][key], value), f"{path}.{key} drifted with train_bn"
     bn_count = sum(after[name].numel() for name in bn_affine)
     head_count = sum(after[name].numel() for name in params_of(model, "head"))
-    assert result.params_trainable == {"head": head_count + bn_count}
+    assert params_trainable(result) == {"head": head_count + bn_count}
 
 
 def test_trained_batchnorm_does_update_running_stats(tmp_path):
@@ -131,7 +133,7 @@ def test_evaluate_runs_in_eval_mode_and_restores_train_mode(tmp_path):
              dropout.register_forward_hook(lambda m, i, o: seen["dropout"].append(m.training))]
     stats_before = bn_stats(model)
     model.model.train()
-    metrics = evaluate(model.model, setup.val_loader, setup.loss_fn, setup.precision, setup.num_classes)
+    metrics = evaluate(model.model, setup.val_loader, *setup_loss_and_precision(setup), setup.num_classes)
     for hook in hooks:
         hook.remove()
     assert seen["bn"] and seen["dropout"]
@@ -147,8 +149,8 @@ def test_evaluate_is_deterministic_despite_dropout(tmp_path):
     model = tiny_resnet(head=HeadConfig(kind="mlp"))
     setup = make_fit_setup(model, [stage("head", HEAD_ONLY)], tmp_path)
     model.model.train()
-    first = evaluate(model.model, setup.val_loader, setup.loss_fn, setup.precision, setup.num_classes)
-    second = evaluate(model.model, setup.val_loader, setup.loss_fn, setup.precision, setup.num_classes)
+    first = evaluate(model.model, setup.val_loader, *setup_loss_and_precision(setup), setup.num_classes)
+    second = evaluate(model.model, setup.val_loader, *setup_loss_and_precision(setup), setup.num_classes)
     assert first["val/loss"] == second["val/loss"]
 
 

@@ -101,7 +101,7 @@ def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsy
         rows = list(csv.DictReader(file))
     assert [row["status"] for row in rows] == ["finished", "finished", "unfinished", "failed"]
     ft = rows[1]
-    assert ft["strategy.lr"] == "1e-05" and ft["n"] == "2" and ft["runs"] == "2 3"
+    assert ft["strategy.lr"] == "1e-05" and ft["n"] == "2" and ft["runs"] == "2, 3"
     assert float(ft["best_val_acc"]) == pytest.approx(0.85)
     assert float(ft["best_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
     assert float(ft["wall_time_s"]) == pytest.approx(30.5)
@@ -155,19 +155,37 @@ def test_runs_are_found_in_natural_order_and_overridden_subkeys_are_shown(tmp_pa
     assert report.shown_keys(runs, report.differing_keys(runs)) == ["strategy.name", "strategy.lr"]
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "file"])
+ERRORS = {"missing": "does not exist", "empty": "no run directories under", "file": "is not a directory",
+          "bad_json": "summary.json is not valid JSON", "out_is_file": "cannot write the report into"}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
 def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys, case: str) -> None:
-    path = tmp_path / case
+    path, args = tmp_path / case, []
     if case == "empty":
         (path / "not_a_run").mkdir(parents=True)
         (path / "not_a_run" / "config.yaml").write_text("a: 1\n")  # no results, no .hydra/
     elif case == "file":
         path.write_text("x")
-    code, out, err = run_report(capsys, str(path))
+    elif case in ("bad_json", "out_is_file"):
+        write_run(path / "0", "fine_tune", 0, [0.5], True)
+        (tmp_path / "taken").write_text("x")
+        args = ["--out", str(tmp_path / "taken")] if case == "out_is_file" else []
+        if case == "bad_json":
+            (path / "0" / "summary.json").write_text('{"best_val_acc": 0.')
+    code, out, err = run_report(capsys, str(path), *args)
     assert code == 2 and out == ""
-    expected = {"missing": "does not exist", "empty": "no run directories under", "file": "is not a directory"}[case]
-    assert err.startswith("transfer: error: ") and expected in err and str(path) in err
+    assert err.startswith("transfer: error: ") and ERRORS[case] in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_config_falls_back_to_the_composed_hydra_config(tmp_path: Path) -> None:
+    write_run(tmp_path / "0", "fine_tune", 0, [0.5], True)
+    write_run(tmp_path / "1", "feature_extract", 0, [0.5], True)
+    (tmp_path / "1" / "config.yaml").rename(tmp_path / "1" / ".hydra" / "config.yaml")
+    runs = [report.load_run(p) for p in report.find_run_dirs([tmp_path])]
+    assert runs[1].config["strategy.name"] == "feature_extract"
+    assert report.differing_keys(runs) == ["strategy.name", "strategy.lr"]
 
 
 @pytest.mark.parametrize(("args", "loaded"), [(["--help"], "False False"), ([], "False True")])

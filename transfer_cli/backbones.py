@@ -203,3 +203,26 @@ def _load_state_dict_file(model: nn.Module, file: Path) -> None:
     if skipped or result.missing_keys:
         log.warning("checkpoint %s: %d tensors skipped (shape or name differs), %d left at init",
                     file, len(skipped), len(result.missing_keys))
+
+
+def weights_location(cfg: BackboneConfig, pretrained: bool, model: nn.Module) -> dict[str, Any]:
+    """Where the weights would come from, and whether they are already there (no download)."""
+    if not (pretrained and (cfg.pretrained or cfg.checkpoint)):
+        return {"from": "random init"}
+    if cfg.checkpoint is not None:
+        return {"from": "file", "path": cfg.checkpoint, "present": Path(cfg.checkpoint).expanduser().is_file()}
+    if cfg.source == "timm":
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo = getattr(model, "pretrained_cfg", {}).get("hf_hub_id")
+        if not repo:
+            return {"from": "timm url", "cache": os.path.join(torch.hub.get_dir(), "checkpoints"), "present": None}
+        found = [try_to_load_from_cache(repo, name) for name in ("model.safetensors", "pytorch_model.bin")]
+        return {"from": f"hf-hub {repo}", "cache": constants.HF_HUB_CACHE,
+                "present": any(isinstance(path, str) for path in found), "offline": bool(constants.HF_HUB_OFFLINE)}
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(cfg.name)
+    weights = enum.DEFAULT if cfg.weights in (None, "DEFAULT") else enum[cfg.weights]
+    file = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    return {"from": f"torchvision {weights}", "cache": file, "present": os.path.isfile(file)}

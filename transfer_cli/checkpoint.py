@@ -48,3 +48,12 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Put every RNG back where `rng_state` found it."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -16,7 +16,10 @@ commands:
   train     train a backbone with a strategy; writes a run directory under outputs/
             (`transfer train --help` lists the config groups and their options;
              `transfer train -m strategy=a,b` sweeps)
+  resume    continue an interrupted run in its own directory (`transfer resume RUN_DIR`)
   report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
+  eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
+  predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
 
 examples:
   transfer train experiment=smoke
@@ -31,13 +34,33 @@ def _train(argv: list[str]) -> int:
     return run_train(argv)
 
 
+def _resume(argv: list[str]) -> int:
+    from transfer_cli.resume import main as resume_main
+
+    return resume_main(argv)
+
+
 def _report(argv: list[str]) -> int:
     from transfer_cli.report import run_report
 
     return run_report(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], int]] = {"train": _train, "report": _report}
+def _eval(argv: list[str]) -> int:
+    from transfer_cli.evaluation import run_eval
+
+    return run_eval(argv)
+
+
+def _predict(argv: list[str]) -> int:
+    from transfer_cli.predict import run_predict
+
+    return run_predict(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": _train, "report": _report, "resume": _resume, "eval": _eval, "predict": _predict,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,6 +73,7 @@ class DatasetConfig:
     train_split: str = "train"
     val_split: str = "val"
     val_fraction: float = 0.2  # folder without train/ and val/: share held out, stratified
+    on_bad_image: str = "skip"  # skip (warn, count in summary.json) | error
     train_subset: Optional[int] = None  # stratified, seeded subset of the training split
     val_subset: Optional[int] = None
     # synthetic only
@@ -103,6 +104,8 @@ class AugmentConfig:
     rotation: float = 0.0
     color_jitter: Optional[list[float]] = None  # brightness, contrast, saturation, hue
     translate: Optional[list[float]] = None
+    mixup_alpha: float = 0.0  # > 0: MixUp on training batches (torchvision transforms.v2.MixUp)
+    cutmix_alpha: float = 0.0  # > 0: CutMix; with both, each batch picks one at random
 
 
 @dataclass
@@ -121,6 +124,13 @@ class SchedulerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: Optional[int] = None  # epochs without improvement before stopping; null: never stop early
+    monitor: str = "val/acc1"  # any val/* metric; loss-like metrics are minimized, the rest maximized
+    min_delta: float = 0.0
+
+
+@dataclass
 class TrainerConfig:
     epochs: Optional[int] = None  # null: the strategy's stage epochs; N: stages scaled to N
     batch_size: int = 32
@@ -130,7 +140,13 @@ class TrainerConfig:
     channels_last: str = "auto"
     seed: int = 42
     num_workers: int = 4
-    grad_clip: Optional[float] = None
+    grad_clip: Optional[float] = None  # max global grad norm
+    label_smoothing: float = 0.0
+    ema_decay: Optional[float] = None  # e.g. 0.999: evaluate and checkpoint an EMA of the weights
+    compile: bool = False  # torch.compile the model
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch (long epochs)
+    log_every: int = 50  # steps between host syncs that check the loss is finite (every step on CPU)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -144,6 +160,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dry_run: bool = False  # validate everything and print the plan without training
 
 
 def register_configs() -> None:

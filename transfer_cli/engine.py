@@ -1,7 +1,7 @@
 """One training epoch and one evaluation pass; `fit` in trainer.py owns the rest.
 
-Metrics accumulate on the device and are read once at the end of an epoch, so the loop
-never waits on a host sync per step.
+Metrics accumulate on the device and are read at the end of an epoch; the only host sync
+inside the loop is the finite-loss check every `check_every` steps.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+from transfer_cli.errors import TransferError
+
+
+class NonFiniteLoss(TransferError):
+    """The loss became NaN or inf: training stops and keeps the last good checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,22 @@ class Precision:
         return images, labels.to(self.device, non_blocking=True)
 
 
-class _Tally:
-    """Running sums of loss and top-k hits, kept on the device."""
+class Tally:
+    """Running sums of loss and top-k hits, kept on the device; resumable mid-epoch."""
 
     def __init__(self, device: torch.device, topk: tuple[int, ...]) -> None:
         self.topk = topk
         self.loss = torch.zeros((), device=device, dtype=torch.float64)
         self.hits = torch.zeros(len(topk), device=device, dtype=torch.float64)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)
         self.count = 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.size(0)
-        self.loss += loss.detach().double() * n
-        top = logits.detach().topk(max(self.topk), dim=1).indices
+        loss = loss.detach()
+        self.nonfinite += (~torch.isfinite(loss)).long()
+        self.loss += loss.double() * n
+        top = logits.detach().float().topk(max(self.topk), dim=1).indices
         correct = top.eq(labels[:, None])
         self.hits += torch.stack([correct[:, :k].any(dim=1).sum() for k in self.topk]).double()
         self.count += n
@@ -62,59 +72,91 @@ class _Tally:
             metrics[f"{prefix}/acc{k}"] = hits / n
         return metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "hits": self.hits.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss = state["loss"].to(self.loss.device)
+        self.hits = state["hits"].to(self.hits.device)
+        self.count = int(state["count"])
+
 
 def topk_for(num_classes: int) -> tuple[int, ...]:
     return (1, 5) if num_classes >= 5 else (1,)
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: Optimizer,
-    scheduler: LRScheduler,
-    loss_fn: nn.Module,
-    precision: Precision,
-    num_classes: int,
-    *,
-    scaler: torch.amp.GradScaler | None = None,
-    grad_clip: float | None = None,
-    before_epoch: Callable[[], None] = lambda: None,
-    description: str = "train",
-) -> dict[str, float]:
-    """Train for one pass over `loader`, stepping `scheduler` every batch.
+@dataclass
+class StepRunner:
+    """One optimizer step: forward under autocast, backward (scaled), clip, step, EMA."""
 
-    `before_epoch` runs after `model.train()`; the strategy uses it to hold frozen
-    BatchNorm layers in eval mode.
-    """
-    model.train()
-    before_epoch()
-    tally = _Tally(precision.device, topk_for(num_classes))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    start = time.perf_counter()
-    for images, labels in tqdm(loader, desc=description, leave=False, disable=None):
-        images, labels = precision.to_device(images, labels)
-        with precision.autocast():
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+    model: nn.Module  # what runs forward (compiled or not)
+    optimizer: Optimizer
+    loss_fn: nn.Module
+    precision: Precision
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally) -> None:
+        targets = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        with self.precision.autocast():
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(params, grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
+        if self.grad_clip is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
-            optimizer.step()
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(getattr(self.model, "_orig_mod", self.model))
+        tally.add(loss, logits, labels)
+
+
+def train_one_epoch(
+    runner: StepRunner,
+    loader: DataLoader,
+    scheduler: LRScheduler,
+    tally: Tally,
+    *,
+    start_step: int = 0,
+    on_step: Callable[[int], None] = lambda step: None,
+    check_every: int = 1,
+    description: str = "train",
+) -> dict[str, float]:
+    """Train over `loader` (already positioned at `start_step`), stepping `scheduler` per batch.
+
+    `on_step(step)` runs after every step (mid-epoch checkpoints, interrupts). The caller
+    sets train mode and holds frozen BatchNorm in eval mode before calling.
+    """
+    start = time.perf_counter()
+    counted = tally.count
+    step = start_step
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=None):
+        images, labels = runner.precision.to_device(images, labels)
+        runner(images, labels, tally)
         scheduler.step()
-        tally.add(loss, logits.float(), labels)
+        step += 1
+        if step % check_every == 0 and tally.nonfinite.item():
+            raise NonFiniteLoss(f"non-finite loss at step {step}")
+        on_step(step)
+    if tally.nonfinite.item():
+        raise NonFiniteLoss(f"non-finite loss at or before step {step}")
     metrics = tally.result("train")
     seconds = time.perf_counter() - start
     metrics["train/seconds"] = seconds
-    metrics["train/images_per_s"] = tally.count / seconds if seconds > 0 else 0.0
+    metrics["train/images_per_s"] = (tally.count - counted) / seconds if seconds > 0 else 0.0
     return metrics
 
 
@@ -124,14 +166,14 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision
     """Loss and top-1 (and top-5 with 5+ classes) over `loader`, in eval mode."""
     was_training = model.training
     model.eval()
-    tally = _Tally(precision.device, topk_for(num_classes))
+    tally = Tally(precision.device, topk_for(num_classes))
     start = time.perf_counter()
     for images, labels in tqdm(loader, desc=prefix, leave=False, disable=None):
         images, labels = precision.to_device(images, labels)
         with precision.autocast():
             logits = model(images)
             loss = loss_fn(logits, labels)
-        tally.add(loss, logits.float(), labels)
+        tally.add(loss, logits, labels)
     model.train(was_training)
     metrics = tally.result(prefix)
     metrics[f"{prefix}/seconds"] = time.perf_counter() - start

@@ -34,8 +34,11 @@ def run_train(argv: list[str]) -> int:
     from transfer_cli.config import register_configs
     from transfer_cli.errors import TransferError
 
+    from transfer_cli.trainer import Interrupted
+
     register_configs()
     failures: list[str] = []
+    interrupted: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def task(composed: DictConfig) -> float | None:
@@ -50,14 +53,30 @@ def run_train(argv: list[str]) -> int:
             failures.append(str(error))
             _discard_unstarted(run_dir)
             return None
+        except Interrupted as stop:
+            interrupted.append(f"{stop}; continue with: transfer resume {run_dir}")
+            return None
+        if summary.get("dry_run"):
+            _discard_unstarted(run_dir)
+            return None
         print(f"run dir: {run_dir}")
-        print(f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
-              f"final val acc {summary['final_val_acc']:.4f}, {summary['epochs_run']} epochs, "
-              f"{summary['wall_time_s']:.1f}s")
+        print(format_result(summary))
         return summary["best_val_acc"]
 
     sys.argv = ["transfer train", *argv]
     task()
     for failure in failures:
         print(f"transfer: error: {failure}", file=sys.stderr)
-    return 2 if failures else 0
+    for message in interrupted:
+        print(f"transfer: {message}", file=sys.stderr)
+    return 130 if interrupted else (2 if failures else 0)
+
+
+def format_result(summary: dict) -> str:
+    """The final figures `transfer train` and `transfer resume` print."""
+    text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
+            f"final val acc {summary['final_val_acc']:.4f}, {summary['epochs_run']} epochs, "
+            f"{summary['wall_time_s']:.1f}s")
+    if summary.get("stop_reason") not in (None, "completed all stages"):
+        text += f"; stopped: {summary['stop_reason']}"
+    return text

@@ -1,13 +1,13 @@
 """`transfer report DIR...`: one table and one plot comparing the runs found below DIRs.
 
-It reads only what `transfer train` leaves behind (config.yaml, .hydra/overrides.yaml,
-metrics.jsonl, summary.json), so it imports neither torch nor Hydra; matplotlib is
-imported only to draw val_acc.png.
+It reads only the files `transfer train` leaves behind, so it imports neither torch nor
+Hydra; matplotlib is imported only to draw val_acc.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -46,6 +46,7 @@ class Run:
     overrides: list[str]
     records: list[dict[str, Any]]
     summary: dict[str, Any] | None
+    name: str = ""  # its path relative to the folder all reported runs share
 
     @property
     def status(self) -> str:
@@ -58,9 +59,9 @@ class Run:
         """Figures from summary.json; an unfinished run still shows what its epochs reached."""
         if self.summary is not None:
             trainable = self.summary.get("params_trainable") or {}
-            return {"best_val_acc": self.summary.get("best_val_acc"),
-                    "final_val_acc": self.summary.get("final_val_acc"),
-                    "epochs": self.summary.get("epochs_run"), "wall_time_s": self.summary.get("wall_time_s"),
+            get = self.summary.get
+            return {"best_val_acc": get("best_val_acc"), "final_val_acc": get("final_val_acc"),
+                    "epochs": get("epochs_run"), "wall_time_s": get("wall_time_s"),
                     "params_trainable": max(trainable.values(), default=None)}
         accs = [record["val/acc1"] for record in self.records if "val/acc1" in record]
         return {"best_val_acc": max(accs, default=None), "final_val_acc": accs[-1] if accs else None,
@@ -79,6 +80,10 @@ class Row:
     def values(self, metric: str) -> list[float]:
         return [value for run in self.runs if (value := run.metrics[metric]) is not None]
 
+    @property
+    def names(self) -> str:
+        return ", ".join(run.name for run in self.runs)
+
 
 def is_run_dir(path: Path) -> bool:
     """Hydra writes .hydra/ into every run, even one that died before its first epoch."""
@@ -87,7 +92,7 @@ def is_run_dir(path: Path) -> bool:
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
-    """Every run directory at or below `paths`, in natural order (job 10 after job 9)."""
+    """Every run directory at or below `paths`, each once, in natural order."""
     seen: set[Path] = set()
     found: list[Path] = []
     for path in paths:
@@ -118,15 +123,15 @@ def _walk(path: Path, seen: set[Path]) -> Iterator[Path]:
 
 
 def _natural(path: Path) -> list[Any]:
+    """Sort key that puts sweep job 10 after job 9."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
 def load_run(path: Path) -> Run:
     """Read a run dir; a config missing from config.yaml falls back to the composed .hydra/config.yaml."""
-    config_path = next((p for p in (path / "config.yaml", path / ".hydra" / "config.yaml") if p.is_file()), None)
-    config = _flatten(_load_yaml(config_path) or {}) if config_path else {}
-    overrides_path = path / ".hydra" / "overrides.yaml"
-    overrides = (_load_yaml(overrides_path) or []) if overrides_path.is_file() else []
+    resolved = path / "config.yaml"
+    config = _flatten(_load_yaml(resolved if resolved.is_file() else path / ".hydra" / "config.yaml") or {})
+    overrides = _load_yaml(path / ".hydra" / "overrides.yaml") or []
     summary_path = path / "summary.json"
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
@@ -136,6 +141,9 @@ def load_run(path: Path) -> Run:
 
 
 def _load_yaml(path: Path) -> Any:
+    """The parsed file, None where it is missing."""
+    if not path.is_file():
+        return None
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -148,10 +156,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         return []
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return records
 
 
@@ -190,9 +196,9 @@ def group_rows(runs: list[Run], keys: list[str]) -> list[Row]:
     rows: dict[tuple[str | None, ...], Row] = {}
     for run in runs:
         if run.status == "finished":
-            ident = tuple(run.config.get(key) for key in keys if key != SEED)
+            ident = (run.status, *(run.config.get(key) for key in keys if key != SEED))
         else:
-            ident = (str(run.path),)
+            ident = (run.status, str(run.path))
         rows.setdefault(ident, Row()).runs.append(run)
     return list(rows.values())
 
@@ -211,17 +217,19 @@ def _format(values: list[float], spec: str) -> str:
     return f"{mean:{spec}} ± {std:{spec}}" if std else f"{mean:{spec}}"
 
 
-def markdown_table(rows: list[Row], keys: list[str], names: dict[int, str]) -> str:
+def markdown_table(rows: list[Row], keys: list[str]) -> str:
+    """The table for people: formatted numbers, only the keys that tell the rows apart."""
     header = [*keys, "n", *(title for title, _ in METRICS.values()), "status", "run"]
     lines = [header, ["---"] * len(header)]
     for row in rows:
         lines.append([*(row.key_value(k) for k in keys), str(len(row.runs)),
                       *(_format(row.values(m), spec) for m, (_, spec) in METRICS.items()),
-                      row.runs[0].status, ", ".join(names[id(run)] for run in row.runs)])
-    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in lines)
+                      row.runs[0].status, row.names])
+    cells = (" | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in line) for line in lines)
+    return "\n".join(f"| {line} |" for line in cells)
 
 
-def write_csv(path: Path, rows: list[Row], keys: list[str], names: dict[int, str]) -> None:
+def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
     """Raw numbers (mean and sample std per metric) and every differing key, for further analysis."""
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
     with open(path, "w", newline="", encoding="utf-8") as file:
@@ -231,10 +239,10 @@ def write_csv(path: Path, rows: list[Row], keys: list[str], names: dict[int, str
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
             writer.writerow([*(row.key_value(k) for k in keys), len(row.runs),
                              *("" if v is None else v for v in numbers),
-                             row.runs[0].status, " ".join(names[id(run)] for run in row.runs)])
+                             row.runs[0].status, row.names])
 
 
-def plot_val_acc(path: Path, runs: list[Run], keys: list[str], names: dict[int, str]) -> None:
+def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     """Val accuracy per epoch, one line per run; its stage boundaries dotted in the line's colour."""
     import matplotlib
 
@@ -247,7 +255,7 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str], names: dict[int, 
         points = [(r["epoch"], r["val/acc1"]) for r in run.records if "val/acc1" in r]
         if not points:
             continue
-        label = " ".join(f"{key}={run.config.get(key, '-')}" for key in keys) or names[id(run)]
+        label = " ".join(f"{key}={run.config.get(key, '-')}" for key in keys) or run.name
         (line,) = axis.plot(*zip(*points), "-o", markersize=3, label=f"{label} ({run.status})")
         for boundary in runlog.stage_boundaries(run.records):
             axis.axvline(boundary, color=line.get_color(), linestyle=":", linewidth=1)
@@ -268,17 +276,17 @@ def build_report(paths: list[Path], out: Path) -> str:
     shown = shown_keys(runs, keys)
     rows = group_rows(runs, keys)
     base = Path(os.path.commonpath([run.path.resolve().parent for run in runs]))
-    names = {id(run): run.path.resolve().relative_to(base).as_posix() for run in runs}
-    table = markdown_table(rows, shown, names)
+    for run in runs:
+        run.name = run.path.resolve().relative_to(base).as_posix()
+    table = markdown_table(rows, shown)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text(table + "\n", encoding="utf-8")
-        write_csv(out / "results.csv", rows, keys, names)
-        plot_val_acc(out / "val_acc.png", runs, shown, names)
+        write_csv(out / "results.csv", rows, keys)
+        plot_val_acc(out / "val_acc.png", runs, shown)
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
     return table
-
 
 
 def run_report(argv: list[str]) -> int:

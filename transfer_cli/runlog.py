@@ -16,6 +16,13 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(file.fileno())
 
 
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `records` atomically (resume drops epochs past its checkpoint)."""
+    temp = run_dir / "metrics.jsonl.tmp"
+    temp.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    os.replace(temp, run_dir / "metrics.jsonl")
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

@@ -6,6 +6,7 @@ import logging
 import platform
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,13 @@ from transfer_cli.config import TrainConfig, TrainerConfig, to_plain
 from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform, resolve_preprocessing, train_transform
-from transfer_cli.engine import Precision
+from transfer_cli.data.mixing import batch_mixer
+from transfer_cli.engine import Precision, StepRunner
 from transfer_cli.errors import TransferError
 from transfer_cli.models import TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, plan_stages
+from transfer_cli.plan import build_plan, format_plan
 from transfer_cli.trainer import FitResult, FitSetup, fit
 
 log = logging.getLogger(__name__)
@@ -73,22 +76,40 @@ def _validate(cfg: TrainConfig) -> None:
         raise TransferError(f"optimizer.lr_scale={cfg.optimizer.lr_scale} must be positive")
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one experiment into `run_dir` and return its summary."""
+@dataclass
+class Prepared:
+    """A run ready to fit: what train and resume both build from a config."""
+
+    splits: RawSplits
+    model: TransferModel
+    stages: list[Stage]
+    preprocessing: Preprocessing
+    setup: FitSetup
+
+
+def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, precision: Precision,
+            scaler: torch.amp.GradScaler | None, num_classes: int) -> StepRunner:
+    forward = torch.compile(model.model) if cfg.trainer.compile else model.model
+    ema = None
+    if cfg.trainer.ema_decay is not None:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.trainer.ema_decay), use_buffers=True)
+    return StepRunner(forward, optimizer.optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
+                      precision, scaler, cfg.trainer.grad_clip, ema, batch_mixer(cfg.augment, num_classes))
+
+
+def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
+    """Validate the config and build data, model, stages, loaders and the fit setup."""
     _validate(cfg)
-    started = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.trainer.seed)
     device = resolve_device(cfg.trainer.device)
     precision, scaler = resolve_precision(cfg.trainer, device)
-
     splits = load_splits(cfg.dataset, cfg.trainer.seed)
     num_classes = len(splits.classes)
-    model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=cfg.strategy.pretrained)
+    model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=cfg.strategy.pretrained and not cfg.dry_run)
     stages = plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
-
     pin = device.type == "cuda"
     train_loader = make_loader(TransformedDataset(splits.train, train_transform(preprocessing, cfg.augment)),
                                cfg.trainer.batch_size, train=True, num_workers=cfg.trainer.num_workers,
@@ -96,48 +117,75 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     val_loader = make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
                              cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
                              num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin)
-    log.info("%s (%s) -> %d classes; %d train / %d val images; input %dpx mean=%s std=%s",
-             cfg.backbone.name, model.weights_source, num_classes, len(splits.train), len(splits.val),
-             preprocessing.image_size, preprocessing.mean, preprocessing.std)
+    optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], cfg.strategy.train_bn)
+    setup = FitSetup(
+        model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler,
+        runner=_runner(cfg, model, optimizer, precision, scaler, num_classes),
+        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
+        train_bn=cfg.strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
+        checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
+        check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
+        checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
+    )
+    return Prepared(splits, model, stages, preprocessing, setup)
 
-    plain_cfg = to_plain(cfg)
-    result = fit(FitSetup(
-        model=model, stages=stages,
-        optimizer=StagedOptimizer(model, cfg.optimizer, stages[0], cfg.strategy.train_bn),
-        scheduler_cfg=cfg.scheduler, train_loader=train_loader, val_loader=val_loader,
-        loss_fn=nn.CrossEntropyLoss(), precision=precision, num_classes=num_classes, run_dir=run_dir,
-        train_bn=cfg.strategy.train_bn, grad_clip=cfg.trainer.grad_clip, scaler=scaler,
-        checkpoint_extra={"config": plain_cfg, "classes": splits.classes},
-    ))
-    summary = _summary(result, splits, model, stages, preprocessing, precision, cfg.trainer.seed)
+
+def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one experiment into `run_dir` (continuing from checkpoint `resume`) and return its summary."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare(cfg, run_dir)
+    plan = build_plan(cfg, prepared)
+    if cfg.dry_run:
+        print(format_plan(plan))
+        return {"dry_run": True, "plan": plan}
+    runlog.write_json(run_dir / "plan.json", plan)
+    log.info("%s (%s) -> %d classes; %d train / %d val images; input %dpx mean=%s std=%s",
+             cfg.backbone.name, prepared.model.weights_source, len(prepared.splits.classes), len(prepared.splits.train),
+             len(prepared.splits.val), prepared.preprocessing.image_size, prepared.preprocessing.mean,
+             prepared.preprocessing.std)
+    done = resume["progress"]["epoch"] if resume is not None else 0
+    history = [record for record in runlog.read_metrics(run_dir) if record["epoch"] <= done]
+    runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint
+    result = fit(prepared.setup, resume, history)
+    summary = _summary(result, prepared, cfg.trainer.seed)
     summary["wall_time_s"] = time.perf_counter() - started
     runlog.write_json(run_dir / "summary.json", summary)
-    runlog.plot_curves(result.records, run_dir / "curves.png",
-                       title=f"{cfg.backbone.name} / {cfg.strategy.name} / {cfg.dataset.name}")
+    if result.records:
+        runlog.plot_curves(result.records, run_dir / "curves.png",
+                           title=f"{cfg.backbone.name} / {cfg.strategy.name} / {cfg.dataset.name}")
+    if result.error:
+        raise TransferError(result.error)
     return summary
 
 
-def _summary(result: FitResult, splits: RawSplits, model: TransferModel, stages: list[Stage],
-             preprocessing: Preprocessing, precision: Precision, seed: int) -> dict[str, Any]:
-    """summary.json: the figures to compare runs by, and what produced them."""
-    final = result.records[-1]
+def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]:
+    """summary.json: the figures to compare runs by, what produced them, and why it stopped."""
+    splits, model, stages, preprocessing = prepared.splits, prepared.model, prepared.stages, prepared.preprocessing
+    precision = prepared.setup.runner.precision
+    final = result.records[-1] if result.records else {}
+    progress = result.progress
     return {
-        "best_val_acc": result.best_val_acc,
-        "final_val_acc": final["val/acc1"],
-        "best_epoch": result.best_epoch,
+        "status": "failed" if result.error else "finished",
+        "stop_reason": result.error or progress.stop_reason or "completed all stages",
+        "best_val_acc": progress.best_val_acc if result.records else None,
+        "final_val_acc": final.get("val/acc1"),
+        "best_epoch": progress.best_epoch,
         "epochs_run": len(result.records),
         "num_classes": len(splits.classes),
         "classes": splits.classes,
         "train_images": len(splits.train),
         "val_images": len(splits.val),
         "params_total": sum(p.numel() for p in model.model.parameters()),
-        "params_trainable": result.params_trainable,
+        "params_trainable": progress.params_trainable,
+        "skipped_images": len(splits.skipped_images),
         "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs} for s in stages],
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,
         "preprocessing": {**vars(preprocessing), "resize_size": preprocessing.resize_size},
         "device": str(precision.device),
         "amp": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None,
+        "ema": prepared.setup.runner.ema is not None,
         "train_images_per_s": _mean([r["train/images_per_s"] for r in result.records]),
         **{k: v for k, v in final.items() if k.startswith("val/")},
         "seed": seed,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
@@ -33,6 +33,7 @@ class RawSplits:
     classes: list[str]
     train_labels: list[int]
     val_labels: list[int]
+    skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
 
 
 DATASETS: Registry[Callable[[DatasetConfig, int], RawSplits]] = Registry("dataset", "dataset")
@@ -91,15 +92,19 @@ def _folder(cfg: DatasetConfig, seed: int) -> RawSplits:
                 f"{sorted(set(classes) - set(val_classes))}, only in val: {sorted(set(val_classes) - set(classes))}): "
                 "give both splits the same class folders"
             )
-        train = ImageFolderDataset(root / cfg.train_split, classes)
-        val = ImageFolderDataset(root / cfg.val_split, classes)
-        return RawSplits(train, val, classes, train.targets, val.targets)
+        train = ImageFolderDataset(root / cfg.train_split, classes, cfg.on_bad_image)
+        val = ImageFolderDataset(root / cfg.val_split, classes, cfg.on_bad_image)
+        return RawSplits(train, val, classes, train.targets, val.targets, _paths(train.skipped + val.skipped))
     classes = class_folders(root)
-    everything = ImageFolderDataset(root, classes)
+    everything = ImageFolderDataset(root, classes, cfg.on_bad_image)
     train_idx, val_idx = stratified_split(everything.targets, cfg.val_fraction, seed)
     train, train_labels = _subset(everything, everything.targets, train_idx)
     val, val_labels = _subset(everything, everything.targets, val_idx)
-    return RawSplits(train, val, classes, train_labels, val_labels)
+    return RawSplits(train, val, classes, train_labels, val_labels, _paths(everything.skipped))
+
+
+def _paths(paths: list[Path]) -> list[str]:
+    return [str(path) for path in paths]
 
 
 def _torchvision_split(factory: Callable[..., Dataset], split_arg: Callable[[str], dict], cfg: DatasetConfig,

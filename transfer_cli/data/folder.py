@@ -1,37 +1,121 @@
-"""Any image folder: `root/train/<class>/` and `root/val/<class>/`, or `root/<class>/` split by seed."""
+"""Any image folder: `root/train/<class>/` and `root/val/<class>/`, or `root/<class>/` split by seed.
+
+Every image is opened and decoded once when the folder is scanned, so a corrupt or
+truncated file is found before training starts, not as a crash halfway through an epoch.
+"""
 
 from __future__ import annotations
 
+import logging
+import struct
 from pathlib import Path
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.errors import TransferError
 
+log = logging.getLogger(__name__)
+
+BAD_IMAGE_CHOICES = ("skip", "error")
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# What PIL and its format plugins raise on a corrupt, truncated or oversized file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as a new 8-bit RGB image; alpha is dropped, as PIL's own convert does.
+
+    PIL's convert clips 16-bit values to 255 (mid-grey 32768 would become white), so
+    16-bit grey is scaled by >> 8 here; palette images with transparency go through RGBA,
+    as PIL asks (it warns on a direct conversion).
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int32).clip(0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
+def decode_problem(path: Path) -> str | None:
+    """Why `path` cannot be loaded, or None; decodes JPEGs at 1/8 scale, which still reads every byte."""
+    try:
+        with Image.open(path) as image:
+            image.draft(image.mode, (1, 1))  # a no-op for formats other than JPEG
+            to_rgb(image)
+    except UnidentifiedImageError:  # its message repeats the path
+        return "not an image format PIL can read"
+    except DECODE_ERRORS as error:
+        message = str(error).strip()
+        return message.splitlines()[0] if message else type(error).__name__
+    return None
+
+
+def check_bad_image_choice(on_bad_image: str) -> None:
+    if on_bad_image not in BAD_IMAGE_CHOICES:
+        raise TransferError(f"dataset.on_bad_image={on_bad_image!r} is not one of {' | '.join(BAD_IMAGE_CHOICES)}")
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+
 
 class ImageFolderDataset(Dataset):
-    """Images under `root/<class>/`, labelled by `classes`; loaded as RGB PIL images."""
+    """Images under `root/<class>/`, labelled by `classes`, decoded once up front; loaded as RGB PIL images.
 
-    def __init__(self, root: Path, classes: list[str]) -> None:
+    Unreadable files are skipped with a warning (listed in `skipped`) or, with
+    `on_bad_image="error"`, stop the scan with a TransferError naming the file.
+    """
+
+    def __init__(self, root: Path, classes: list[str], on_bad_image: str = "skip") -> None:
+        check_bad_image_choice(on_bad_image)
         self.root = root
         self.classes = classes
+        self.on_bad_image = on_bad_image
         self.samples: list[tuple[Path, int]] = []
+        self.skipped: list[Path] = []
         for label, name in enumerate(classes):
-            files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-            if not files:
-                raise TransferError(f"class folder {root / name} holds no images ({', '.join(IMG_EXTENSIONS)}): add images or remove it")
-            self.samples.extend((path, label) for path in files)
+            self.samples.extend((path, label) for path in self._scan_class(root / name))
         self.targets = [label for _, label in self.samples]
+
+    def _scan_class(self, folder: Path) -> list[Path]:
+        readable, skipped = [], []
+        for path in image_files(folder):
+            problem = decode_problem(path)
+            if problem is None:
+                readable.append(path)
+            elif self.on_bad_image == "error":
+                raise TransferError(f"unreadable image {path} ({problem}): replace or remove it, "
+                                    "or set dataset.on_bad_image=skip to skip such files")
+            else:
+                log.warning("skipping unreadable image %s (%s)", path, problem)
+                skipped.append(path)
+        self.skipped.extend(skipped)
+        if not readable:
+            unreadable = f"; {len(skipped)} unreadable skipped: {_names(skipped)}" if skipped else ""
+            raise TransferError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}{unreadable}): "
+                                "add images or remove it")
+        return readable
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            return image.convert("RGB"), label
+        return load_rgb(path), label
+
+
+def _names(paths: list[Path], shown: int = 3) -> str:
+    names = ", ".join(path.name for path in paths[:shown])
+    return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def class_folders(root: Path) -> list[str]:
