@@ -54,6 +54,14 @@ class StageConfig:
 
 
 @dataclass
+class SizeRule:
+    """One row of a data-size table: below `below` training images (null: any), use `strategy`."""
+
+    below: Optional[int] = None
+    strategy: str = MISSING
+
+
+@dataclass
 class StrategyConfig:
     name: str = MISSING
     description: str = ""
@@ -61,6 +69,7 @@ class StrategyConfig:
     lr: float = 1e-3  # default rate of stages that name none
     train_bn: bool = False  # frozen groups keep BatchNorm affine params trainable (stats stay frozen)
     stages: list[StageConfig] = field(default_factory=list)
+    by_train_size: Optional[list[SizeRule]] = None  # choose another strategy by data size (auto)
 
 
 @dataclass
@@ -76,6 +85,7 @@ class DatasetConfig:
     on_bad_image: str = "skip"  # skip (warn, count in summary.json) | error
     train_subset: Optional[int] = None  # stratified, seeded subset of the training split
     val_subset: Optional[int] = None
+    domain: str = "near"  # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
     # synthetic only
     num_classes: int = 4
     train_size: int = 256

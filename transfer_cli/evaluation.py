@@ -79,7 +79,7 @@ def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision
 
 
 def summarize(counts: Counts, classes: list[str]) -> dict[str, Any]:
-    """Top-k, loss, per-class accuracy (recall), precision and F1, and macro-F1.
+    """Top-k, mean cross-entropy (no label smoothing), per-class accuracy (recall), precision and F1, and macro-F1.
 
     Macro-F1 averages F1 over the classes that occur as a label or a prediction (as
     scikit-learn does); a class with no support has accuracy None.
@@ -179,12 +179,15 @@ def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]]
 
     The matrix has its own file because it grows with the square of the class count.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    runlog.write_json(out / "metrics.json", metrics)
-    runlog.write_json(out / "confusion_matrix.json",
-                      {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion})
-    plot_confusion(confusion, classes, out / "confusion_matrix.png",
-                   title=f"{metrics['split']} split, {metrics['checkpoint']}.pt: top-1 {metrics['acc1']:.3f}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        runlog.write_json(out / "metrics.json", metrics)
+        runlog.write_json(out / "confusion_matrix.json",
+                          {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion})
+        plot_confusion(confusion, classes, out / "confusion_matrix.png",
+                       title=f"{metrics['split']} split, {metrics['checkpoint']}.pt: top-1 {metrics['acc1']:.3f}")
+    except OSError as error:
+        raise TransferError(f"cannot write the results into {out}: {error.strerror or error}") from error
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
@@ -200,7 +203,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
     side = min(max(4.0, 0.3 * n + 2.5), 40.0)
     figure, axis = plt.subplots(figsize=(side + 1, side))
     image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    font = max(3.0, min(9.0, 300 / n))
+    font = 9 if n <= 20 else 7  # cells are about 0.3 inch whatever n is
     axis.set_xticks(range(n), classes, rotation=90, fontsize=font)
     axis.set_yticks(range(n), classes, fontsize=font)
     cells = [(row, column) for row in range(n) for column in range(n) if confusion[row][column]] if n <= 20 else []

@@ -42,7 +42,8 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
     weights = model.preprocessing
     return {
         "backbone": {"source": cfg.backbone.source, "name": cfg.backbone.name,
-                     "weights": weights_location(cfg.backbone, cfg.strategy.pretrained, model.model)},
+                     "weights": weights_location(cfg.backbone, prepared.strategy.pretrained, model.model)},
+        "strategy": {"name": prepared.strategy.name, "choice": prepared.strategy_choice or None},
         "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
                  "head_outputs": getattr(head, "out_features", None),
                  "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val)},
@@ -61,6 +62,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     where = w["from"] + (f" (cache {w['cache']}: {'present' if w.get('present') else 'missing'}"
                          f"{', offline' if w.get('offline') else ''})" if "cache" in w else "")
     lines = [
+        f"strategy  {plan['strategy']['name']}" + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
         f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
         f"{d['train_images']} train / {d['val_images']} val images",

@@ -35,6 +35,39 @@ def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: in
     ]
 
 
+DOMAINS = ("near", "far")
+
+
+def choose_by_size(strategy: StrategyConfig, train_size: int, domain: str) -> tuple[StrategyConfig, str]:
+    """Resolve a size-table strategy (`auto`) to the strategy its table picks, and say why."""
+    if not strategy.by_train_size:
+        return strategy, ""
+    if domain not in DOMAINS:
+        raise TransferError(f"dataset.domain='{domain}' is unknown: use near or far")
+    rules = strategy.by_train_size
+    row = next((i for i, rule in enumerate(rules) if rule.below is None or train_size < rule.below), len(rules) - 1)
+    reason = f"{train_size} training images: " + (
+        f"fewer than {rules[row].below}" if rules[row].below is not None else "the largest size class")
+    if domain == "far" and row + 1 < len(rules):
+        row += 1
+        reason += "; dataset.domain=far moves one step toward fine-tuning"
+    chosen = load_strategy(rules[row].strategy)
+    return chosen, f"{strategy.name} chose {chosen.name}: {reason}"
+
+
+def load_strategy(name: str) -> StrategyConfig:
+    """A strategy from conf/strategy/<name>.yaml, validated against the schema."""
+    from omegaconf import OmegaConf
+
+    from transfer_cli.hydra_app import config_dir
+
+    path = config_dir() / "strategy" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise TransferError(f"unknown strategy '{name}': use one of {', '.join(known)}")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StrategyConfig), OmegaConf.load(path)))
+
+
 def scale_epochs(epochs: list[int], total: int | None) -> list[int]:
     """Stage lengths rescaled to `total` in proportion (largest remainder, each >= 1)."""
     if any(count <= 0 for count in epochs):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from transfer_cli import runlog
-from transfer_cli.config import TrainConfig, TrainerConfig, to_plain
+from transfer_cli.config import StrategyConfig, TrainConfig, TrainerConfig, to_plain
 from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform, resolve_preprocessing, train_transform
@@ -24,7 +24,7 @@ from transfer_cli.engine import Precision, StepRunner
 from transfer_cli.errors import TransferError
 from transfer_cli.models import TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
-from transfer_cli.strategies import Stage, plan_stages
+from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
 from transfer_cli.trainer import FitResult, FitSetup, fit
 
@@ -85,6 +85,8 @@ class Prepared:
     stages: list[Stage]
     preprocessing: Preprocessing
     setup: FitSetup
+    strategy: StrategyConfig  # the one that runs (auto resolves to another)
+    strategy_choice: str = ""
 
 
 def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, precision: Precision,
@@ -106,8 +108,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     precision, scaler = resolve_precision(cfg.trainer, device)
     splits = load_splits(cfg.dataset, cfg.trainer.seed)
     num_classes = len(splits.classes)
-    model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=cfg.strategy.pretrained and not cfg.dry_run)
-    stages = plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
+    strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
+    if choice:
+        log.info("%s", choice)
+    model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
+    stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     pin = device.type == "cuda"
@@ -117,17 +122,17 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     val_loader = make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
                              cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
                              num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin)
-    optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], cfg.strategy.train_bn)
+    optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     setup = FitSetup(
         model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler,
         runner=_runner(cfg, model, optimizer, precision, scaler, num_classes),
         train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
-        train_bn=cfg.strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
+        train_bn=strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
     )
-    return Prepared(splits, model, stages, preprocessing, setup)
+    return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -153,7 +158,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     runlog.write_json(run_dir / "summary.json", summary)
     if result.records:
         runlog.plot_curves(result.records, run_dir / "curves.png",
-                           title=f"{cfg.backbone.name} / {cfg.strategy.name} / {cfg.dataset.name}")
+                           title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
     if result.error:
         raise TransferError(result.error)
     return summary
@@ -179,6 +184,8 @@ def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]
         "params_total": sum(p.numel() for p in model.model.parameters()),
         "params_trainable": progress.params_trainable,
         "skipped_images": len(splits.skipped_images),
+        "strategy": prepared.strategy.name,
+        "strategy_choice": prepared.strategy_choice or None,
         "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs} for s in stages],
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,

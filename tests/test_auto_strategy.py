@@ -1,0 +1,42 @@
+"""`strategy=auto`: the lesson's data-size table picks the strategy, and the run records why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, compose_train
+from transfer_cli.errors import TransferError
+from transfer_cli.strategies import choose_by_size, load_strategy
+from transfer_cli.train import train
+
+
+@pytest.mark.parametrize(
+    ("size", "domain", "expected"),
+    [(500, "near", "feature_extract"), (999, "near", "feature_extract"), (1000, "near", "gradual"),
+     (9999, "near", "gradual"), (10000, "near", "fine_tune"), (500, "far", "gradual"),
+     (5000, "far", "fine_tune"), (50000, "far", "fine_tune")],
+)
+def test_the_lessons_table(size: int, domain: str, expected: str) -> None:
+    chosen, reason = choose_by_size(load_strategy("auto"), size, domain)
+    assert chosen.name == expected
+    assert f"auto chose {expected}" in reason and str(size) in reason
+    assert ("far" in reason) == (domain == "far" and size < 10000)
+
+
+def test_other_strategies_pass_through() -> None:
+    gradual = load_strategy("gradual")
+    assert choose_by_size(gradual, 10, "near") == (gradual, "")
+
+
+def test_unknown_domain_is_a_user_error() -> None:
+    with pytest.raises(TransferError, match="dataset.domain"):
+        choose_by_size(load_strategy("auto"), 10, "distant")
+
+
+def test_a_run_records_the_choice(tmp_path: Path) -> None:
+    summary = train(compose_train(FAST + ["strategy=auto"]), tmp_path)
+    assert summary["strategy"] == "feature_extract"
+    assert "96 training images" in summary["strategy_choice"]
+    assert [s["name"] for s in summary["stages"]] == ["head"]
