@@ -28,6 +28,12 @@ def _hydra_schema() -> None:
     register_configs()
 
 
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature caches go to a per-session temp dir, never the user's ~/.cache."""
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
 def compose_train(overrides: list[str]) -> TrainConfig:
     """The TrainConfig `transfer train <overrides>` would run, composed in-process."""
     register_configs()

@@ -39,6 +39,12 @@ def test_strategy_configs_are_all_present():
 def test_every_strategy_yaml_plans_on_a_resnet(name, model):
     strategy = load_strategy(name)
     assert isinstance(strategy, StrategyConfig) and strategy.name == name
+    rules = getattr(strategy, "by_train_size", None)
+    if rules:  # a size table (auto): it has no stages itself; each strategy it picks must plan
+        assert not strategy.stages
+        for rule in rules:
+            assert rule.strategy in strategy_names() and plan_stages(load_strategy(rule.strategy), model, None)
+        return
     stages = plan_stages(strategy, model, None)
     assert len(stages) == len(strategy.stages)
     for planned in stages:
@@ -140,7 +146,7 @@ def test_scale_epochs_rejects_too_few_or_nonpositive():
         scale_epochs([5, -1], 4)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a stage lifted to the 1-epoch floor still wins the largest-remainder "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: a stage lifted to the 1-epoch floor still wins the largest-remainder "
                                         "extra epoch, so a shorter stage can get more epochs than a longer one")
 def test_scale_epochs_never_gives_a_shorter_stage_more_epochs():
     scaled = scale_epochs([1, 2, 2], 4)  # currently [2, 1, 1]

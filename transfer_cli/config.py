@@ -157,6 +157,8 @@ class TrainerConfig:
     checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch (long epochs)
     log_every: int = 50  # steps between host syncs that check the loss is finite (every step on CPU)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    cache_features: str = "auto"  # auto (where exact) | true (one centre view even with augmentation) | false
+    cache_dir: Optional[str] = None  # feature cache; default ~/.cache/transfer/features (TRANSFER_CACHE)
 
 
 @dataclass

@@ -36,6 +36,7 @@ class TransferModel:
     preprocessing: PretrainedPreprocessing
     weights_source: str
     pretrained: bool
+    head_path: str  # dotted path of the new classifier module
 
     def group(self, name: str) -> LayerGroup:
         for group in self.groups:
@@ -82,7 +83,7 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
     raw.model.set_submodule(raw.classifier_path, HEADS.get(head.kind)(head, in_features, num_classes))
     groups = layer_groups(raw.model, raw.group_matcher, raw.classifier_path)
     return TransferModel(raw.model, groups, raw.preprocessing, raw.weights_source,
-                         pretrained and (backbone.pretrained or backbone.checkpoint is not None))
+                         pretrained and (backbone.pretrained or backbone.checkpoint is not None), raw.classifier_path)
 
 
 def layer_groups(model: nn.Module, matcher: dict[str, Any], classifier_path: str) -> list[LayerGroup]:

@@ -27,11 +27,16 @@ def _check_coverage(prepared: "Prepared") -> dict[str, int]:
     return {g.name: sum(params[n].numel() for n in g.params) for g in prepared.model.groups}
 
 
+def _out_features(head: Any) -> int | None:
+    linears = [m for m in head.modules() if hasattr(m, "out_features")]
+    return linears[-1].out_features if linears else None
+
+
 def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
     """Backbone and weights origin, data vs head, normalization vs the weights', and every stage."""
     sizes = _check_coverage(prepared)
     model, pre = prepared.model, prepared.preprocessing
-    head = model.model.get_submodule(next(iter(model.groups[-1].params)).rsplit(".", 1)[0])
+    head = model.model.get_submodule(model.head_path)
     total = sum(sizes.values())
     stages = []
     for stage in prepared.stages:
@@ -45,7 +50,7 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
                      "weights": weights_location(cfg.backbone, prepared.strategy.pretrained, model.model)},
         "strategy": {"name": prepared.strategy.name, "choice": prepared.strategy_choice or None},
         "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
-                 "head_outputs": getattr(head, "out_features", None),
+                 "head_outputs": _out_features(head),
                  "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val)},
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
                           "weights_std": list(weights.std),

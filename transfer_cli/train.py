@@ -8,7 +8,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,11 +18,19 @@ from transfer_cli import runlog
 from transfer_cli.config import StrategyConfig, TrainConfig, TrainerConfig, to_plain
 from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.loaders import TransformedDataset, make_loader
-from transfer_cli.data.transforms import Preprocessing, eval_transform, resolve_preprocessing, train_transform
+from transfer_cli.data.transforms import (
+    Preprocessing,
+    eval_transform,
+    is_deterministic,
+    resolve_preprocessing,
+    train_transform,
+)
+from transfer_cli.feature_cache import backbone_is_deterministic, cached_splits
+from transfer_cli.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.data.mixing import batch_mixer
 from transfer_cli.engine import Precision, StepRunner
 from transfer_cli.errors import TransferError
-from transfer_cli.models import TransferModel, build_model
+from transfer_cli.models import HEAD, TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
@@ -132,7 +140,43 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
     )
+    setup.head_only = _head_only_path(cfg, model, splits, preprocessing, precision, setup, strategy)
     return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
+
+
+def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, preprocessing: Preprocessing,
+                    precision: Precision, setup: FitSetup, strategy: StrategyConfig) -> Callable[[Stage], Any]:
+    """Per stage: cached-feature loaders where only the head trains and the cache is allowed, else None."""
+    mode = str(cfg.trainer.cache_features).lower()
+    if mode not in {"auto", "true", "false"}:
+        raise TransferError(f"trainer.cache_features={cfg.trainer.cache_features}: use auto, true or false")
+    random_input = not is_deterministic(cfg.augment) or setup.runner.mix is not None
+    exact = not random_input and backbone_is_deterministic(model) and setup.runner.ema is None and not strategy.train_bn
+    if mode == "false" or (mode == "auto" and not exact):
+        return lambda stage: None
+    if not exact:
+        log.warning("trainer.cache_features=true: head-only stages train on one centre view per image "
+                    "(no augmentation, no backbone dropout)")
+    eval_tf = eval_transform(preprocessing)
+    batch, eval_batch = cfg.trainer.batch_size, cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    cache_dir = Path(cfg.trainer.cache_dir).expanduser() if cfg.trainer.cache_dir else default_feature_cache()
+    memo: dict[str, Any] = {}
+
+    def make(data: Any, size: int, train: bool) -> Any:
+        return make_loader(data, size, train=train, num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
+                           pin_memory=precision.device.type == "cuda")
+
+    def for_stage(stage: Stage) -> Any:
+        if set(stage.lrs) != {HEAD}:
+            return None
+        if stage.name not in memo:
+            memo[stage.name] = cached_splits(
+                model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
+                batch_size=batch, eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision,
+                key_extra=f"{preprocessing}|{precision.amp_dtype}", cache_dir=cache_dir)
+        return memo[stage.name]
+
+    return for_stage
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> dict[str, Any]:

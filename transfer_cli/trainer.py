@@ -11,9 +11,9 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from transfer_cli import checkpoint, runlog
 from transfer_cli.config import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.errors import TransferError
+from transfer_cli.feature_cache import CachedSplits
 from transfer_cli.engine import NonFiniteLoss, StepRunner, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.models import TransferModel
 from transfer_cli.optim import StagedOptimizer, build_scheduler
@@ -68,6 +69,7 @@ class FitSetup:
     checkpoint_every_steps: int | None = None
     check_every: int = 1
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
+    head_only: Callable[[Stage], CachedSplits | None] = lambda stage: None  # feature-cache path for a stage
 
 
 @dataclass
@@ -204,11 +206,17 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
         if interrupt.requested:
             raise Interrupted(f"interrupted in epoch {epoch} at step {step}")
 
+    runner, train_loader, eval_model, val_loader = setup.runner, setup.train_loader, _eval_model(setup), setup.val_loader
+    cached = setup.head_only(stage)
+    if cached is not None:
+        precision = replace(runner.precision, channels_last=False)
+        runner = replace(runner, model=cached.head, precision=precision)
+        train_loader, eval_model, val_loader = cached.train_loader, cached.head, cached.val_loader
     setup.model.model.train()
     hold_frozen_batchnorm(setup.model, stage)
-    setup.train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * setup.train_loader.batch_size)
+    train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
     try:
-        train = train_one_epoch(setup.runner, setup.train_loader, scheduler, tally, start_step=progress.step,
+        train = train_one_epoch(runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}")
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
@@ -216,7 +224,7 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             f"{error} of epoch {epoch}: training stopped; checkpoints/last.pt keeps epoch {progress.epoch}. "
             "Lower the lr, set trainer.grad_clip, or check the data"
         ) from None
-    val = evaluate(_eval_model(setup), setup.val_loader, nn.CrossEntropyLoss(), setup.runner.precision, setup.num_classes)
+    val = evaluate(eval_model, val_loader, nn.CrossEntropyLoss(), runner.precision, setup.num_classes)
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, "lr": {g.name: lrs.get(g.name, 0.0) for g in setup.model.groups},
               **train, **val, "seconds": time.perf_counter() - start}

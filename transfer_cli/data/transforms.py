@@ -92,3 +92,8 @@ def train_transform(pre: Preprocessing, augment: AugmentConfig) -> v2.Compose:
         steps.append(v2.RandomAffine(degrees=0, translate=tuple(augment.translate), interpolation=mode))
     return v2.Compose(steps + _finish(pre))
 
+
+def is_deterministic(augment: AugmentConfig) -> bool:
+    """True when training images go through no random transform (train = eval preprocessing)."""
+    return (augment.random_resized_crop is None and augment.hflip == 0 and augment.rotation == 0
+            and augment.color_jitter is None and augment.translate is None)
