@@ -262,8 +262,6 @@ def test_torchvision_unreadable_or_foreign_checkpoint_raises(tmp_path):
         build(tv_backbone("resnet18", pretrained=True, checkpoint=str(foreign)))
 
 
-@pytest.mark.xfail(strict=True, raises=TransferError, reason="bug: timm checkpoints whose classifier has another class count fail "
-                                        "(strict load) with a misleading offline/cache error; torchvision skips them")
 def test_timm_checkpoint_with_other_class_count_loads_backbone(tmp_path):
     torch.manual_seed(1)
     saved = timm.create_model("test_resnet", num_classes=3).state_dict()

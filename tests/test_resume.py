@@ -170,7 +170,7 @@ def test_sigint_checkpoints_exits_130_and_resumes_exactly(tmp_path: Path) -> Non
 def finished_run(tmp_path: Path) -> Path:
     """A finished run directory as `transfer train` leaves it (config.yaml included)."""
     run_dir = tmp_path / "finished"
-    cfg = compose_train(FAST + ["trainer.epochs=1"])
+    cfg = compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1"])
     run_dir.mkdir()
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     train(cfg, run_dir)
@@ -241,8 +241,8 @@ def test_restore_rebuilds_the_optimizer_groups_and_keeps_the_heads_adam_state(
 
     def save_and_observe(payload: dict[str, Any], path: Path) -> None:
         real_save(payload, path)
-        progress = payload["progress"]
-        if path.name == "last.pt" and (progress["epoch"], progress["step"]) == (epoch, step) and "state" not in seen:
+        progress = payload.get("progress") or {}
+        if path.name == "last.pt" and (progress.get("epoch"), progress.get("step")) == (epoch, step) and "state" not in seen:
             optimizer = runners[-1].optimizer
             names = {id(p): n for n, p in runners[-1].model.named_parameters()}
             seen.update(state=checkpoint.load(path), groups=optimizer_view(optimizer, names),
@@ -280,19 +280,27 @@ def test_restore_rebuilds_the_optimizer_groups_and_keeps_the_heads_adam_state(
 
 def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_intact(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = torch.save
-    last_writes: list[str] = []
+    real_save, real_save_atomic = torch.save, checkpoint.save_atomic
+    target: list[Path] = []
+    last_writes: list[Path] = []
+
+    def save_atomic_to(payload: dict[str, Any], path: Path) -> None:
+        target[:] = [Path(path)]
+        try:
+            real_save_atomic(payload, path)
+        finally:
+            target.clear()
 
     def save_until_full(obj: Any, file: Any, *args: Any, **kwargs: Any) -> None:
-        name = Path(getattr(file, "name", str(file))).name
-        if name.startswith(".last.pt."):
-            last_writes.append(name)
+        if target and target[0].name == "last.pt":
+            last_writes.append(target[0])
             if len(last_writes) == 2:
                 file.write(b"PK\x03\x04 half a checkpoint")
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, file, *args, **kwargs)
 
     with monkeypatch.context() as patch, pytest.raises(OSError) as raised:
+        patch.setattr(checkpoint, "save_atomic", save_atomic_to)
         patch.setattr(checkpoint.torch, "save", save_until_full)
         train(compose_train(FAST), tmp_path)
     assert raised.value.errno == errno.ENOSPC

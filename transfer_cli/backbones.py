@@ -85,20 +85,20 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
     if not timm.is_model(arch):
         raise unknown_name_error("timm model", cfg.name, timm.list_models(), "backbone.name")
     checkpoint = _check_checkpoint(cfg.checkpoint)
-    load = pretrained and (checkpoint is not None or cfg.pretrained)
-    overlay = {"file": str(checkpoint)} if checkpoint is not None else None
+    download = pretrained and cfg.pretrained and checkpoint is None
     try:
-        model = timm.create_model(cfg.name, pretrained=load, pretrained_cfg_overlay=overlay)
+        model = timm.create_model(cfg.name, pretrained=download)
     except (OSError, RuntimeError, ValueError) as exc:
-        if not load:
+        if not download:
             raise
         from huggingface_hub.constants import HF_HUB_CACHE
 
         raise _offline_error(cfg.name, HF_HUB_CACHE, exc) from exc
+    source = f"hf-hub {model.pretrained_cfg.get('hf_hub_id') or cfg.name}" if download else "random init"
+    if pretrained and checkpoint is not None:
+        _load_state_dict_file(model, checkpoint)
+        source = f"file {checkpoint}"
     data = resolve_data_config({}, model=model)
-    source = f"file {checkpoint}" if checkpoint is not None and load else (
-        f"hf-hub {model.pretrained_cfg.get('hf_hub_id') or cfg.name}" if load else "random init"
-    )
     return RawBackbone(
         model=model,
         classifier_path=model.pretrained_cfg["classifier"],

@@ -20,6 +20,7 @@ commands:
   report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
   eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
   predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
+  exercise  the lesson's exercise 5: ImageNet normalization vs none vs 0.5 (`transfer exercise normalization`)
 
 examples:
   transfer train experiment=smoke
@@ -58,8 +59,15 @@ def _predict(argv: list[str]) -> int:
     return run_predict(argv)
 
 
+def _exercise(argv: list[str]) -> int:
+    from transfer_cli.exercises import run_exercise
+
+    return run_exercise(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "report": _report, "resume": _resume, "eval": _eval, "predict": _predict,
+    "exercise": _exercise,
 }
 
 

@@ -85,6 +85,8 @@ class DatasetConfig:
     on_bad_image: str = "skip"  # skip (warn, count in summary.json) | error
     train_subset: Optional[int] = None  # stratified, seeded subset of the training split
     val_subset: Optional[int] = None
+    cache_images: str = "auto"  # keep decoded, resized images in memory: auto (if within budget) | true | false
+    cache_budget_mb: float = 2048.0
     domain: str = "near"  # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
     # synthetic only
     num_classes: int = 4

@@ -227,7 +227,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows = list(metrics["per_class"].items())
     if len(rows) > SHOWN_CLASSES:
         rows = sorted(rows, key=lambda row: -1.0 if row[1]["accuracy"] is None else row[1]["accuracy"])[:SHOWN_CLASSES]
-        lines.append(f"the {SHOWN_CLASSES} classes with the lowest accuracy (all {len(metrics['per_class'])} in metrics.json):")
+        lines.append(f"the {SHOWN_CLASSES} classes with the lowest accuracy "
+                     f"(all {len(metrics['per_class'])} in metrics.json):")
     width = max(len("class"), *(len(name) for name, _ in rows))
     lines.append(f"{'class':<{width}}  {'support':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
     for name, row in rows:

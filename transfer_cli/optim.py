@@ -23,6 +23,8 @@ from transfer_cli.strategies import Stage, frozen_batchnorms
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
+KINDS = ("decay", "no_decay", "norm", "bn")
+
 OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", "optimizer")
 
 
@@ -42,12 +44,17 @@ def _sgd(groups: list[dict], cfg: OptimizerConfig) -> Optimizer:
 
 
 def _param_kinds(model: nn.Module) -> dict[str, str]:
-    """Parameter name -> 'decay' | 'no_decay' | 'norm'."""
+    """Parameter name -> 'decay' | 'no_decay' | 'norm' | 'bn' (BatchNorm: what train_bn trains)."""
     kinds = {}
     for path, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             full = f"{path}.{name}" if path else name
-            kinds[full] = "norm" if isinstance(module, NORM_TYPES) else ("decay" if param.ndim > 1 else "no_decay")
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                kinds[full] = "bn"
+            elif isinstance(module, NORM_TYPES):
+                kinds[full] = "norm"
+            else:
+                kinds[full] = "decay" if param.ndim > 1 else "no_decay"
     return kinds
 
 
@@ -65,19 +72,19 @@ class StagedOptimizer:
 
     def _wanted(self, stage: Stage) -> dict[tuple[str, str], float]:
         """(layer group, kind) -> lr for everything `stage` trains."""
-        wanted = {(group, kind): lr for group, lr in stage.lrs.items() for kind in ("decay", "no_decay", "norm")}
+        wanted = {(group, kind): lr for group, lr in stage.lrs.items() for kind in KINDS}
         if self.train_bn:
             owner = {id(self._params[name]): group.name for group in self.model.groups for name in group.params}
             top = max(stage.lrs.values())
             for module in frozen_batchnorms(self.model, stage):
                 for param in module.parameters(recurse=False):
-                    wanted[(owner[id(param)], "norm")] = top
+                    wanted[(owner[id(param)], "bn")] = top
         return wanted
 
     def _new_groups(self, wanted: dict[tuple[str, str], float], present: set[tuple[str, str]]) -> list[dict]:
         groups = []
         for group in self.model.groups:
-            for kind in ("decay", "no_decay", "norm"):
+            for kind in KINDS:
                 key = (group.name, kind)
                 if key in present or key not in wanted:
                     continue
@@ -106,7 +113,7 @@ class StagedOptimizer:
         """Current lr of every layer group in the optimizer (the decay kind's, else any)."""
         lrs: dict[str, float] = {}
         for group in self.optimizer.param_groups:
-            if group["kind"] != "norm" or group["layer_group"] not in lrs:
+            if group["kind"] not in ("norm", "bn") or group["layer_group"] not in lrs:
                 lrs[group["layer_group"]] = float(group["lr"])
         return lrs
 
@@ -118,8 +125,10 @@ SCHEDULERS: Registry[Callable[..., LRScheduler]] = Registry("scheduler", "schedu
 def _onecycle(optimizer: Optimizer, total_steps: int, cfg: SchedulerConfig) -> LRScheduler:
     """The lesson's OneCycleLR: warm up for `warmup_pct` of the stage, then cosine decay."""
     max_lrs = [group["lr"] for group in optimizer.param_groups]
-    return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=max(total_steps, 2),
-                      pct_start=cfg.warmup_pct, cycle_momentum=False)
+    steps = max(total_steps, 2)
+    # OneCycleLR divides by (warmup steps - 1) and by the annealing length: keep both non-zero.
+    warmup = min(max(cfg.warmup_pct, 1.5 / steps), 1 - 0.5 / steps)
+    return OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps, pct_start=warmup, cycle_momentum=False)
 
 
 @SCHEDULERS.register("cosine")

@@ -93,10 +93,12 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
     cfg.trainer.device = device or cfg.trainer.device
     torch_device = resolve_device(cfg.trainer.device)
     precision, _ = resolve_precision(cfg.trainer, torch_device)
-    model.model.to(torch_device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    model.model.to(torch_device, memory_format=memory_format)
     dataset = TransformedDataset(_ImageFiles(images), eval_transform(preprocessing_of(cfg, model)))
     loader = make_loader(dataset, cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
-                         num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=torch_device.type == "cuda")
+                         num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
+                         pin_memory=torch_device.type == "cuda")
     k = min(top_k, len(classes))
     predictions = []
     with torch.inference_mode():

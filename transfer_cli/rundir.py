@@ -70,8 +70,8 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[T
     model = build_model(replace(cfg.backbone, checkpoint=None), cfg.head, len(classes), pretrained=False)
     problem = _misfit(model.model.state_dict(), state)
     if problem:
-        raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, {len(classes)} classes): "
-                            f"{problem}; was it saved by another run?")
+        raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, "
+                            f"{len(classes)} classes): {problem}; was it saved by another run?")
     model.model.load_state_dict(state, strict=True)
     model.model.eval()
     return cfg, model, classes
@@ -98,12 +98,14 @@ def _read_checkpoint(file: Path, checkpoint: str) -> tuple[dict[str, Any], list[
     try:
         payload = checkpoints.load(file)
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file is the same user-facing problem
-        raise TransferError(f"cannot read checkpoint {file} ({type(error).__name__}): is it a `transfer train` checkpoint?") from error
+        raise TransferError(f"cannot read checkpoint {file} ({type(error).__name__}): "
+                            "is it a `transfer train` checkpoint?") from error
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) or not payload.get("classes"):
         raise TransferError(f"{file} is not a `transfer train` checkpoint (it needs 'model' and 'classes')")
     state = payload["model"]
     if isinstance(payload.get("ema"), dict):  # trainer.ema_decay: the averaged weights are the ones validated
-        state = {key.removeprefix("module."): value for key, value in payload["ema"].items() if key.startswith("module.")}
+        ema = payload["ema"]
+        state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
     return state, [str(name) for name in payload["classes"]]
 
 

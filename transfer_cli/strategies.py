@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from transfer_cli.apportion import apportion
 from transfer_cli.config import StageConfig, StrategyConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.models import HEAD, LayerGroup, TransferModel
@@ -78,14 +79,7 @@ def scale_epochs(epochs: list[int], total: int | None) -> list[int]:
         raise TransferError(
             f"trainer.epochs={total} is fewer than the strategy's {len(epochs)} stages: give at least {len(epochs)}"
         )
-    shares = [count * total / sum(epochs) for count in epochs]
-    scaled = [max(1, int(share)) for share in shares]
-    by_remainder = sorted(range(len(epochs)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
-    for i in by_remainder[: total - sum(scaled)]:
-        scaled[i] += 1
-    while sum(scaled) > total:  # the max(1, .) floor overshot: trim the longest stage
-        scaled[scaled.index(max(scaled))] -= 1
-    return scaled
+    return apportion(epochs, total)
 
 
 def _selected_groups(selectors: list[str], model: TransferModel) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import random
 import time
@@ -17,9 +18,11 @@ from torch import nn
 from transfer_cli import runlog
 from transfer_cli.config import StrategyConfig, TrainConfig, TrainerConfig, to_plain
 from transfer_cli.data.datasets import RawSplits, load_splits
+from transfer_cli.data.image_cache import maybe_cache
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import (
     Preprocessing,
+    cache_resize,
     eval_transform,
     is_deterministic,
     resolve_preprocessing,
@@ -123,6 +126,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
+    if not cfg.dry_run:
+        for split in ("train", "val"):
+            setattr(splits, split, maybe_cache(getattr(splits, split), cfg.dataset.cache_images, cfg.dataset.cache_budget_mb,
+                                               cache_resize(preprocessing), preprocessing.resize_size, split,
+                                               workers=max(1, min(4, os.cpu_count() or 1))))
     pin = device.type == "cuda"
     train_loader = make_loader(TransformedDataset(splits.train, train_transform(preprocessing, cfg.augment)),
                                cfg.trainer.batch_size, train=True, num_workers=cfg.trainer.num_workers,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from transfer_cli.apportion import apportion
 from transfer_cli.errors import TransferError
 
 
@@ -29,19 +30,8 @@ def stratified_subset(labels: Sequence[int], size: int, seed: int, option: str =
     if size < len(classes):
         raise TransferError(f"{option}={size} is smaller than the {len(classes)} classes: use at least {len(classes)}")
     generator = torch.Generator().manual_seed(seed)
-    shares = {c: len(idx) * size / len(labels) for c, idx in classes.items()}
-    counts = {c: max(1, int(share)) for c, share in shares.items()}
-    by_remainder = sorted(classes, key=lambda c: shares[c] - int(shares[c]), reverse=True)
-    extra = size - sum(counts.values())
-    for c in by_remainder:
-        if extra <= 0:
-            break
-        if counts[c] < len(classes[c]):
-            counts[c] += 1
-            extra -= 1
-    while sum(counts.values()) > size:  # the one-per-class floor overshot
-        largest = max(counts, key=counts.get)
-        counts[largest] -= 1
+    sizes = [len(idx) for idx in classes.values()]
+    counts = dict(zip(classes, apportion(sizes, size, caps=sizes)))
     chosen = [i for c, idx in classes.items() for i in _shuffled(idx, generator)[: counts[c]]]
     return sorted(chosen)
 

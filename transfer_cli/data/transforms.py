@@ -62,12 +62,17 @@ def _finish(pre: Preprocessing) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
 
 
+def cache_resize(pre: Preprocessing) -> v2.Transform:
+    """The resize the image cache applies once: the eval transform's own first step."""
+    return v2.Resize(pre.resize_size, interpolation=INTERPOLATIONS[pre.interpolation], antialias=True)
+
+
 def eval_transform(pre: Preprocessing) -> v2.Compose:
     """Resize the short side to size/crop_pct, centre-crop to size, normalize."""
     mode = INTERPOLATIONS[pre.interpolation]
     return v2.Compose([
         v2.ToImage(),
-        v2.Resize(pre.resize_size, interpolation=mode, antialias=True),
+        cache_resize(pre),
         v2.CenterCrop(pre.image_size),
         *_finish(pre),
     ])
