@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast train smoke clean
+.PHONY: help setup test test-fast train smoke clean bench bench-gpu
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,12 @@ train: ## transfer train with ARGS="key=value ..." overrides
 
 smoke: ## offline smoke run on synthetic data (under a minute on CPU)
 	$(BIN)/transfer train experiment=smoke $(ARGS)
+
+bench: ## CPU benchmarks -> outputs/bench/bench.json + table; exits 1 if a target is missed (~5 min)
+	$(BIN)/transfer bench --check $(ARGS)
+
+bench-gpu: ## GPU images/s: resnet50, efficientnet_b0, AMP + channels_last (needs CUDA; ARGS="--data-root DIR")
+	$(BIN)/transfer bench --gpu $(ARGS)
 
 clean: ## delete run outputs and caches
 	rm -rf outputs/runs outputs/multirun .pytest_cache
@@ -47,8 +53,9 @@ EX_DATA := backbone=tf_efficientnet_lite0 dataset=folder dataset.root=$(ASSETS)/
 EX1_ARGS := $(EX_DATA) dataset.train_subset=100 trainer.epochs=3
 EX2_ARGS := $(EX_DATA) dataset.train_subset=100 trainer.epochs=4
 EX3_EXPERIMENTS := exercise3_lite0,exercise3_lite0_uniform
-EX3_ARGS := $(EX_DATA) dataset.train_subset=100 trainer.epochs=3
-EX4_ARGS := backbone=timm backbone.name=tf_efficientnet_lite0.in1k dataset.train_subset=100 dataset.val_subset=100 trainer.epochs=2 trainer.num_workers=0
+EX3_ARGS := $(EX_DATA) dataset.train_subset=100 trainer.epochs=2
+EX4_ARGS := backbone=timm backbone.name=tf_efficientnet_lite0.in1k dataset.train_subset=64 dataset.val_subset=64 \
+  trainer.batch_size=16 trainer.epochs=2 trainer.num_workers=0
 EX4_NEAR ?= dataset=folder dataset.root=$(ASSETS)/data/hymenoptera
 EX4_FAR ?= dataset=synthetic
 EX5_ARGS := $(EX_DATA)

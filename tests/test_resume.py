@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -46,20 +46,28 @@ def transfer(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Com
 
 
 def start_train(tmp_path: Path, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
-                            cwd=REPO, env=transfer_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    """`transfer train` in the background; its stdout and stderr go to files (a full pipe would stall it)."""
+    out, err = open(tmp_path / "train.stdout", "w"), open(tmp_path / "train.stderr", "w")
+    with out, err:
+        return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
+                                cwd=REPO, env=transfer_env(tmp_path), stdout=out, stderr=err)
 
 
-def wait_for_lines(process: subprocess.Popen, metrics: Path, lines: int, timeout: float = 240) -> None:
+def finish(process: subprocess.Popen, tmp_path: Path, timeout: float = 120) -> tuple[str, str]:
+    process.wait(timeout=timeout)
+    return (tmp_path / "train.stdout").read_text(), (tmp_path / "train.stderr").read_text()
+
+
+def wait_for_lines(process: subprocess.Popen, tmp_path: Path, metrics: Path, lines: int, timeout: float = 240) -> None:
     """Poll metrics.jsonl until it has `lines` epochs (fails if the run ends first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
             return
         if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"training ended (rc {process.returncode}) before {lines} epochs:\n{out}\n{err}")
+            log = tmp_path / "train.stderr"
+            pytest.fail(f"training ended (rc {process.returncode}) before {lines} epochs: "
+                        f"{log.read_text()[-2000:] if log.is_file() else ''}")
         time.sleep(0.02)
     process.kill()
     pytest.fail(f"metrics.jsonl did not reach {lines} lines in {timeout}s")
@@ -78,9 +86,9 @@ KILLED = ["experiment=smoke", "trainer.epochs=6", "dataset.train_size=96", "data
 def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     process = start_train(tmp_path, run_dir, KILLED)
-    wait_for_lines(process, run_dir / "metrics.jsonl", 3)
+    wait_for_lines(process, tmp_path, run_dir / "metrics.jsonl", 3)
     process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    finish(process, tmp_path)
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
 
@@ -118,24 +126,69 @@ def crash_after(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
     monkeypatch.setattr(trainer, "train_one_epoch", crashing)
 
 
-@pytest.mark.parametrize("epoch", [1, 2], ids=["head_stage", "last_block_stage"])
-def test_mid_epoch_checkpoint_resumes_to_identical_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           epoch: int) -> None:
-    overrides = FAST + ["augment=basic", "trainer.checkpoint_every_steps=2"]  # augmentation draws on the RNGs
-    train(compose_train(overrides), tmp_path / "a")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], list[dict[str, Any]]]:
+    """Comparable metrics of an uninterrupted in-process run, one run per distinct override list."""
+    done: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+
+    def metrics(overrides: list[str]) -> list[dict[str, Any]]:
+        key = tuple(overrides)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("uninterrupted")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("TRANSFER_CACHE", str(run_dir / "feature-cache"))
+                train(compose_train(overrides), run_dir)
+            done[key] = comparable(read_metrics(run_dir))
+        return done[key]
+
+    return metrics
+
+
+def crash_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: Callable, overrides: list[str],
+                     epoch: int, step: int = 4) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Metrics of an uninterrupted run and of one crashed after a mid-epoch checkpoint, then resumed in-process."""
+    overrides = overrides + ["trainer.checkpoint_every_steps=2"]
+    expected = reference(overrides)
 
     crashed = tmp_path / "b"
     with monkeypatch.context() as patch:
-        crash_after(patch, epoch=epoch, step=4)
+        crash_after(patch, epoch=epoch, step=step)
         with pytest.raises(Crash):
             train(compose_train(overrides), crashed)
     state = checkpoint.load(crashed / "checkpoints" / "last.pt")
-    assert (state["progress"]["epoch"], state["progress"]["step"]) == (epoch - 1, 4)
+    assert (state["progress"]["epoch"], state["progress"]["step"]) == (epoch - 1, step), "a mid-epoch checkpoint"
+    assert state["tally"] is not None and state["tally"]["count"] == step * 16
     assert len(read_metrics(crashed)) == epoch - 1
 
     train(compose_train(overrides), crashed, resume=state)
-    assert comparable(read_metrics(crashed)) == comparable(read_metrics(tmp_path / "a"))
-    assert [r["epoch"] for r in read_metrics(crashed)] == [1, 2, 3]
+    resumed = read_metrics(crashed)
+    assert [r["epoch"] for r in resumed] == [1, 2, 3]
+    return expected, comparable(resumed)
+
+
+def without_lr(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "lr"} for r in records]
+
+
+@pytest.mark.parametrize("epoch", [1, 2], ids=["head_stage", "last_block_stage"])
+def test_mid_epoch_checkpoint_resumes_to_identical_losses_and_accuracies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: Callable, epoch: int) -> None:
+    expected, resumed = crash_and_resume(tmp_path, monkeypatch, uninterrupted, FAST, epoch)
+    assert without_lr(resumed) == without_lr(expected)
+
+
+def test_mid_epoch_resume_records_the_same_lrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              uninterrupted: Callable) -> None:
+    expected, resumed = crash_and_resume(tmp_path, monkeypatch, uninterrupted, FAST, epoch=2)
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in expected]
+
+
+def test_mid_epoch_resume_repeats_random_augmentation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      uninterrupted: Callable) -> None:
+    # horizontal flips only: one draw per image, so a shifted RNG stream never falls back into step
+    overrides = FAST + ["augment=basic", "augment.random_resized_crop=null"]
+    expected, resumed = crash_and_resume(tmp_path, monkeypatch, uninterrupted, overrides, epoch=2)
+    assert without_lr(resumed) == without_lr(expected)
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -146,12 +199,12 @@ def test_sigint_checkpoints_exits_130_and_resumes_exactly(tmp_path: Path) -> Non
     overrides = FAST + ["trainer.epochs=4"]
     run_dir = tmp_path / "interrupted"
     process = start_train(tmp_path, run_dir, overrides)
-    wait_for_lines(process, run_dir / "metrics.jsonl", 1)
+    wait_for_lines(process, tmp_path, run_dir / "metrics.jsonl", 1)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    _, err = finish(process, tmp_path)
 
     assert process.returncode == 130, err
-    assert f"transfer resume {run_dir}" in err
+    assert "interrupted" in err and f"transfer resume {run_dir}" in err
     assert "Traceback" not in err
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert state["progress"]["epoch"] >= 1
@@ -160,7 +213,9 @@ def test_sigint_checkpoints_exits_130_and_resumes_exactly(tmp_path: Path) -> Non
     resumed = transfer(tmp_path, "resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     train(compose_train(overrides), tmp_path / "uninterrupted")
-    assert comparable(read_metrics(run_dir)) == comparable(read_metrics(tmp_path / "uninterrupted"))
+    # the interrupt usually lands mid-epoch, where the recorded lr is a known bug
+    # (test_mid_epoch_resume_records_the_same_lrs): compare everything else
+    assert without_lr(comparable(read_metrics(run_dir))) == without_lr(comparable(read_metrics(tmp_path / "uninterrupted")))
 
 
 # --------------------------------------------------------------------------- `transfer resume` edge cases
@@ -223,56 +278,65 @@ def head_adam_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> 
             for g in optimizer.param_groups if g["layer_group"] == "head" for p in g["params"]}
 
 
-@pytest.mark.parametrize("epoch,step", [(1, 0), (2, 0), (2, 3)],
-                         ids=["end_of_head_stage", "end_of_last_block_stage", "inside_all_stage"])
-def test_restore_rebuilds_the_optimizer_groups_and_keeps_the_heads_adam_state(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
-    """gradual: head (epoch 1) | layer4 + head (epoch 2) | all (epoch 3); 6 steps an epoch."""
-    cfg = compose_train(FAST + ["strategy=gradual", "trainer.checkpoint_every_steps=3"])
+RESTORE_POINTS = {(1, 0): {"head"}, (2, 0): {"head", "layer4"},  # (epoch, step) -> layer groups trained so far
+                  (2, 3): {"stem", "layer1", "layer2", "layer3", "layer4", "head"}}
+GRADUAL_STEPS = FAST + ["strategy=gradual", "trainer.checkpoint_every_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], dict[str, Any]]:
+    """One gradual run (head | layer4 + head | all, 6 steps an epoch): at each restore point, the checkpoint
+    it wrote and its live optimizer's groups and head Adam state at that moment."""
     runners: list[Any] = []
-    real_runner = train_module._runner
+    real_runner, real_save = train_module._runner, checkpoint.save_atomic
+    seen: dict[tuple[int, int], dict[str, Any]] = {}
 
     def keep_runner(*args: Any, **kwargs: Any) -> Any:
         runners.append(real_runner(*args, **kwargs))
         return runners[-1]
 
-    seen: dict[str, Any] = {}
-    real_save = checkpoint.save_atomic
-
     def save_and_observe(payload: dict[str, Any], path: Path) -> None:
         real_save(payload, path)
         progress = payload.get("progress") or {}
-        if path.name == "last.pt" and (progress.get("epoch"), progress.get("step")) == (epoch, step) and "state" not in seen:
+        point = (progress.get("epoch"), progress.get("step"))
+        if path.name == "last.pt" and point in RESTORE_POINTS and point not in seen:
             optimizer = runners[-1].optimizer
             names = {id(p): n for n, p in runners[-1].model.named_parameters()}
-            seen.update(state=checkpoint.load(path), groups=optimizer_view(optimizer, names),
-                        head=head_adam_state(optimizer, names))
+            seen[point] = dict(state=checkpoint.load(path), groups=optimizer_view(optimizer, names),
+                               head=head_adam_state(optimizer, names))
 
-    with monkeypatch.context() as patch:
+    run_dir = tmp_path_factory.mktemp("gradual")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFER_CACHE", str(run_dir / "feature-cache"))
         patch.setattr(train_module, "_runner", keep_runner)
         patch.setattr(checkpoint, "save_atomic", save_and_observe)
-        train(cfg, tmp_path / "original")
-    assert "state" in seen
+        train(compose_train(GRADUAL_STEPS), run_dir / "original")
+    return seen
 
-    prepared = prepare(cfg, tmp_path / "restored")
+
+@pytest.mark.parametrize("epoch,step", list(RESTORE_POINTS),
+                         ids=["end_of_head_stage", "end_of_last_block_stage", "inside_all_stage"])
+def test_restore_rebuilds_the_optimizer_groups_and_keeps_the_heads_adam_state(
+        tmp_path: Path, observed: dict[tuple[int, int], dict[str, Any]], epoch: int, step: int) -> None:
+    seen = observed[(epoch, step)]
+    assert {g[0] for g in seen["groups"]} == RESTORE_POINTS[(epoch, step)]
+
+    prepared = prepare(compose_train(GRADUAL_STEPS), tmp_path / "restored")
     progress, _, _ = trainer.restore(prepared.setup, seen["state"])
     optimizer = prepared.setup.optimizer.optimizer
     names = {id(p): n for n, p in prepared.model.model.named_parameters()}
 
     assert (progress.epoch, progress.step) == (epoch, step)
     assert len(optimizer.param_groups) == len(seen["groups"])
-    assert optimizer_view(optimizer, names) == seen["groups"]
+    assert optimizer_view(optimizer, names) == seen["groups"]  # same groups, order, parameters and lrs
     restored_head = head_adam_state(optimizer, names)
-    assert restored_head.keys() == seen["head"].keys() and restored_head
+    assert restored_head and restored_head.keys() == seen["head"].keys()
     for name, state in seen["head"].items():
         assert state.keys() == restored_head[name].keys()
         for key, value in state.items():
             assert torch.equal(restored_head[name][key], value), (name, key)
         # the head kept its Adam state through every stage boundary: it has stepped every step so far
         assert float(state["step"]) == epoch * STEPS_PER_EPOCH + step
-    trained = {(1, 0): {"head"}, (2, 0): {"head", "layer4"},
-               (2, 3): {"stem", "layer1", "layer2", "layer3", "layer4", "head"}}[(epoch, step)]
-    assert {g[0] for g in seen["groups"]} == trained
 
 
 # --------------------------------------------------------------------------- disk full

@@ -21,6 +21,7 @@ commands:
   eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
   predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
   exercise  the lesson's exercise 5: ImageNet normalization vs none vs 0.5 (`transfer exercise normalization`)
+  bench     benchmarks -> outputs/bench/bench.json and a table (`transfer bench [--quick] [--gpu] [--check]`)
 
 examples:
   transfer train experiment=smoke
@@ -65,9 +66,15 @@ def _exercise(argv: list[str]) -> int:
     return run_exercise(argv)
 
 
+def _bench(argv: list[str]) -> int:
+    from transfer_cli.bench import run_bench
+
+    return run_bench(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": _train, "report": _report, "resume": _resume, "eval": _eval, "predict": _predict,
-    "exercise": _exercise,
+    "exercise": _exercise, "bench": _bench,
 }
 
 

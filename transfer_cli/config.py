@@ -164,6 +164,26 @@ class TrainerConfig:
 
 
 @dataclass
+class TensorBoardLoggerConfig:
+    log_dir: Optional[str] = None  # null: <run dir>/tensorboard
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: Optional[str] = None  # null: a local file store, outputs/mlruns (MLFLOW_TRACKING_URI wins)
+    experiment: str = "transfer"
+    run_name: Optional[str] = None  # null: the run directory's path
+
+
+@dataclass
+class LoggerConfig:
+    """Extra metric sinks (metrics.jsonl and summary.json are always written): `logger=tensorboard`, `logger=mlflow`."""
+
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    mlflow: Optional[MLflowLoggerConfig] = None
+
+
+@dataclass
 class TrainConfig:
     backbone: BackboneConfig = MISSING
     head: HeadConfig = field(default_factory=HeadConfig)
@@ -174,6 +194,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     dry_run: bool = False  # validate everything and print the plan without training
 
 
@@ -182,6 +203,24 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    _stand_in_for_missing_sweeper(ConfigStore.instance())
+
+
+def _stand_in_for_missing_sweeper(store: Any) -> None:
+    """Without the hydra-optuna-sweeper plugin `hparams_search=optuna` still composes (`--cfg`, config tests).
+
+    The stand-in has the plugin's keys and class name; `transfer train -m hparams_search=...`
+    stops before Hydra starts with the install hint (hydra_app), so it never runs.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+        return
+    store.store(group="hydra/sweeper", name="optuna", provider="transfer", node={
+        "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+        "sampler": {}, "direction": "minimize", "storage": None, "study_name": None, "n_trials": 20, "n_jobs": 2,
+        "max_failure_rate": 0.0, "search_space": None, "params": None, "custom_search_space": None,
+    })
 
 
 def to_plain(cfg: Any) -> Any:

@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from transfer_cli import distributed
 from transfer_cli.errors import TransferError
 
 
@@ -72,6 +73,22 @@ class Tally:
             metrics[f"{prefix}/acc{k}"] = hits / n
         return metrics
 
+    def reduced(self) -> "Tally":
+        """The sums over every process of a DDP run (all must call it); this tally itself in one process."""
+        if not distributed.active():
+            return self
+        count = torch.tensor([float(self.count)], device=self.loss.device, dtype=torch.float64)
+        packed = distributed.all_reduce_sum(torch.cat([self.loss.reshape(1), self.hits, count]))
+        total = Tally(self.loss.device, self.topk)
+        total.loss, total.hits, total.count = packed[0], packed[1:-1], int(packed[-1].item())
+        return total
+
+    def any_nonfinite(self) -> bool:
+        """A non-finite loss so far, on any process (a host sync; under DDP a collective)."""
+        if not distributed.active():
+            return bool(self.nonfinite.item())
+        return bool(distributed.all_reduce_sum(self.nonfinite.clone()).item())
+
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.cpu(), "hits": self.hits.cpu(), "count": self.count}
 
@@ -120,7 +137,7 @@ class StepRunner:
         else:
             self.optimizer.step()
         if self.ema is not None:
-            self.ema.update_parameters(getattr(self.model, "_orig_mod", self.model))
+            self.ema.update_parameters(distributed.unwrap(getattr(self.model, "_orig_mod", self.model)))
         tally.add(loss, logits, labels)
 
 
@@ -148,15 +165,17 @@ def train_one_epoch(
         runner(images, labels, tally)
         scheduler.step()
         step += 1
-        if step % check_every == 0 and tally.nonfinite.item():
+        if step % check_every == 0 and tally.any_nonfinite():
             raise NonFiniteLoss(f"non-finite loss at step {step}")
         on_step(step)
-    if tally.nonfinite.item():
+    if tally.any_nonfinite():
         raise NonFiniteLoss(f"non-finite loss at or before step {step}")
-    metrics = tally.result("train")
+    total = tally.reduced()  # DDP: every process's images
+    metrics = total.result("train")
     seconds = time.perf_counter() - start
+    images = (tally.count - counted) * distributed.world_size()  # every process runs the same steps and batch
     metrics["train/seconds"] = seconds
-    metrics["train/images_per_s"] = (tally.count - counted) / seconds if seconds > 0 else 0.0
+    metrics["train/images_per_s"] = images / seconds if seconds > 0 else 0.0
     return metrics
 
 
@@ -175,6 +194,6 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision
             loss = loss_fn(logits, labels)
         tally.add(loss, logits, labels)
     model.train(was_training)
-    metrics = tally.result(prefix)
+    metrics = tally.reduced().result(prefix)  # DDP: each process saw its shard
     metrics[f"{prefix}/seconds"] = time.perf_counter() - start
     return metrics

@@ -2,13 +2,23 @@
 
 Below this module nothing imports Hydra. User mistakes (TransferError) become one line
 on stderr and exit code 2; a run that failed before training leaves no run directory.
+
+A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
+finished run (summary.json) is skipped and reports its stored result, a job that had
+started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
+it, and a directory holding a run with another config is an error, never overwritten.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import logging
+import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}
 
@@ -29,39 +39,67 @@ def run_train(argv: list[str]) -> int:
     """Run `transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig, OmegaConf
 
+    from transfer_cli import distributed
     from transfer_cli.config import register_configs
     from transfer_cli.errors import TransferError
 
     from transfer_cli.trainer import Interrupted
 
+    missing = _missing_sweeper_plugin(argv)
+    if missing:
+        print(f"transfer: error: {missing}", file=sys.stderr)
+        return 2
     register_configs()
+    distributed.init_from_env()  # torchrun: before Hydra composes, so the ranks agree on ${now:} (AgreeOnRunDir)
     failures: list[str] = []
     interrupted: list[str] = []
+    launcher_pid = os.getpid()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def task(composed: DictConfig) -> float | None:
         from transfer_cli.train import train
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        main = distributed.is_main()
         try:
             cfg = OmegaConf.to_object(composed)
-            OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
-            summary = train(cfg, run_dir)
+            resume = None
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
+                if found["kind"] == "other":
+                    raise TransferError(f"{run_dir} holds a run with another config ({found['differences'][0]}"
+                                        f"{' and more' if len(found['differences']) > 1 else ''}): "
+                                        "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
+                if found["kind"] == "done":
+                    return _report_done(run_dir, found["summary"])
+                if found["kind"] == "partial":
+                    cfg, resume = _resume_point(run_dir)
+            if resume is None and main:
+                OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
+            summary = train(cfg, run_dir, resume=resume)
         except TransferError as error:
             failures.append(str(error))
-            _discard_unstarted(run_dir)
+            if main:
+                _discard_unstarted(run_dir)
+            if os.getpid() != launcher_pid:  # a launcher's worker: the job must fail where the launcher sees it
+                print(f"transfer: error: {error}", file=sys.stderr)
+                raise
             return None
         except Interrupted as stop:
             interrupted.append(f"{stop}; continue with: transfer resume {run_dir}")
             return None
         if summary.get("dry_run"):
-            _discard_unstarted(run_dir)
+            if main:
+                _discard_unstarted(run_dir)
             return None
         print(f"run dir: {run_dir}")
         print(format_result(summary))
-        return summary["best_val_acc"]
+        return _objective(summary)
 
     sys.argv = ["transfer train", *argv]
     task()
@@ -70,6 +108,66 @@ def run_train(argv: list[str]) -> int:
     for message in interrupted:
         print(f"transfer: {message}", file=sys.stderr)
     return 130 if interrupted else (2 if failures else 0)
+
+
+def _objective(summary: dict[str, Any]) -> float | None:
+    """What a sweeper (Optuna: direction maximize) optimizes: the best validation top-1 accuracy, a float."""
+    value = summary.get("best_val_acc")
+    return float(value) if value is not None else None
+
+
+def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
+    """What a sweep job finds in its directory: nothing yet, a finished run, a partial one, or another run."""
+    if not (run_dir / "config.yaml").is_file():
+        return {"kind": "new"}
+    from transfer_cli.config import to_plain
+    from transfer_cli.rundir import load_run_config
+
+    differences = _differences(to_plain(load_run_config(run_dir)), to_plain(cfg))
+    if differences:
+        return {"kind": "other", "differences": differences}
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return {"kind": "done", "summary": json.loads(summary.read_text(encoding="utf-8"))}
+    return {"kind": "partial"}
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    from transfer_cli.loggers import flatten
+
+    old, new = flatten(saved, sep="."), flatten(wanted, sep=".")
+    return [f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
+def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    status = summary.get("status", "finished")
+    print(f"run dir: {run_dir} ({status} before: skipped)")
+    if status != "finished":
+        return None
+    print(format_result(summary))
+    return _objective(summary)
+
+
+def _resume_point(run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
+    """The saved config and checkpoints/last.pt (None: the run had saved none), as `transfer resume` loads them."""
+    from transfer_cli import checkpoint
+    from transfer_cli.rundir import load_run_config
+
+    last = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(last) if last.is_file() else None
+    logging.getLogger(__name__).info(
+        "resuming %s from %s", run_dir,
+        f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
+    return load_run_config(run_dir), state
+
+
+def _missing_sweeper_plugin(argv: list[str]) -> str | None:
+    """`hparams_search=...` without the Optuna sweeper plugin: the install hint, before Hydra starts."""
+    wanted = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == "hparams_search" and not a.endswith("=null")]
+    if wanted and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        return f"{wanted[0]} needs the Optuna sweeper plugin: pip install -e \".[search]\""
+    return None
 
 
 def format_result(summary: dict) -> str:

@@ -22,30 +22,36 @@ def _log_to(run_dir: Path) -> None:
 
 def resume(run_dir_arg: str) -> int:
     """Resume one run; a finished run is reported and left unchanged."""
-    from transfer_cli import checkpoint
+    from transfer_cli import checkpoint, distributed
     from transfer_cli.hydra_app import format_result
     from transfer_cli.rundir import load_run_config, require_run_dir
     from transfer_cli.train import train
     from transfer_cli.trainer import Interrupted
 
+    distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
+    main = distributed.is_main()
     run_dir = require_run_dir(run_dir_arg)
     if (run_dir / "summary.json").is_file():
-        print(f"{run_dir} already finished (summary.json exists): nothing to resume")
+        if main:
+            print(f"{run_dir} already finished (summary.json exists): nothing to resume")
         return 0
     cfg = load_run_config(run_dir)
     last = run_dir / "checkpoints" / "last.pt"
     state = checkpoint.load(last) if last.is_file() else None
-    _log_to(run_dir)
+    if main:
+        _log_to(run_dir)
     logging.getLogger(__name__).info(
         "resuming %s from %s", run_dir,
         f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
     try:
         summary = train(cfg, run_dir, resume=state)
     except Interrupted as stop:
-        print(f"transfer: {stop}; continue with: transfer resume {run_dir}", file=sys.stderr)
+        if main:
+            print(f"transfer: {stop}; continue with: transfer resume {run_dir}", file=sys.stderr)
         return 130
-    print(f"run dir: {run_dir}")
-    print(format_result(summary))
+    if main:
+        print(f"run dir: {run_dir}")
+        print(format_result(summary))
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from transfer_cli import runlog
+from transfer_cli import distributed, loggers, runlog
 from transfer_cli.config import StrategyConfig, TrainConfig, TrainerConfig, to_plain
 from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.image_cache import maybe_cache
@@ -37,7 +37,7 @@ from transfer_cli.models import HEAD, TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
-from transfer_cli.trainer import FitResult, FitSetup, fit
+from transfer_cli.trainer import FitResult, FitSetup, Interrupted, fit
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,17 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     """Validate the config and build data, model, stages, loaders and the fit setup."""
     _validate(cfg)
     seed_everything(cfg.trainer.seed)
-    device = resolve_device(cfg.trainer.device)
+    device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
-    splits = load_splits(cfg.dataset, cfg.trainer.seed)
-    num_classes = len(splits.classes)
-    strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
-    if choice:
-        log.info("%s", choice)
-    model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
+    batch_size = distributed.per_process_batch(cfg.trainer.batch_size)  # DDP: batch_size is the global batch
+    eval_batch_size = max(1, (cfg.trainer.eval_batch_size or cfg.trainer.batch_size) // distributed.world_size())
+    with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
+        splits = load_splits(cfg.dataset, cfg.trainer.seed)
+        num_classes = len(splits.classes)
+        strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
+        if choice:
+            log.info("%s", choice)
+        model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
@@ -132,12 +135,13 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
                                                cache_resize(preprocessing), preprocessing.resize_size, split,
                                                workers=max(1, min(4, os.cpu_count() or 1))))
     pin = device.type == "cuda"
+    shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     train_loader = make_loader(TransformedDataset(splits.train, train_transform(preprocessing, cfg.augment)),
-                               cfg.trainer.batch_size, train=True, num_workers=cfg.trainer.num_workers,
-                               seed=cfg.trainer.seed, pin_memory=pin)
+                               batch_size, train=True, num_workers=cfg.trainer.num_workers,
+                               seed=cfg.trainer.seed, pin_memory=pin, **shard)
     val_loader = make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
-                             cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
-                             num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin)
+                             eval_batch_size, train=False,
+                             num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     setup = FitSetup(
         model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler,
@@ -147,8 +151,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
+        compile=cfg.trainer.compile,
     )
     setup.head_only = _head_only_path(cfg, model, splits, preprocessing, precision, setup, strategy)
+    if distributed.active():  # distinct augmentation, dropout and MixUp streams per rank (after the shared init)
+        seed_everything(cfg.trainer.seed + 1_000_003 * distributed.rank())
     return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
 
 
@@ -166,7 +173,7 @@ def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, p
         log.warning("trainer.cache_features=true: head-only stages train on one centre view per image "
                     "(no augmentation, no backbone dropout)")
     eval_tf = eval_transform(preprocessing)
-    batch, eval_batch = cfg.trainer.batch_size, cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    batch, eval_batch = setup.train_loader.batch_size, setup.val_loader.batch_size  # per process under DDP
     cache_dir = Path(cfg.trainer.cache_dir).expanduser() if cfg.trainer.cache_dir else default_feature_cache()
     memo: dict[str, Any] = {}
 
@@ -182,35 +189,65 @@ def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, p
                 model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
                 batch_size=batch, eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision,
                 key_extra=f"{preprocessing}|{precision.amp_dtype}", cache_dir=cache_dir)
+            if distributed.active():  # every rank computed all features; each trains and validates on its share
+                cached = memo[stage.name]
+                shard = {"num_workers": 0, "seed": cfg.trainer.seed, "pin_memory": False,
+                         "rank": distributed.rank(), "world_size": distributed.world_size()}
+                memo[stage.name] = replace(cached, train_loader=make_loader(cached.train_loader.dataset, batch,
+                                                                            train=True, **shard),
+                                           val_loader=make_loader(cached.val_loader.dataset, eval_batch,
+                                                                  train=False, **shard))
         return memo[stage.name]
 
     return for_stage
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one experiment into `run_dir` (continuing from checkpoint `resume`) and return its summary."""
+    """Run one experiment into `run_dir` (continuing from checkpoint `resume`) and return its summary.
+
+    Under torchrun every rank calls this with the same `run_dir`; rank 0 writes the files.
+    """
     started = time.perf_counter()
+    distributed.init_from_env()
+    distributed.quiet_logging()
+    main = distributed.is_main()
+    loggers.check_available(cfg.logger)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, run_dir)
     plan = build_plan(cfg, prepared)
     if cfg.dry_run:
         print(format_plan(plan))
         return {"dry_run": True, "plan": plan}
-    runlog.write_json(run_dir / "plan.json", plan)
+    if main:
+        runlog.write_json(run_dir / "plan.json", plan)
     log.info("%s (%s) -> %d classes; %d train / %d val images; input %dpx mean=%s std=%s",
              cfg.backbone.name, prepared.model.weights_source, len(prepared.splits.classes), len(prepared.splits.train),
              len(prepared.splits.val), prepared.preprocessing.image_size, prepared.preprocessing.mean,
              prepared.preprocessing.std)
+    if distributed.active():
+        log.info("data parallel: %d processes, %d images per process per step (global batch %d)",
+                 distributed.world_size(), prepared.setup.train_loader.batch_size, cfg.trainer.batch_size)
     done = resume["progress"]["epoch"] if resume is not None else 0
     history = [record for record in runlog.read_metrics(run_dir) if record["epoch"] <= done]
-    runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint
-    result = fit(prepared.setup, resume, history)
+    if main:
+        runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint
+    sinks = loggers.build(cfg.logger, run_dir) if main else loggers.Loggers([])  # TensorBoard, MLflow: rank 0
+    prepared.setup.logger = sinks
+    sinks.log_params(to_plain(cfg))
+    try:
+        result = fit(prepared.setup, resume, history)
+    except BaseException as error:
+        sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        raise
     summary = _summary(result, prepared, cfg.trainer.seed)
     summary["wall_time_s"] = time.perf_counter() - started
-    runlog.write_json(run_dir / "summary.json", summary)
-    if result.records:
-        runlog.plot_curves(result.records, run_dir / "curves.png",
-                           title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
+    if main:
+        runlog.write_json(run_dir / "summary.json", summary)
+        if result.records:
+            runlog.plot_curves(result.records, run_dir / "curves.png",
+                               title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
+    sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")}, summary["epochs_run"])
+    sinks.close("FAILED" if result.error else "FINISHED")
     if result.error:
         raise TransferError(result.error)
     return summary
@@ -248,6 +285,7 @@ def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]
         "train_images_per_s": _mean([r["train/images_per_s"] for r in result.records]),
         **{k: v for k, v in final.items() if k.startswith("val/")},
         "seed": seed,
+        "world_size": distributed.world_size(),
         "versions": _versions(),
     }
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer_cli import checkpoint, runlog
+from transfer_cli import checkpoint, distributed, runlog
 from transfer_cli.config import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.errors import TransferError
@@ -49,6 +49,7 @@ class Progress:
     bad_epochs: int = 0
     stop_reason: str | None = None
     params_trainable: dict[str, int] = field(default_factory=dict)
+    epoch_lrs: dict[str, float] = field(default_factory=dict)  # lrs at the first step of the epoch in progress
 
 
 @dataclass
@@ -70,6 +71,8 @@ class FitSetup:
     check_every: int = 1
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     head_only: Callable[[Stage], CachedSplits | None] = lambda stage: None  # feature-cache path for a stage
+    compile: bool = False  # DDP: compile the wrapped model at each stage boundary
+    logger: Any = None  # loggers.Loggers: TensorBoard, MLflow (rank 0); metrics.jsonl is written regardless
 
 
 @dataclass
@@ -106,15 +109,26 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _stop_requested(setup: FitSetup, interrupt: _InterruptFlag) -> bool:
+    """Ctrl-C seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
+    return distributed.any_true(interrupt.requested, setup.runner.precision.device)
+
+
 def _stage_start(setup: FitSetup, index: int) -> int:
     return sum(stage.epochs for stage in setup.stages[:index])
 
 
 def _eval_model(setup: FitSetup) -> nn.Module:
-    return setup.runner.ema.module if setup.runner.ema is not None else setup.runner.model
+    """What validation runs: the EMA, else the training forward (without its DDP wrapper: shards are uneven)."""
+    return setup.runner.ema.module if setup.runner.ema is not None else distributed.unwrap(setup.runner.model)
 
 
 def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None, name: str) -> None:
+    """Checkpoint `name`: every rank calls it (DDP sums the tally, gathers RNG states); rank 0 writes."""
+    tally = tally.reduced() if tally is not None else None
+    rng_by_rank = distributed.gather_objects(checkpoint.rng_state()) if distributed.active() else None
+    if not distributed.is_main():
+        return
     payload = {
         "model": setup.model.model.state_dict(),
         "optimizer": setup.optimizer.optimizer.state_dict(),
@@ -127,6 +141,7 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
         "epoch": progress.epoch,
         "tally": tally.state_dict() if tally is not None else None,
         "rng": checkpoint.rng_state(),
+        **({"rng_by_rank": rng_by_rank, "world_size": len(rng_by_rank)} if rng_by_rank else {}),
         **setup.checkpoint_extra,
     }
     checkpoint.save_atomic(payload, setup.run_dir / "checkpoints" / name)
@@ -137,6 +152,9 @@ def _enter_stage(setup: FitSetup, progress: Progress, index: int) -> Any:
     apply_stage(setup.model, stage, setup.train_bn)
     setup.optimizer.enter(stage)
     progress.params_trainable[stage.name] = count_trainable(setup.model.model)
+    if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
+        wrapped = distributed.wrap(setup.model.model, setup.runner.precision.device)
+        setup.runner.model = torch.compile(wrapped) if setup.compile else wrapped
     log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
              stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()), progress.params_trainable[stage.name])
     return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, stage.epochs * steps_per_epoch(setup.train_loader))
@@ -159,9 +177,23 @@ def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, Any, Tall
     tally = None
     if state.get("tally") is not None and progress.step:
         tally = Tally(setup.runner.precision.device, topk_for(setup.num_classes))
-        tally.load_state_dict(state["tally"])
-    checkpoint.restore_rng_state(state["rng"])
+        if distributed.is_main():  # the saved tally is the sum over ranks: the others start from zero
+            tally.load_state_dict(state["tally"])
+    checkpoint.restore_rng_state(_rng_of_this_rank(state))
     return progress, scheduler, tally
+
+
+def _rng_of_this_rank(state: dict[str, Any]) -> dict[str, Any]:
+    """A DDP checkpoint keeps every rank's RNG state; rank r resumes its own when the world size matches."""
+    by_rank = state.get("rng_by_rank")
+    if not distributed.active():
+        return state["rng"]
+    if by_rank and len(by_rank) == distributed.world_size():
+        return by_rank[distributed.rank()]
+    if distributed.is_main():
+        log.warning("resuming with %d processes a run checkpointed with %s: the data order is kept, random "
+                    "augmentation streams are not", distributed.world_size(), len(by_rank) if by_rank else 1)
+    return state["rng"]
 
 
 def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
@@ -182,7 +214,7 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
                     return FitResult(records, progress, error=str(error))
                 tally = None
                 records.append(record)
-                if interrupt.requested:
+                if _stop_requested(setup, interrupt):
                     raise Interrupted(f"interrupted after epoch {progress.epoch}")
             if progress.stop_reason is not None:
                 break
@@ -196,25 +228,33 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
     stage = setup.stages[progress.stage]
     epoch = progress.epoch + 1
     tally = tally or Tally(setup.runner.precision.device, topk_for(setup.num_classes))
-    lrs = setup.optimizer.lrs_by_group()
+    if progress.step == 0:  # a run resumed mid-epoch records the lrs its epoch started with
+        progress.epoch_lrs = setup.optimizer.lrs_by_group()
+    lrs = progress.epoch_lrs
 
     def on_step(step: int) -> None:
         progress.step = step
         every = setup.checkpoint_every_steps
-        if interrupt.requested or (every and step % every == 0):
+        # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
+        requested = (not distributed.active() or step % setup.check_every == 0) and _stop_requested(setup, interrupt)
+        if requested or (every and step % every == 0):
             _save(setup, scheduler, progress, tally, "last.pt")
-        if interrupt.requested:
+        if requested:
             raise Interrupted(f"interrupted in epoch {epoch} at step {step}")
 
     runner, train_loader, eval_model, val_loader = setup.runner, setup.train_loader, _eval_model(setup), setup.val_loader
     cached = setup.head_only(stage)
     if cached is not None:
         precision = replace(runner.precision, channels_last=False)
-        runner = replace(runner, model=cached.head, precision=precision)
+        head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
+        runner = replace(runner, model=head, precision=precision)
         train_loader, eval_model, val_loader = cached.train_loader, cached.head, cached.val_loader
     setup.model.model.train()
     hold_frozen_batchnorm(setup.model, stage)
     train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
+    # The loader draws its workers' base seed from this generator, not the global RNG, so an
+    # epoch resumed mid-way sees the same random stream as one never interrupted.
+    train_loader.generator = torch.Generator().manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
     try:
         train = train_one_epoch(runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}")
@@ -224,11 +264,15 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             f"{error} of epoch {epoch}: training stopped; checkpoints/last.pt keeps epoch {progress.epoch}. "
             "Lower the lr, set trainer.grad_clip, or check the data"
         ) from None
+    distributed.sync_buffers(eval_model)  # DDP: rank 0's BatchNorm statistics, validated and saved by all
     val = evaluate(eval_model, val_loader, nn.CrossEntropyLoss(), runner.precision, setup.num_classes)
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, "lr": {g.name: lrs.get(g.name, 0.0) for g in setup.model.groups},
               **train, **val, "seconds": time.perf_counter() - start}
-    runlog.append_metrics(setup.run_dir, record)
+    if distributed.is_main():
+        runlog.append_metrics(setup.run_dir, record)
+        if setup.logger is not None:
+            setup.logger.log_metrics(record, epoch)
     improved = record["val/acc1"] > progress.best_val_acc
     if improved:
         progress.best_val_acc, progress.best_epoch = record["val/acc1"], epoch
