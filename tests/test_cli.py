@@ -86,3 +86,20 @@ def test_user_mistakes_are_one_line_errors_and_leave_no_run_dir(tmp_path: Path, 
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("strategy=fine_tuning", "Could not find 'strategy/fine_tuning': choose one of auto"),
+        ("trainer.epoch=3", "Key 'epoch' not in 'TrainerConfig'"),
+        ("trainer.epochs=abc", "could not be converted to Integer"),
+    ],
+)
+def test_config_mistakes_are_one_line_errors(tmp_path: Path, override: str, message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = transfer("train", "experiment=smoke", override, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not run_dir.exists()

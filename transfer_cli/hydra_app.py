@@ -35,6 +35,38 @@ def _discard_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def composition_error(argv: list[str]) -> str | None:
+    """Compose a single run's config up front, so a typo'd key, option or value is one line.
+
+    Sweeps and Hydra's own flags (-m, --help, --cfg) are left to Hydra, which reports them.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose("train", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        return _one_line(f"{error}\n{error.__cause__ or ''}")
+    return None
+
+
+def _one_line(report: str) -> str:
+    """Hydra's multi-line report as one line: the message, the options it lists, the key."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    if "Available options" in report:
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options")) + 1
+        options = [line for line in lines[start:] if not line.startswith(("Config search path", "provider="))]
+        options = options[: next((i for i, o in enumerate(options) if ":" in o or "/" in o), len(options))]
+        return f"{lines[0]}: choose one of {', '.join(options)}"
+    detail = [line for line in lines[1:] if line.startswith(("Key '", "Value '"))]
+    return " ".join([lines[0].rstrip("."), "-", *detail[:1]]) if detail else lines[0]
+
+
 def run_train(argv: list[str]) -> int:
     """Run `transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
     import hydra
@@ -53,6 +85,10 @@ def run_train(argv: list[str]) -> int:
         print(f"transfer: error: {missing}", file=sys.stderr)
         return 2
     register_configs()
+    problem = composition_error(argv)
+    if problem:
+        print(f"transfer: error: {problem}", file=sys.stderr)
+        return 2
     distributed.init_from_env()  # torchrun: before Hydra composes, so the ranks agree on ${now:} (AgreeOnRunDir)
     failures: list[str] = []
     interrupted: list[str] = []
