@@ -174,8 +174,8 @@ def _same(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]
 
 @torch.no_grad()
 def evaluate_normalizations(model: nn.Module, loader: Any, targets: list[int], norms: list[Normalization],
-                            own_mean: tuple[float, ...], own_std: tuple[float, ...],
-                            device: torch.device) -> list[NormResult]:
+                            own_mean: tuple[float, ...], own_std: tuple[float, ...], device: torch.device,
+                            memory_format: torch.memory_format = torch.contiguous_format) -> list[NormResult]:
     """Score `model` (a 1000-way ImageNet classifier) under each normalization.
 
     `loader` yields ([0, 1] image batches, dataset labels); `targets[label]` is the ImageNet
@@ -192,7 +192,7 @@ def evaluate_normalizations(model: nn.Module, loader: Any, targets: list[int], n
         seen += len(labels)
         for norm in norms:
             inputs = norm.apply(images)
-            logits = model(inputs).float()
+            logits = model(inputs.contiguous(memory_format=memory_format)).float()
             if logits.shape[-1] != NUM_IMAGENET_CLASSES:
                 raise TransferError(f"the model has {logits.shape[-1]} outputs, not the 1000 ImageNet classes: "
                                     "exercise 5 needs a backbone with its original ImageNet classifier")
@@ -362,7 +362,7 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     from transfer_cli.data.datasets import load_splits
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing
-    from transfer_cli.train import resolve_device
+    from transfer_cli.train import resolve_device, resolve_precision
 
     started = time.perf_counter()
     cfg = compose_config(overrides)
@@ -376,11 +376,13 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     pre = resolve_preprocessing(own, replace(cfg.transforms, mean=None, std=None), pretrained)
     pre = replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # [0, 1] pixels; each norm applied per batch
     norms = resolve_normalizations(norm_keys, own.mean, own.std)
-    model = raw.model.to(device)
+    # fp32 whatever trainer.amp says; trainer.channels_last (auto: on CUDA) picks the memory layout
+    memory_format = torch.channels_last if resolve_precision(cfg.trainer, device)[0].channels_last else torch.contiguous_format
+    model = raw.model.to(device, memory_format=memory_format)
     dataset = TransformedDataset(splits.val, eval_transform(pre))
     loader = make_loader(dataset, cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
                          num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=False)
-    results = evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device)
+    results = evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device, memory_format)
     mapped = ", ".join(f"{name} -> {index} {imagenet_class_name(index)}" for name, index in zip(splits.classes, targets))
     info = {
         "backbone": cfg.backbone.name, "source": cfg.backbone.source, "weights": raw.weights_source,
@@ -399,7 +401,8 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
         truth = [targets[splits.val_labels[i]] for i in picked]
         with torch.no_grad():
             model.eval()
-            predictions = {n.key: model(n.apply(images).to(device)).argmax(dim=1).tolist() for n in norms}
+            predictions = {n.key: model(n.apply(images).to(device).contiguous(memory_format=memory_format))
+                           .argmax(dim=1).tolist() for n in norms}
         plot_samples(out / "normalization.png", images, truth, norms, predictions, results, own.mean, own.std)
     return table
 
