@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ def _values(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_metrics(run_dir)]
 
 
-def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path) -> None:
-    cache = Path(os.environ["TRANSFER_CACHE"])
-    before = set(cache.glob("*.pt")) if cache.is_dir() else set()
+def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "feature-cache"  # empty: other tests' runs may have cached these features already
+    monkeypatch.setenv("TRANSFER_CACHE", str(cache))
+    before: set[Path] = set()
     overrides = FAST + ["strategy=feature_extract", "trainer.epochs=3"]
     train(compose_train(overrides + ["trainer.cache_features=true"]), tmp_path / "cached")
     assert len(set(cache.glob("*.pt")) - before) == 2, "train and val features were cached"

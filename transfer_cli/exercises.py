@@ -137,7 +137,7 @@ class Normalization:
 
 def resolve_normalizations(keys: list[str], own_mean: tuple[float, ...], own_std: tuple[float, ...]) -> list[Normalization]:
     chosen = []
-    for key in keys:
+    for key in dict.fromkeys(keys):  # each once, in the order given
         if key == "weights":
             chosen.append(Normalization(key, "the weights' own", tuple(own_mean), tuple(own_std)))
         elif key in NORMALIZATIONS:
