@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,21 @@ FAST = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores among the workers instead of oversubscribing them.
+
+    Every worker (and every process a test starts) would otherwise run torch with one OpenMP
+    thread per core, and spinning threads that lose their core stall each other's steps.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = threads  # for the processes tests start
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _hydra_schema() -> None:
     register_configs()
@@ -32,6 +50,21 @@ def _hydra_schema() -> None:
 def _private_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Feature caches go to a per-session temp dir, never the user's ~/.cache."""
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+
+
+@pytest.fixture
+def hydra_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that run `transfer` commands in this process: Hydra sets sys.argv and adds a
+    train.log handler to the root logger per job; both are undone afterwards."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def compose_train(overrides: list[str]) -> TrainConfig:

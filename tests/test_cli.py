@@ -1,4 +1,4 @@
-"""The installed `transfer` command, run as a user would (one subprocess test per behaviour)."""
+"""The `transfer` command: as a user runs it (a subprocess per behaviour), and its error paths in-process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from transfer_cli.cli import main
 
 SMALL = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=3"]
 
@@ -35,6 +36,7 @@ def test_unknown_command_is_one_line_error() -> None:
     assert "did you mean 'train'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_help_shows_config_groups() -> None:
     result = transfer("train", "--help")
     assert result.returncode == 0
@@ -49,6 +51,7 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and "commands:" in result.stdout
 
 
+@pytest.mark.slow
 def test_train_writes_a_complete_run_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = transfer("train", *SMALL, f"hydra.run.dir={run_dir}")
@@ -59,6 +62,7 @@ def test_train_writes_a_complete_run_dir(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 3
 
 
+@pytest.mark.slow
 def test_multirun_leaves_one_dir_per_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = transfer("train", "-m", *SMALL, "strategy=feature_extract,fine_tune", f"hydra.sweep.dir={sweep}")
@@ -69,37 +73,35 @@ def test_multirun_leaves_one_dir_per_job(tmp_path: Path) -> None:
     assert strategies == {"head", "all"}
 
 
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        (["backbone.name=test_resnt"], "did you mean test_resnet"),
-        (["dataset=folder", "dataset.root=/nonexistent/images"], "is not a directory"),
-        (["strategy=discriminative", "backbone.name=test_vit"], "layer group 'layer1' does not exist"),
-        (["trainer.epochs=0"], "must be positive"),
-    ],
-)
-def test_user_mistakes_are_one_line_errors_and_leave_no_run_dir(tmp_path: Path, overrides: list[str], message: str) -> None:
+USER_MISTAKES = [
+    (["backbone.name=test_resnt"], "did you mean test_resnet"),
+    (["dataset=folder", "dataset.root=/nonexistent/images"], "is not a directory"),
+    (["strategy=discriminative", "backbone.name=test_vit"], "layer group 'layer1' does not exist"),
+    (["trainer.epochs=0"], "must be positive"),
+    (["strategy=fine_tuning"], "Could not find 'strategy/fine_tuning': choose one of auto"),
+    (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
+    (["trainer.epochs=abc"], "could not be converted to Integer"),
+]
+
+
+@pytest.mark.slow
+def test_a_user_mistake_is_a_one_line_error_from_the_installed_command(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = transfer("train", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}")
+    result = transfer("train", "experiment=smoke", "backbone.name=test_resnt", f"hydra.run.dir={run_dir}")
     assert result.returncode == 2
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("transfer: error: unknown timm model 'test_resnt': did you mean test_resnet")
     assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("strategy=fine_tuning", "Could not find 'strategy/fine_tuning': choose one of auto"),
-        ("trainer.epoch=3", "Key 'epoch' not in 'TrainerConfig'"),
-        ("trainer.epochs=abc", "could not be converted to Integer"),
-    ],
-)
-def test_config_mistakes_are_one_line_errors(tmp_path: Path, override: str, message: str) -> None:
+@pytest.mark.parametrize(("overrides", "message"), USER_MISTAKES)
+def test_user_and_config_mistakes_are_one_line_errors_and_leave_no_run_dir(
+        tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str], overrides: list[str],
+        message: str) -> None:
+    """In this process (the command above shows the same from a fresh one): main()'s exit code and stderr."""
     run_dir = tmp_path / "run"
-    result = transfer("train", "experiment=smoke", override, f"hydra.run.dir={run_dir}")
-    assert result.returncode == 2
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert main(["train", "experiment=smoke", *overrides, f"hydra.run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
     assert not run_dir.exists()

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -234,27 +232,19 @@ def make(target: str, tmp_path: Path, args: list[str], *variables: str) -> subpr
 
 
 @pytest.fixture
-def in_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def in_process(hydra_in_process: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Runs the `transfer` commands `make TARGET` would run, in this process (no interpreter start-up
-    per command); Hydra's changes to sys.argv and the root logger are undone afterwards."""
+    per command)."""
     from transfer_cli.cli import main
 
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "cache"))
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
 
     def run(target: str, args: list[str], *variables: str) -> None:
         quoted = " ".join(shlex.quote(a) for a in args)
         for command in make_commands(target, f"EXERCISES={tmp_path}", f"ARGS={quoted}", *variables):
             assert main(command) == 0, f"transfer {' '.join(command)} failed"
 
-    yield run
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    return run
 
 
 def table_rows(path: Path) -> list[dict[str, str]]:

@@ -205,14 +205,14 @@ def test_top_level_help_lists_report(capsys) -> None:
 
 
 @pytest.mark.slow
-def test_report_on_a_real_sweep(tmp_path: Path) -> None:
+def test_report_on_a_real_sweep(tmp_path: Path, hydra_in_process: None) -> None:
+    """A sweep trained in this process, reported by the installed command."""
     sweep = tmp_path / "sweep"
     overrides = ["experiment=smoke", "dataset.train_size=32", "dataset.val_size=16", "trainer.epochs=2",
                  "strategy=feature_extract,fine_tune", "trainer.seed=1,2", f"hydra.sweep.dir={sweep}"]
-    transfer: list[str] = [sys.executable, "-m", "transfer_cli"]
-    trained = subprocess.run([*transfer, "train", "-m", *overrides], capture_output=True, text=True, timeout=600)
-    assert trained.returncode == 0, trained.stderr
-    result = subprocess.run([*transfer, "report", str(sweep)], capture_output=True, text=True, timeout=120)
+    assert main(["train", "-m", *overrides]) == 0
+    result = subprocess.run([sys.executable, "-m", "transfer_cli", "report", str(sweep)], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = parse_markdown(result.stdout.strip())
     # seeds of one strategy differ in nothing else, so they share a row

@@ -83,6 +83,7 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 KILLED = ["experiment=smoke", "trainer.epochs=6", "dataset.train_size=96", "dataset.val_size=48"]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     process = start_train(tmp_path, run_dir, KILLED)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -35,18 +34,7 @@ def plugin(name: str, extra: str) -> None:
         pytest.skip(f"{name} is not installed: pip install -e \".[{extra}]\" to test it")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging_and_argv(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """In-process Hydra runs reconfigure logging (a train.log per job) and set sys.argv."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("hydra_in_process")
 
 
 def sweep(sweep_dir: Path, *overrides: str) -> int:

@@ -45,7 +45,7 @@ def test_run_dir_holds_every_artifact(tmp_path: Path) -> None:
     assert best["epoch"] == on_disk["best_epoch"]
 
 
-@pytest.mark.parametrize("backbone", ["timm", "torchvision"])
+@pytest.mark.parametrize("backbone", ["timm", pytest.param("torchvision", marks=pytest.mark.slow)])  # resnet18: 11M
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_runs_on_both_sources(tmp_path: Path, strategy: str, backbone: str) -> None:
     overrides = FAST + [f"strategy={strategy}", "trainer.epochs=3"]
