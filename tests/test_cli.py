@@ -105,3 +105,26 @@ def test_user_and_config_mistakes_are_one_line_errors_and_leave_no_run_dir(
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("sweep", "message"), [
+    (["strategy=feature_extract,fine_tuning"], "Could not find 'strategy/fine_tuning': choose one of auto"),
+    (["trainer.epochs=2,abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.seed=1,2", "trainer.epoch=1"], "Key 'epoch' not in 'TrainerConfig'"),
+    (["trainer.seed=range(0,3)", "dataset=synthetic,folderz"], "Could not find 'dataset/folderz'"),
+])
+def test_a_sweep_with_a_bad_value_fails_before_any_job_in_one_line(
+        tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str], sweep: list[str],
+        message: str) -> None:
+    sweep_dir = tmp_path / "sweep"
+    assert main(["train", "-m", "experiment=smoke", *sweep, f"hydra.sweep.dir={sweep_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not sweep_dir.exists()
+
+
+def test_value_by_value_checks_each_swept_value_once() -> None:
+    from transfer_cli.hydra_app import _value_by_value
+
+    runs = _value_by_value(["a=1,2,3", "b=x", "c=range(0,10)", "d=interval(0,1)"])
+    assert runs == [["b=x", "a=1", "c=0"], ["b=x", "a=2", "c=0"], ["b=x", "a=3", "c=0"], ["b=x", "a=1", "c=9"]]

@@ -35,24 +35,55 @@ def _discard_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def composition_error(argv: list[str]) -> str | None:
-    """Compose a single run's config up front, so a typo'd key, option or value is one line.
+SWEEP_FLAGS = {"-m", "--multirun"}
 
-    Sweeps and Hydra's own flags (-m, --help, --cfg) are left to Hydra, which reports them.
+
+def composition_error(argv: list[str]) -> str | None:
+    """Compose the config up front, so a typo'd key, option or value is one line.
+
+    A sweep is checked value by value (see `_value_by_value`), not job by job. Hydra's own
+    flags (--help, --cfg, ...) are left to Hydra, which reports them.
     """
-    if any(arg.startswith("-") for arg in argv):
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in SWEEP_FLAGS for flag in flags):
         return None
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith("hydra")]
+    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra")]
     try:
+        runs = _value_by_value(overrides) if flags else [overrides]
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose("train", overrides=overrides)
+            for run in runs:
+                compose("train", overrides=run)
     except (HydraException, OmegaConfBaseException) as error:
         return _one_line(f"{error}\n{error.__cause__ or ''}")
     return None
+
+
+def _value_by_value(overrides: list[str]) -> list[list[str]]:
+    """Single-run override lists in which every value of every swept key appears once (with the
+    first value of the other swept keys): a bad value fails here, before any job starts, at the
+    cost of one composition per value rather than per job. Ranges are checked at both ends;
+    interval and glob sweeps (a sweeper's search space, a group's own options) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+
+    fixed, swept = [], {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_sweep_override():
+            fixed.append(override.input_line)
+        elif override.is_discrete_sweep() and override.value_type != ValueType.GLOB_CHOICE_SWEEP:
+            values = list(override.sweep_string_iterator())
+            swept[override.get_key_element()] = values[:1] + values[-1:] if override.is_range_sweep() else values
+    first = {key: values[0] for key, values in swept.items() if values}
+    runs = [fixed + [f"{key}={value}" for key, value in first.items()]]
+    for key, values in swept.items():
+        for value in values[1:]:
+            runs.append(fixed + [f"{k}={value if k == key else v}" for k, v in first.items()])
+    return runs
 
 
 def _one_line(report: str) -> str:
