@@ -149,7 +149,7 @@ class TrainerConfig:
     eval_batch_size: Optional[int] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: str = "auto"  # auto (on for CUDA) | true | false
-    channels_last: str = "auto"
+    channels_last: str = "auto"  # auto (on for CUDA and CPU) | true | false
     seed: int = 42
     num_workers: int = 4
     grad_clip: Optional[float] = None  # max global grad norm

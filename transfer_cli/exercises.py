@@ -376,7 +376,7 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     pre = resolve_preprocessing(own, replace(cfg.transforms, mean=None, std=None), pretrained)
     pre = replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # [0, 1] pixels; each norm applied per batch
     norms = resolve_normalizations(norm_keys, own.mean, own.std)
-    # fp32 whatever trainer.amp says; trainer.channels_last (auto: on CUDA) picks the memory layout
+    # fp32 whatever trainer.amp says; trainer.channels_last (auto: on) picks the memory layout
     memory_format = torch.channels_last if resolve_precision(cfg.trainer, device)[0].channels_last else torch.contiguous_format
     model = raw.model.to(device, memory_format=memory_format)
     dataset = TransformedDataset(splits.val, eval_transform(pre))

