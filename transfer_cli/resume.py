@@ -22,15 +22,17 @@ def _log_to(run_dir: Path) -> None:
 
 def resume(run_dir_arg: str) -> int:
     """Resume one run; a finished run is reported and left unchanged."""
+    from transfer_cli.rundir import load_run_config, require_run_dir
+
+    run_dir = require_run_dir(run_dir_arg)  # before torch loads: a mistyped path fails at once
+
     from transfer_cli import checkpoint, distributed
     from transfer_cli.hydra_app import format_result
-    from transfer_cli.rundir import load_run_config, require_run_dir
     from transfer_cli.train import train
     from transfer_cli.trainer import Interrupted
 
     distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
     main = distributed.is_main()
-    run_dir = require_run_dir(run_dir_arg)
     if (run_dir / "summary.json").is_file():
         if main:
             print(f"{run_dir} already finished (summary.json exists): nothing to resume")
