@@ -25,7 +25,8 @@ from conftest import REPO, compose_train
 from transfer_cli.backbones import IMAGENET_MEAN, IMAGENET_STD
 from transfer_cli.config import BackboneConfig, HeadConfig
 from transfer_cli.errors import TransferError
-from transfer_cli.exercises import imagenet_index, sample_indices
+from transfer_cli.exercises import sample_indices
+from transfer_cli.imagenet_classes import imagenet_index
 from transfer_cli.models import build_model
 from transfer_cli.strategies import plan_stages
 

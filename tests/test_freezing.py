@@ -13,7 +13,6 @@ from helpers import (
     params_of,
     params_trainable,
     setup_loss_and_precision,
-    snapshot_buffers,
     snapshot_params,
     stage,
     tiny_resnet,

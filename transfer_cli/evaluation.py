@@ -28,7 +28,7 @@ from transfer_cli.data.folder import has_predefined_split
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform
 from transfer_cli.engine import Precision, topk_for
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, report_user_error
 from transfer_cli.rundir import apply_overrides, load_run_config, load_trained_model, preprocessing_of, require_run_dir
 from transfer_cli.train import resolve_device, resolve_precision
 
@@ -255,8 +255,7 @@ def run_eval(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         metrics, out = evaluate_run(args.run_dir, args.overrides)
     except TransferError as error:
-        print(f"transfer: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(format_table(metrics))
     print(f"wrote metrics.json, confusion_matrix.json and confusion_matrix.png to {out}", file=sys.stderr)
     return 0

@@ -26,206 +26,28 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from transfer_cli.backbones import IMAGENET_MEAN, IMAGENET_STD
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, report_user_error
+from transfer_cli.imagenet_classes import imagenet_class_name, imagenet_index
+from transfer_cli.normalizations import (
+    DEFAULT_NORMS, NORMALIZATIONS, Normalization, NormResult, evaluate_normalizations, resolve_normalizations,
+    same_values,
+)
 
 DEFAULT_EXPERIMENT = "exercise5"
 DEFAULT_OUT = Path("outputs/exercises/ex5")
-# key -> (label, mean, std); `weights` is resolved from the backbone
-NORMALIZATIONS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ("ImageNet mean/std", IMAGENET_MEAN, IMAGENET_STD),
-    "none": ("none (mean 0, std 1)", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    "half": ("mean = std = 0.5", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-DEFAULT_NORMS = ("imagenet", "none", "half")
-NUM_IMAGENET_CLASSES = 1000
-
-
-# --------------------------------------------------------------------------- ImageNet classes
-
-
-def _normalize_name(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[_\-]+", " ", text)).strip().lower()
-
-
-@lru_cache(maxsize=1)
-def _imagenet_info() -> tuple[list[str], list[str], dict[str, list[tuple[int, int]]]]:
-    """WordNet ids, descriptions, and synonym -> [(class index, position of the synonym)]."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    wnids, descriptions = list(info.label_names()), list(info.label_descriptions())
-    synonyms: dict[str, list[tuple[int, int]]] = {}
-    for index, description in enumerate(descriptions):
-        for position, synonym in enumerate(description.split(",")):
-            synonyms.setdefault(_normalize_name(synonym), []).append((index, position))
-    return wnids, descriptions, synonyms
-
-
-def imagenet_class_name(index: int) -> str:
-    """The first synonym of ImageNet class `index` (`ant` for 310)."""
-    return _imagenet_info()[1][index].split(",")[0].strip()
-
-
-def imagenet_index(name: str) -> int:
-    """The ImageNet-1k index a class folder (or dataset class) named `name` stands for.
-
-    Accepts an index (`310`), a WordNet id (`n02219486`) or a class name matched against
-    every synonym of the ImageNet descriptions, case and `_`/`-` insensitive, with a simple
-    plural 's' stripped where the name itself matches nothing (`ants` -> `ant`, 310).
-    """
-    text = name.strip()
-    if text.isdigit():
-        index = int(text)
-        if index >= NUM_IMAGENET_CLASSES:
-            raise TransferError(f"class '{name}': ImageNet class indices run from 0 to {NUM_IMAGENET_CLASSES - 1}")
-        return index
-    wnids, descriptions, synonyms = _imagenet_info()
-    if re.fullmatch(r"n\d{8}", text):
-        if text not in wnids:
-            raise TransferError(f"class '{name}' is a WordNet id that is not one of the 1000 ImageNet classes")
-        return wnids.index(text)
-    key = _normalize_name(text)
-    candidates = synonyms.get(key) or (synonyms.get(key[:-1]) if key.endswith("s") else None)
-    if not candidates:
-        raise TransferError(
-            f"class '{name}' is not an ImageNet class name: name its folder by ImageNet class index (e.g. 310) "
-            "or WordNet id, or by a name from timm.data.ImageNetInfo().label_descriptions()")
-    indices = sorted({index for index, _ in candidates})
-    if len(indices) > 1:
-        first = sorted({index for index, position in candidates if position == 0})
-        if len(first) == 1:
-            return first[0]
-        options = ", ".join(f"{i} ({descriptions[i]})" for i in indices)
-        raise TransferError(f"class '{name}' names several ImageNet classes: {options}; name its folder by the index")
-    return indices[0]
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Normalization:
-    key: str
-    label: str
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images (N, 3, H, W) normalized as the network will receive them."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-        return (images - mean) / std
-
-    def decode(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The inverse of `apply`: network inputs read back as [0, 1] pixels under this normalization."""
-        mean = torch.tensor(self.mean, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1)
-        return inputs * std + mean
-
-
-def resolve_normalizations(keys: list[str], own_mean: tuple[float, ...], own_std: tuple[float, ...]) -> list[Normalization]:
-    chosen = []
-    for key in dict.fromkeys(keys):  # each once, in the order given
-        if key == "weights":
-            chosen.append(Normalization(key, "the weights' own", tuple(own_mean), tuple(own_std)))
-        elif key in NORMALIZATIONS:
-            label, mean, std = NORMALIZATIONS[key]
-            chosen.append(Normalization(key, label, tuple(mean), tuple(std)))
-        else:
-            raise TransferError(f"unknown normalization '{key}': use {', '.join([*NORMALIZATIONS, 'weights'])}")
-    if not chosen:
-        raise TransferError("--norms names no normalization")
-    return chosen
-
-
-@dataclass
-class NormResult:
-    """How the network does on the evaluation set under one normalization."""
-
-    key: str
-    label: str
-    mean: list[float]
-    std: list[float]
-    weights_own: bool  # equal to the normalization the weights were trained with
-    top1: float  # 1000-way ImageNet top-1
-    top5: float
-    top1_among_classes: float  # argmax over the evaluation set's own classes only
-    input_mean: float  # statistics of the tensor the network receives (all channels)
-    input_std: float
-    images: int
-    predictions: list[int] = field(default_factory=list)
-
-
-def _same(a: tuple[float, ...] | list[float], b: tuple[float, ...] | list[float]) -> bool:
-    return len(a) == len(b) and all(abs(x - y) < 1e-6 for x, y in zip(a, b))
-
-
-@torch.no_grad()
-def evaluate_normalizations(model: nn.Module, loader: Any, targets: list[int], norms: list[Normalization],
-                            own_mean: tuple[float, ...], own_std: tuple[float, ...], device: torch.device,
-                            memory_format: torch.memory_format = torch.contiguous_format) -> list[NormResult]:
-    """Score `model` (a 1000-way ImageNet classifier) under each normalization.
-
-    `loader` yields ([0, 1] image batches, dataset labels); `targets[label]` is the ImageNet
-    index of dataset class `label`.
-    """
-    model.eval()
-    target_of = torch.tensor(targets, dtype=torch.long)
-    in_set = torch.tensor(sorted(set(targets)), dtype=torch.long, device=device)
-    totals = {n.key: {"top1": 0, "top5": 0, "set": 0, "sum": 0.0, "sumsq": 0.0, "count": 0, "pred": []} for n in norms}
-    seen = 0
-    for images, labels in loader:
-        images = images.to(device, dtype=torch.float32)
-        truth = target_of[labels].to(device)
-        seen += len(labels)
-        for norm in norms:
-            inputs = norm.apply(images)
-            logits = model(inputs.contiguous(memory_format=memory_format)).float()
-            if logits.shape[-1] != NUM_IMAGENET_CLASSES:
-                raise TransferError(f"the model has {logits.shape[-1]} outputs, not the 1000 ImageNet classes: "
-                                    "exercise 5 needs a backbone with its original ImageNet classifier")
-            top5 = logits.topk(5, dim=1).indices
-            own = in_set[logits[:, in_set].argmax(dim=1)]
-            total = totals[norm.key]
-            total["top1"] += int((top5[:, 0] == truth).sum())
-            total["top5"] += int((top5 == truth[:, None]).any(dim=1).sum())
-            total["set"] += int((own == truth).sum())
-            total["sum"] += float(inputs.double().sum())
-            total["sumsq"] += float(inputs.double().square().sum())
-            total["count"] += inputs.numel()
-            total["pred"].extend(top5[:, 0].tolist())
-    if not seen:
-        raise TransferError("the evaluation set is empty")
-    results = []
-    for norm in norms:
-        total = totals[norm.key]
-        mean = total["sum"] / total["count"]
-        var = max(total["sumsq"] / total["count"] - mean * mean, 0.0)
-        results.append(NormResult(
-            key=norm.key, label=norm.label, mean=list(norm.mean), std=list(norm.std),
-            weights_own=_same(norm.mean, own_mean) and _same(norm.std, own_std),
-            top1=total["top1"] / seen, top5=total["top5"] / seen, top1_among_classes=total["set"] / seen,
-            input_mean=mean, input_std=var ** 0.5, images=seen, predictions=total["pred"]))
-    return results
-
-
 # --------------------------------------------------------------------------- outputs
 
 
 def _triple(values: list[float]) -> str:
-    return "0.5" if _same(values, [0.5] * 3) else "(" + ", ".join(f"{v:g}" for v in values) + ")"
+    return "0.5" if same_values(values, [0.5] * 3) else "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
 def markdown_table(results: list[NormResult]) -> str:
@@ -425,9 +247,8 @@ def run_exercise(argv: list[str]) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in {"normalization", "5"}:
-        print(f"transfer: error: unknown exercise '{name}': `transfer exercise normalization` (exercise 5) is the "
-              "one with its own command; exercises 1-4 run as `make exercise1` .. `make exercise4`", file=sys.stderr)
-        return 2
+        return report_user_error(f"unknown exercise '{name}': `transfer exercise normalization` (exercise 5) is the "
+                                 "one with its own command; exercises 1-4 run as `make exercise1` .. `make exercise4`")
     parser = argparse.ArgumentParser(prog="transfer exercise normalization", usage=USAGE.splitlines()[0][7:])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
     parser.add_argument("--norms", default=",".join(DEFAULT_NORMS),
@@ -438,8 +259,7 @@ def run_exercise(argv: list[str]) -> int:
     try:
         table = run_normalization(args.overrides, args.out, [k for k in args.norms.split(",") if k], max(args.samples, 0))
     except TransferError as error:
-        print(f"transfer: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(table)
     print(f"wrote results.md, results.csv, results.json and normalization.png to {args.out}", file=sys.stderr)
     return 0

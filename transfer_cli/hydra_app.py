@@ -107,19 +107,16 @@ def run_train(argv: list[str]) -> int:
 
     from transfer_cli import distributed
     from transfer_cli.config import register_configs
-    from transfer_cli.errors import TransferError
-
+    from transfer_cli.errors import USER_ERROR_EXIT, TransferError, report_user_error
     from transfer_cli.trainer import Interrupted
 
     missing = _missing_sweeper_plugin(argv)
     if missing:
-        print(f"transfer: error: {missing}", file=sys.stderr)
-        return 2
+        return report_user_error(missing)
     register_configs()
     problem = composition_error(argv)
     if problem:
-        print(f"transfer: error: {problem}", file=sys.stderr)
-        return 2
+        return report_user_error(problem)
     distributed.init_from_env()  # torchrun: before Hydra composes, so the ranks agree on ${now:} (AgreeOnRunDir)
     failures: list[str] = []
     interrupted: list[str] = []
@@ -154,7 +151,7 @@ def run_train(argv: list[str]) -> int:
             if main:
                 _discard_unstarted(run_dir)
             if os.getpid() != launcher_pid:  # a launcher's worker: the job must fail where the launcher sees it
-                print(f"transfer: error: {error}", file=sys.stderr)
+                report_user_error(error)
                 raise
             return None
         except Interrupted as stop:
@@ -171,10 +168,10 @@ def run_train(argv: list[str]) -> int:
     sys.argv = ["transfer train", *argv]
     task()
     for failure in failures:
-        print(f"transfer: error: {failure}", file=sys.stderr)
+        report_user_error(failure)
     for message in interrupted:
         print(f"transfer: {message}", file=sys.stderr)
-    return 130 if interrupted else (2 if failures else 0)
+    return 130 if interrupted else (USER_ERROR_EXIT if failures else 0)
 
 
 def _objective(summary: dict[str, Any]) -> float | None:

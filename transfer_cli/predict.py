@@ -22,7 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from transfer_cli.data.folder import decode_problem, image_files, load_rgb
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import eval_transform
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, report_user_error
 from transfer_cli.evaluation import CommandParser
 from transfer_cli.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
 from transfer_cli.train import resolve_device, resolve_precision
@@ -169,8 +169,7 @@ def run_predict(argv: list[str]) -> int:
         if args.out is not None:
             write_atomic(args.out, render(predictions, args.out.suffix.lower()))
     except TransferError as error:
-        print(f"transfer: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(format_table(predictions))
     if args.out is not None:
         print(f"wrote {len(predictions)} predictions to {args.out}", file=sys.stderr)

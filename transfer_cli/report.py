@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from transfer_cli import runlog
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, report_user_error
 
 SEED = "trainer.seed"
 # Keys that name a config group's choice: their siblings follow from the choice.
@@ -301,8 +301,7 @@ def run_report(argv: list[str]) -> int:
     try:
         table = build_report(args.dirs, args.out or args.dirs[0])
     except TransferError as error:
-        print(f"transfer: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)
     print(table)
     print(f"wrote results.md, results.csv and val_acc.png to {args.out or args.dirs[0]}", file=sys.stderr)
     return 0

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import TransferError, report_user_error
 
 
 def _log_to(run_dir: Path) -> None:
@@ -64,5 +64,4 @@ def main(argv: list[str]) -> int:
     try:
         return resume(args.run_dir)
     except TransferError as error:
-        print(f"transfer: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error)

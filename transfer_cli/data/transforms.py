@@ -69,7 +69,6 @@ def cache_resize(pre: Preprocessing) -> v2.Transform:
 
 def eval_transform(pre: Preprocessing) -> v2.Compose:
     """Resize the short side to size/crop_pct, centre-crop to size, normalize."""
-    mode = INTERPOLATIONS[pre.interpolation]
     return v2.Compose([
         v2.ToImage(),
         cache_resize(pre),
