@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from transfer_cli import bench
+from transfer_cli import bench, bench_gpu
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -111,7 +111,7 @@ def one_thread() -> None:
 
 def test_gpu_code_path_runs_on_cpu(one_thread: None) -> None:
     """The CUDA benchmark's code (prepare, StepRunner, JPEG loader), on CPU with a tiny workload."""
-    result = bench.gpu_figures(device="cpu", models=("mobilenet_v3_small",), image_size=32, batch=4, warmup=1,
+    result = bench_gpu.gpu_figures(device="cpu", models=("mobilenet_v3_small",), image_size=32, batch=4, warmup=1,
                                steps=2, jpegs=16)
     figures = result["models"]["mobilenet_v3_small"]
     assert result["available"] and figures["synthetic_images_per_s"] > 0 and figures["jpeg_images_per_s"] > 0

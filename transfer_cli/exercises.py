@@ -145,22 +145,11 @@ def plot_samples(path: Path, images: torch.Tensor, truth: list[int], norms: list
 
 def compose_config(overrides: list[str]) -> Any:
     """The TrainConfig for `overrides`, with experiment=exercise5 unless another experiment is named."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from transfer_cli.config import register_configs
-    from transfer_cli.hydra_app import config_dir
+    from transfer_cli.hydra_app import compose_config as compose_train_config
 
     if not any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in overrides):
         overrides = [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="exercise"):
-            return OmegaConf.to_object(compose("train", overrides=overrides))
-    except (HydraException, OmegaConfBaseException) as error:
-        raise TransferError(str(error).splitlines()[0]) from error
+    return compose_train_config(overrides)
 
 
 def sample_indices(labels: list[int], count: int) -> list[int]:

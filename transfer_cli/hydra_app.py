@@ -86,6 +86,26 @@ def _value_by_value(overrides: list[str]) -> list[list[str]]:
     return runs
 
 
+def compose_config(overrides: list[str]) -> Any:
+    """The TrainConfig `transfer train <overrides>` would run, composed in this process without a
+    Hydra job (no run dir, no logging set up), for commands that build on it; a composition
+    mistake is a one-line TransferError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from transfer_cli.config import register_configs
+    from transfer_cli.errors import TransferError
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return OmegaConf.to_object(compose("train", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+
+
 def _one_line(report: str) -> str:
     """Hydra's multi-line report as one line: the message, the options it lists, the key."""
     lines = [line.strip() for line in report.splitlines() if line.strip()]
