@@ -161,3 +161,16 @@ def test_submitit_tasks_per_node_run_one_job_data_parallel(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["world_size"] == 2
     assert (tmp_path / "sweep" / "0" / "train.log").read_text().count("] - epoch 3 [") == 1
+
+
+def test_a_rerun_sweep_skips_its_finished_jobs_without_loading_torch(tmp_path: Path) -> None:
+    """A launcher's job process that finds its run finished exits without paying for torch."""
+    sweep_dir = tmp_path / "sweep"
+    assert sweep(sweep_dir, *SWEEP) == 0
+    args = ["train", "-m", *SWEEP, f"hydra.sweep.dir={sweep_dir}"]
+    code = f"import sys; from transfer_cli.cli import main; code = main({args!r}); print('torch' in sys.modules); " \
+           "sys.exit(code)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("(finished before: skipped)") == 2
+    assert result.stdout.strip().endswith("False")

@@ -27,6 +27,9 @@ single-process one, unchanged. The choices, in one place:
 - BatchNorm: DDP broadcasts rank 0's buffers before each forward; before validation the
   buffers are broadcast once more, so every rank validates (and rank 0 checkpoints) the
   same model. Statistics are per-process (batch_size / N images), not synchronized.
+- Imports: torch loads only where a process group is wanted (WORLD_SIZE > 1) or already up,
+  so a single process that does no training (a sweep job that finds its run finished,
+  `transfer train --help`) never pays for it.
 - Randomness: after the model is built each rank reseeds with seed + rank, so augmentation,
   dropout and MixUp differ between ranks; checkpoints keep every rank's RNG state, so a
   resume with the same N is exact.
@@ -42,11 +45,11 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +76,16 @@ def _export_submitit_env() -> None:
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes (idempotent); False when this is a single process."""
+    _export_submitit_env()
+    if _env_int("WORLD_SIZE", 1) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
     if not dist.is_available():
         return False
     if dist.is_initialized():
         return True
-    _export_submitit_env()
-    if _env_int("WORLD_SIZE", 1) <= 1:
-        return False
     backend = os.environ.get("TRANSFER_DIST_BACKEND")
     if torch.cuda.is_available():
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
@@ -91,22 +97,30 @@ def init_from_env() -> bool:
     return True
 
 
+def _group() -> Any:
+    """torch.distributed with a process group up, else None (without importing torch)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    dist = _group()
+    if dist is not None:
         dist.destroy_process_group()
 
 
 def active() -> bool:
     """True in a process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _group()
+    return dist is not None and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return _group().get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _group().get_world_size() if active() else 1
 
 
 def local_rank() -> int:
@@ -119,7 +133,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _group().barrier()
 
 
 @contextlib.contextmanager
@@ -142,7 +156,7 @@ def broadcast_object(value: Any) -> Any:
     if not active():
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    _group().broadcast_object_list(holder, src=0)
     return holder[0]
 
 
@@ -151,13 +165,14 @@ def gather_objects(value: Any) -> list[Any]:
     if not active():
         return [value]
     gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, value)
+    _group().all_gather_object(gathered, value)
     return gathered
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks, in place (and return it)."""
     if active():
+        dist = _group()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -166,6 +181,8 @@ def any_true(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank (a collective: every rank must call it)."""
     if not active():
         return flag
+    import torch
+
     value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int64)
     return bool(all_reduce_sum(value).item())
 
@@ -174,6 +191,8 @@ def device_for(device: torch.device) -> torch.device:
     """Under torchrun each process drives the GPU of its local rank."""
     if not active() or device.type != "cuda":
         return device
+    import torch
+
     index = local_rank() % torch.cuda.device_count()
     if device.index is not None and device.index != index:
         log.warning("trainer.device=%s under torchrun: rank %d uses cuda:%d (its LOCAL_RANK)", device, rank(), index)
@@ -196,6 +215,7 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` in DistributedDataParallel over the parameters that require grad now (call after freezing)."""
     if not active() or not any(p.requires_grad for p in module.parameters()):
         return module
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
@@ -216,6 +236,9 @@ def sync_buffers(module: nn.Module) -> None:
     """Rank 0's buffers (BatchNorm running statistics) on every rank."""
     if not active():
         return
+    import torch
+
+    dist = _group()
     with torch.no_grad():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)

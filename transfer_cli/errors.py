@@ -1,4 +1,4 @@
-"""The one error type for user mistakes, and the single line the CLI prints for one."""
+"""The exceptions the CLI turns into exit codes (user mistakes: one line, exit 2; Ctrl-C: 130)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ USER_ERROR_EXIT = 2
 
 class TransferError(Exception):
     """A problem the user can fix: bad config, missing data, unavailable weights."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C: a resumable checkpoint was saved; the CLI exits with 130."""
 
 
 def report_user_error(problem: object) -> int:

@@ -128,7 +128,7 @@ def run_train(argv: list[str]) -> int:
     from transfer_cli import distributed
     from transfer_cli.config import register_configs
     from transfer_cli.errors import USER_ERROR_EXIT, TransferError, report_user_error
-    from transfer_cli.trainer import Interrupted
+    from transfer_cli.errors import Interrupted
 
     missing = _missing_sweeper_plugin(argv)
     if missing:
@@ -144,8 +144,6 @@ def run_train(argv: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def task(composed: DictConfig) -> float | None:
-        from transfer_cli.train import train
-
         distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -165,6 +163,8 @@ def run_train(argv: list[str]) -> int:
                     cfg, resume = _resume_point(run_dir)
             if resume is None and main:
                 OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
+            from transfer_cli.train import train  # torch: only a job that trains loads it
+
             summary = train(cfg, run_dir, resume=resume)
         except TransferError as error:
             failures.append(str(error))

@@ -29,7 +29,7 @@ def resume(run_dir_arg: str) -> int:
     from transfer_cli import checkpoint, distributed
     from transfer_cli.hydra_app import format_result
     from transfer_cli.train import train
-    from transfer_cli.trainer import Interrupted
+    from transfer_cli.errors import Interrupted
 
     distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
     main = distributed.is_main()

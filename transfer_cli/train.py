@@ -32,12 +32,12 @@ from transfer_cli.feature_cache import backbone_is_deterministic, cached_splits
 from transfer_cli.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.data.mixing import batch_mixer
 from transfer_cli.engine import Precision, StepRunner
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import Interrupted, TransferError
 from transfer_cli.models import HEAD, TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
-from transfer_cli.trainer import FitResult, FitSetup, Interrupted, fit
+from transfer_cli.trainer import FitResult, FitSetup, fit
 
 log = logging.getLogger(__name__)
 

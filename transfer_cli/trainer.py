@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transfer_cli import checkpoint, distributed, runlog
 from transfer_cli.config import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.data.loaders import steps_per_epoch
-from transfer_cli.errors import TransferError
+from transfer_cli.errors import Interrupted, TransferError
 from transfer_cli.feature_cache import CachedSplits
 from transfer_cli.engine import NonFiniteLoss, StepRunner, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.models import TransferModel
@@ -30,10 +30,6 @@ from transfer_cli.optim import StagedOptimizer, build_scheduler
 from transfer_cli.strategies import Stage, apply_stage, hold_frozen_batchnorm
 
 log = logging.getLogger(__name__)
-
-
-class Interrupted(Exception):
-    """Ctrl-C: a resumable checkpoint was saved; the CLI exits with 130."""
 
 
 @dataclass
