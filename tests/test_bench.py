@@ -81,6 +81,7 @@ def test_help_is_timed_and_does_not_import_torch(quick: tuple[dict, str]) -> Non
     assert report["help_imports_torch"] is False
 
 
+@pytest.mark.slow
 def test_import_probe_sees_torch_where_it_is_imported() -> None:
     assert "transfer_cli.cli" in bench.imported_modules(["-m", "transfer_cli", "--help"])
     assert "torch" in bench.imported_modules(["-c", "import torch"])

@@ -54,6 +54,7 @@ def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
 
 
+@pytest.mark.slow
 def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_crashed_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     sweep_dir = tmp_path / "sweep"
@@ -163,6 +164,7 @@ def test_submitit_tasks_per_node_run_one_job_data_parallel(tmp_path: Path) -> No
     assert (tmp_path / "sweep" / "0" / "train.log").read_text().count("] - epoch 3 [") == 1
 
 
+@pytest.mark.slow
 def test_a_rerun_sweep_skips_its_finished_jobs_without_loading_torch(tmp_path: Path) -> None:
     """A launcher's job process that finds its run finished exits without paying for torch."""
     sweep_dir = tmp_path / "sweep"
