@@ -127,8 +127,7 @@ def run_train(argv: list[str]) -> int:
 
     from transfer_cli import distributed
     from transfer_cli.config import register_configs
-    from transfer_cli.errors import USER_ERROR_EXIT, TransferError, report_user_error
-    from transfer_cli.errors import Interrupted
+    from transfer_cli.errors import USER_ERROR_EXIT, Interrupted, TransferError, report_user_error
 
     missing = _missing_sweeper_plugin(argv)
     if missing:
