@@ -40,3 +40,18 @@ def test_a_run_records_the_choice(tmp_path: Path) -> None:
     assert summary["strategy"] == "feature_extract"
     assert "96 training images" in summary["strategy_choice"]
     assert [s["name"] for s in summary["stages"]] == ["head"]
+
+
+def test_the_users_strategy_settings_survive_the_choice() -> None:
+    table = compose_train(FAST + ["strategy=auto", "strategy.train_bn=true", "strategy.lr=0.05"]).strategy
+    chosen, reason = choose_by_size(table, 500, "near")
+    assert (chosen.name, chosen.train_bn, chosen.lr) == ("feature_extract", True, 0.05)
+    assert "keeping strategy.lr=0.05, strategy.train_bn=True" in reason
+    chosen, reason = choose_by_size(compose_train(FAST + ["strategy=auto"]).strategy, 500, "near")
+    assert chosen == load_strategy("feature_extract") and "keeping" not in reason
+
+
+def test_stages_given_to_a_size_table_are_refused() -> None:
+    table = compose_train(FAST + ["strategy=auto", "strategy.stages=[{name: s, epochs: 1}]"]).strategy
+    with pytest.raises(TransferError, match="picks its stages by data size"):
+        choose_by_size(table, 500, "near")

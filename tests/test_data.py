@@ -193,6 +193,47 @@ def test_folder_train_val_layout(tmp_path):
     assert all(image.mode == "RGB" for image, _ in all_items(splits.train) + all_items(splits.val))
 
 
+@pytest.mark.parametrize("val_name", ["valid", "validation"])
+def test_folder_with_another_spelling_of_val_uses_it(tmp_path, val_name):
+    for name in CLASSES:
+        write_class(tmp_path / "train", name, 4)
+        write_class(tmp_path / val_name, name, 2, start=10)
+        write_class(tmp_path / "test", name, 1, start=20)
+    splits = load_splits(folder_cfg(tmp_path), seed=0)
+    assert splits.classes == CLASSES
+    assert all(path.parent.parent.name == val_name for path, _ in splits.val.samples)
+    assert len(splits.train) == 12 and len(splits.val) == 6
+
+
+def test_folder_with_train_and_test_only_holds_out_from_train(tmp_path):
+    for name in CLASSES:
+        write_class(tmp_path / "train", name, 5)
+        write_class(tmp_path / "test", name, 2, start=10)
+    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.2), seed=0)
+    assert splits.classes == CLASSES  # never a classifier over ["test", "train"]
+    assert len(splits.train) + len(splits.val) == 15
+    assert all(path.parent.parent.name == "train" for path, _ in splits.train.dataset.samples)
+    test = load_splits(folder_cfg(tmp_path, val_split="test"), seed=0)
+    assert all(path.parent.parent.name == "test" for path, _ in test.val.samples)
+
+
+def test_folder_split_layout_mistakes_are_one_line_errors(tmp_path):
+    for name in CLASSES:
+        write_class(tmp_path / "valid", name, 2)
+        write_class(tmp_path / "test", name, 2)
+    with pytest.raises(TransferError, match="has split folders .* but no train/"):
+        load_splits(folder_cfg(tmp_path), seed=0)
+    write_class(tmp_path / "train", "cat", 2)
+    write_class(tmp_path, "dog", 2)
+    with pytest.raises(TransferError, match=r"mixes split folders \(test, train, valid\) with other folders \(dog\)"):
+        load_splits(folder_cfg(tmp_path), seed=0)
+    other = tmp_path / "other"
+    for name in CLASSES:
+        write_class(other / "train", name, 2)
+    with pytest.raises(TransferError, match="dataset.val_split=holdout: .* has no holdout/ folder"):
+        load_splits(folder_cfg(other, val_split="holdout"), seed=0)
+
+
 def test_folder_subset_is_stratified(tmp_path):
     for name in CLASSES:
         write_class(tmp_path / "train", name, 6)

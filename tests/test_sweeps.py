@@ -7,7 +7,6 @@ launcher, the joblib launcher and the Optuna sweeper are optional extras
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from conftest import FAST, REPO, compose_train
 from transfer_cli import trainer
 from transfer_cli.hydra_app import config_dir, run_train
+from transfer_cli.extras import installed
 from transfer_cli.runlog import read_metrics
 from transfer_cli.train import train
 
@@ -30,7 +30,7 @@ SWEEP = QUICK + ["trainer.seed=1,2"]
 
 
 def plugin(name: str, extra: str) -> None:
-    if importlib.util.find_spec(f"hydra_plugins.{name}") is None:
+    if not installed(f"hydra_plugins.{name}"):
         pytest.skip(f"{name} is not installed: pip install -e \".[{extra}]\" to test it")
 
 

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from transfer_cli import runlog
 from transfer_cli.config import DatasetConfig, TrainConfig
-from transfer_cli.data.datasets import load_splits
-from transfer_cli.data.folder import has_predefined_split
+from transfer_cli.data.datasets import check_classes, load_splits
+from transfer_cli.data.folder import folder_layout
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform
 from transfer_cli.engine import Precision, topk_for
@@ -152,10 +152,11 @@ def _check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
         return
     if dataset.name == "synthetic":
         raise TransferError("dataset=synthetic has a single held-out split: dataset.val_split does not apply")
-    if dataset.name == "folder" and not has_predefined_split(Path(dataset.root or ".").expanduser(),
-                                                             dataset.train_split, dataset.val_split):
-        raise TransferError(f"dataset.val_split={dataset.val_split}: {dataset.root} needs both "
-                            f"{dataset.train_split}/ and {dataset.val_split}/ class folders")
+    if dataset.name == "folder":
+        layout = folder_layout(Path(dataset.root or ".").expanduser(), dataset.train_split, dataset.val_split)
+        if layout.val is None:
+            raise TransferError(f"dataset.val_split={dataset.val_split}: {dataset.root} needs both "
+                                f"{dataset.train_split}/ and {dataset.val_split}/ class folders")
 
 
 def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preprocessing, pin_memory: bool) -> DataLoader:
@@ -164,11 +165,7 @@ def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preproces
         splits = load_splits(cfg.dataset, cfg.trainer.seed)
     except ValueError as error:  # torchvision's answer to a split name it does not know
         raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
-    if splits.classes != classes:
-        extra, lacking = sorted(set(splits.classes) - set(classes)), sorted(set(classes) - set(splits.classes))
-        raise TransferError(f"the data's classes are not the run's (only in the data: {extra[:5]}, only in the run: "
-                            f"{lacking[:5]}{', order differs' if not extra and not lacking else ''}): "
-                            "evaluate on data with the same class folders")
+    check_classes(splits.classes, classes, "evaluate on data with the same class folders")
     return make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
                        cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
                        num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin_memory)

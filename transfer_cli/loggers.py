@@ -10,7 +10,6 @@ and `pip install -e ".[mlflow]"`.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from transfer_cli.extras import install_hint, installed
 from transfer_cli.config import LoggerConfig, MLflowLoggerConfig, TensorBoardLoggerConfig
 from transfer_cli.errors import TransferError
 
@@ -83,8 +83,8 @@ PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", 
 def check_available(cfg: LoggerConfig) -> None:
     """A one-line error before any training when a chosen logger's package is missing."""
     for name, (module, extra) in PACKAGES.items():
-        if getattr(cfg, name) is not None and importlib.util.find_spec(module) is None:
-            raise TransferError(f"logger={name} needs the {module} package: pip install -e \".[{extra}]\"")
+        if getattr(cfg, name) is not None and not installed(module):
+            raise TransferError(f"logger={name} needs the {module} package: {install_hint(extra)}")
 
 
 def build(cfg: LoggerConfig, run_dir: Path) -> Loggers:

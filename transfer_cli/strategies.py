@@ -7,7 +7,9 @@ mode so running statistics do not drift.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -52,17 +54,38 @@ def choose_by_size(strategy: StrategyConfig, train_size: int, domain: str) -> tu
     if domain == "far" and row + 1 < len(rules):
         row += 1
         reason += "; dataset.domain=far moves one step toward fine-tuning"
-    chosen = load_strategy(rules[row].strategy)
+    settings = _settings_to_carry(strategy)
+    chosen = replace(load_strategy(rules[row].strategy), **settings)
+    if settings:
+        reason += "; keeping " + ", ".join(f"strategy.{key}={value}" for key, value in settings.items())
     return chosen, f"{strategy.name} chose {chosen.name}: {reason}"
+
+
+TABLE_ONLY = {"name", "description", "by_train_size"}
+
+
+def _settings_to_carry(table: StrategyConfig) -> dict[str, Any]:
+    """What the user or an experiment set on a size-table strategy (`strategy.train_bn=true`, say),
+    which the strategy it picks must keep; stages cannot be both given and picked."""
+    if table.stages:
+        raise TransferError(f"strategy={table.name} picks its stages by data size: drop strategy.stages, "
+                            "or choose a strategy (e.g. strategy=gradual) and give it stages")
+    own = load_strategy(table.name) if _strategy_file(table.name).is_file() else StrategyConfig(name=table.name)
+    return {spec.name: getattr(table, spec.name) for spec in fields(StrategyConfig)
+            if spec.name not in TABLE_ONLY | {"stages"} and getattr(table, spec.name) != getattr(own, spec.name)}
+
+
+def _strategy_file(name: str) -> Path:
+    from transfer_cli.hydra_app import config_dir
+
+    return config_dir() / "strategy" / f"{name}.yaml"
 
 
 def load_strategy(name: str) -> StrategyConfig:
     """A strategy from conf/strategy/<name>.yaml, validated against the schema."""
     from omegaconf import OmegaConf
 
-    from transfer_cli.hydra_app import config_dir
-
-    path = config_dir() / "strategy" / f"{name}.yaml"
+    path = _strategy_file(name)
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise TransferError(f"unknown strategy '{name}': use one of {', '.join(known)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.utils.data import Dataset, Subset
 
 from transfer_cli.config import DatasetConfig
-from transfer_cli.data.folder import ImageFolderDataset, class_folders, has_predefined_split
+from transfer_cli.data.folder import ImageFolderDataset, class_folders, folder_layout
 from transfer_cli.data.splits import stratified_split, stratified_subset
 from transfer_cli.data.synthetic import SyntheticImages
 from transfer_cli.errors import TransferError
@@ -57,6 +57,15 @@ def _subset(dataset: Dataset, labels: list[int], indices: Sequence[int]) -> tupl
     return Subset(dataset, list(indices)), [labels[i] for i in indices]
 
 
+def check_classes(data: list[str], run: list[str], fix: str) -> None:
+    """The data's classes must be the run's, in the same order: a label is an index into them."""
+    if list(data) == list(run):
+        return
+    extra, lacking = sorted(set(data) - set(run)), sorted(set(run) - set(data))
+    raise TransferError(f"the data's classes are not the run's (only in the data: {extra[:5]}, only in the run: "
+                        f"{lacking[:5]}{', order differs' if not extra and not lacking else ''}): {fix}")
+
+
 def load_splits(cfg: DatasetConfig, seed: int) -> RawSplits:
     """Build the dataset named by `cfg`, then apply the stratified, seeded subsets."""
     splits = DATASETS.get(cfg.name)(cfg, seed)
@@ -82,21 +91,23 @@ def _synthetic(cfg: DatasetConfig, seed: int) -> RawSplits:
 def _folder(cfg: DatasetConfig, seed: int) -> RawSplits:
     if cfg.root is None:
         raise TransferError("dataset=folder needs dataset.root=<folder with class subfolders>")
-    root = Path(cfg.root).expanduser()
-    if has_predefined_split(root, cfg.train_split, cfg.val_split):
-        classes = class_folders(root / cfg.train_split)
-        val_classes = class_folders(root / cfg.val_split)
+    layout = folder_layout(Path(cfg.root).expanduser(), cfg.train_split, cfg.val_split)
+    classes = class_folders(layout.train)
+    if layout.val is not None:
+        val_classes = class_folders(layout.val)
         if val_classes != classes:
             raise TransferError(
-                f"val classes differ from train classes in {root} (only in train: "
+                f"val classes differ from train classes in {layout.train.parent} (only in train: "
                 f"{sorted(set(classes) - set(val_classes))}, only in val: {sorted(set(val_classes) - set(classes))}): "
                 "give both splits the same class folders"
             )
-        train = ImageFolderDataset(root / cfg.train_split, classes, cfg.on_bad_image)
-        val = ImageFolderDataset(root / cfg.val_split, classes, cfg.on_bad_image)
+        train = ImageFolderDataset(layout.train, classes, cfg.on_bad_image)
+        val = ImageFolderDataset(layout.val, classes, cfg.on_bad_image)
         return RawSplits(train, val, classes, train.targets, val.targets, _paths(train.skipped + val.skipped))
-    classes = class_folders(root)
-    everything = ImageFolderDataset(root, classes, cfg.on_bad_image)
+    if layout.train != Path(cfg.root).expanduser():
+        log.info("%s has no val folder: holding out dataset.val_fraction=%g of each class of %s/",
+                 cfg.root, cfg.val_fraction, layout.train.name)
+    everything = ImageFolderDataset(layout.train, classes, cfg.on_bad_image)
     train_idx, val_idx = stratified_split(everything.targets, cfg.val_fraction, seed)
     train, train_labels = _subset(everything, everything.targets, train_idx)
     val, val_labels = _subset(everything, everything.targets, val_idx)

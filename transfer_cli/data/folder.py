@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,8 @@ class ImageFolderDataset(Dataset):
         return load_rgb(path), label
 
 
-def _names(paths: list[Path], shown: int = 3) -> str:
-    names = ", ".join(path.name for path in paths[:shown])
+def _names(paths: list[Path] | list[str], shown: int = 3) -> str:
+    names = ", ".join(getattr(path, "name", path) for path in paths[:shown])
     return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
@@ -128,5 +129,41 @@ def class_folders(root: Path) -> list[str]:
     return classes
 
 
-def has_predefined_split(root: Path, train_split: str, val_split: str) -> bool:
-    return (root / train_split).is_dir() and (root / val_split).is_dir()
+SPLIT_FOLDERS = ("train", "val", "valid", "validation", "test")
+VAL_SPELLINGS = ("val", "valid", "validation")
+
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """Where a folder dataset's class folders are: `val` None means hold out a share of `train`."""
+
+    train: Path
+    val: Path | None
+
+
+def folder_layout(root: Path, train_split: str, val_split: str) -> FolderLayout:
+    """Class folders directly under `root`, or split folders (`train/`, `val/` or `valid/` or
+    `validation/`, `test/`) holding them; never a classifier over the split names.
+
+    Without a val folder the run holds out a share of `train/`; a `val_split` other than the
+    usual spellings (`test`, say) must exist, so a typo never turns into a silent hold-out.
+    """
+    if not root.is_dir():
+        raise TransferError(f"dataset.root '{root}' is not a directory: point it at a folder of class subfolders")
+    names = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    splits = names & {*SPLIT_FOLDERS, train_split, val_split}
+    if not splits:
+        return FolderLayout(root, None)
+    if names - splits:
+        raise TransferError(f"{root} mixes split folders ({', '.join(sorted(splits))}) with other folders "
+                            f"({_names(sorted(names - splits))}): put the class folders inside {train_split}/ "
+                            f"and {val_split}/, or rename a class folder named like a split")
+    if train_split not in names:
+        raise TransferError(f"{root} has split folders ({', '.join(sorted(splits))}) but no {train_split}/: "
+                            f"add {train_split}/<class>/ folders or set dataset.train_split")
+    spellings = VAL_SPELLINGS if val_split in VAL_SPELLINGS else ()
+    val = next((name for name in (val_split, *spellings) if name in names), None)
+    if val is None and not spellings:
+        raise TransferError(f"dataset.val_split={val_split}: {root} has no {val_split}/ folder "
+                            f"(it has {', '.join(sorted(splits))})")
+    return FolderLayout(root / train_split, root / val if val else None)
