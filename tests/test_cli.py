@@ -77,7 +77,7 @@ USER_MISTAKES = [
     (["backbone.name=test_resnt"], "did you mean test_resnet"),
     (["dataset=folder", "dataset.root=/nonexistent/images"], "is not a directory"),
     (["strategy=discriminative", "backbone.name=test_vit"], "layer group 'layer1' does not exist"),
-    (["trainer.epochs=0"], "must be positive"),
+    (["trainer.epochs=0"], "trainer.epochs=0: must be > 0"),
     (["strategy=fine_tuning"], "Could not find 'strategy/fine_tuning': choose one of auto"),
     (["trainer.epoch=3"], "Key 'epoch' not in 'TrainerConfig'"),
     (["trainer.epochs=abc"], "could not be converted to Integer"),

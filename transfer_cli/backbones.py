@@ -189,11 +189,18 @@ def _torchvision_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
 
 def _load_state_dict_file(model: nn.Module, file: Path) -> None:
     """Load local weights, skipping tensors whose shape differs (a classifier for other classes)."""
+    from transfer_cli.rundir import torch_file_problem
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user mistake
-        raise TransferError(f"backbone.checkpoint '{file}' is not a readable PyTorch state dict ({exc.__class__.__name__})") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated, not a zip, pickled code: the same user mistake
+        raise TransferError(f"backbone.checkpoint '{file}' is not a readable PyTorch state dict: "
+                            f"{torch_file_problem(file, exc)}") from exc
     state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        held = "a dict of values that are not all tensors" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise TransferError(f"backbone.checkpoint '{file}' holds {held}, not a state dict (names mapped to tensors): "
+                            "save one with torch.save(model.state_dict(), path)")
     own = model.state_dict()
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(matching))

@@ -45,6 +45,18 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         raise
 
 
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the temp files `save_atomic` leaves in `folder` when killed mid-write (SIGKILL); returns them.
+
+    Only for a folder one process writes (a run's checkpoints/, under its lock): in a shared
+    folder another process's temp file may still be in the making.
+    """
+    found = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
 def load(path: Path) -> dict[str, Any]:
     """Load a checkpoint with `weights_only=True`: tensors and plain containers only."""
     return torch.load(path, map_location="cpu", weights_only=True)

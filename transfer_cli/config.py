@@ -2,23 +2,36 @@
 
 `conf/train.yaml` names `train_schema` first in its defaults list, so each YAML file and
 override is merged onto these dataclasses: an unknown key or a wrong type fails when the
-config is composed, not in epoch 3. Below the CLI the code receives these dataclasses
-(via `OmegaConf.to_object`), never a DictConfig.
+config is composed, not in epoch 3. A field's allowed range sits in its metadata
+(`rule(...)`, see checks.py); building a TrainConfig checks them all, so a value out of
+range fails there too. Below the CLI the code receives these dataclasses (via
+`OmegaConf.to_object`), never a DictConfig.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+from transfer_cli.checks import Items, Rule, above, at_least, between, check_tree, matches, one_of, ordered, rule
+
+FLAG = rule(one_of("auto", "true", "false", case=False))  # YAML may hand these over as True/False
+POSITIVE = rule(above(0))
+NON_NEGATIVE = rule(at_least(0))
+UNIT = between(0, 1)  # [0, 1): dropouts, betas, momentum, label smoothing, warmup share
+SHARE = between(0, 1, low_open=True, high_open=False)  # (0, 1]
+PROBABILITY = between(0, 1, high_open=False)  # [0, 1]
+DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
 
 
 @dataclass
 class BackboneConfig:
     """Which network to start from and where its weights come from."""
 
-    source: str = MISSING  # timm | torchvision
+    source: str = field(default=MISSING, metadata=rule(one_of("timm", "torchvision")))
     name: str = MISSING  # timm name[.tag] or torchvision model name
     weights: Optional[str] = "DEFAULT"  # torchvision weights enum member, DEFAULT or null
     pretrained: bool = True
@@ -29,10 +42,11 @@ class BackboneConfig:
 class HeadConfig:
     """The classifier that replaces the backbone's own."""
 
-    kind: str = "linear"  # linear | mlp
-    dropout: float = 0.0  # linear: dropout before the layer
-    hidden: int = 256  # mlp only
-    dropouts: list[float] = field(default_factory=lambda: [0.5, 0.3])  # mlp only
+    kind: str = field(default="linear", metadata=rule(one_of("linear", "mlp")))
+    dropout: float = field(default=0.0, metadata=rule(UNIT))  # linear: dropout before the layer
+    hidden: int = field(default=256, metadata=POSITIVE)  # mlp only
+    dropouts: list[float] = field(default_factory=lambda: [0.5, 0.3],  # mlp only: before each of its two layers
+                                  metadata=rule(Items(UNIT, (2,))))
 
 
 @dataclass
@@ -46,18 +60,18 @@ class StageConfig:
     """
 
     name: str = MISSING
-    epochs: int = MISSING
+    epochs: int = field(default=MISSING, metadata=POSITIVE)
     train: list[str] = field(default_factory=lambda: ["head"])
-    lr: Optional[float] = None
-    lrs: Optional[dict[str, float]] = None
-    lr_decay: Optional[float] = None
+    lr: Optional[float] = field(default=None, metadata=POSITIVE)
+    lrs: Optional[dict[str, float]] = field(default=None, metadata=rule(Items(above(0))))
+    lr_decay: Optional[float] = field(default=None, metadata=rule(SHARE))
 
 
 @dataclass
 class SizeRule:
     """One row of a data-size table: below `below` training images (null: any), use `strategy`."""
 
-    below: Optional[int] = None
+    below: Optional[int] = field(default=None, metadata=POSITIVE)
     strategy: str = MISSING
 
 
@@ -66,7 +80,7 @@ class StrategyConfig:
     name: str = MISSING
     description: str = ""
     pretrained: bool = True  # false: random init whatever the backbone says (scratch)
-    lr: float = 1e-3  # default rate of stages that name none
+    lr: float = field(default=1e-3, metadata=POSITIVE)  # default rate of stages that name none
     train_bn: bool = False  # frozen groups keep BatchNorm affine params trainable (stats stay frozen)
     stages: list[StageConfig] = field(default_factory=list)
     by_train_size: Optional[list[SizeRule]] = None  # choose another strategy by data size (auto)
@@ -76,34 +90,40 @@ class StrategyConfig:
 class DatasetConfig:
     """Where images come from. Fields a dataset kind does not use are ignored by it."""
 
-    name: str = MISSING  # flowers102 | cifar10 | dtd | imagenette | folder | synthetic
+    name: str = field(default=MISSING, metadata=rule(one_of(*DATASET_NAMES)))
     root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
     download: bool = True
     train_split: str = "train"
     val_split: str = "val"
-    val_fraction: float = 0.2  # folder without train/ and val/: share held out, stratified
-    on_bad_image: str = "skip"  # skip (warn, count in summary.json) | error
-    train_subset: Optional[int] = None  # stratified, seeded subset of the training split
-    val_subset: Optional[int] = None
-    cache_images: str = "auto"  # keep decoded, resized images in memory: auto (if within budget) | true | false
-    cache_budget_mb: float = 2048.0
-    domain: str = "near"  # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
+    # folder without train/ and val/: share held out, stratified
+    val_fraction: float = field(default=0.2, metadata=rule(between(0, 1, low_open=True)))
+    # skip (warn, count in summary.json) | error
+    on_bad_image: str = field(default="skip", metadata=rule(one_of("skip", "error")))
+    # stratified, seeded subset of the training split
+    train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
+    val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
+    # keep decoded, resized images in memory: auto (if within budget) | true | false
+    cache_images: str = field(default="auto", metadata=FLAG)
+    cache_budget_mb: float = field(default=2048.0, metadata=NON_NEGATIVE)
+    # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
+    domain: str = field(default="near", metadata=rule(one_of("near", "far")))
     # synthetic only
-    num_classes: int = 4
-    train_size: int = 256
-    val_size: int = 128
-    image_size: int = 64
+    num_classes: int = field(default=4, metadata=rule(at_least(2)))
+    train_size: int = field(default=256, metadata=POSITIVE)
+    val_size: int = field(default=128, metadata=POSITIVE)
+    image_size: int = field(default=64, metadata=POSITIVE)
 
 
 @dataclass
 class TransformsConfig:
-    """Preprocessing; null fields follow the backbone's pretrained config."""
+    """Preprocessing; null fields follow the backbone's pretrained config. mean and std take one
+    value per RGB channel, or one for all three."""
 
-    image_size: Optional[int] = None
-    crop_pct: Optional[float] = None
-    interpolation: Optional[str] = None  # bilinear | bicubic | nearest
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    image_size: Optional[int] = field(default=None, metadata=POSITIVE)
+    crop_pct: Optional[float] = field(default=None, metadata=rule(SHARE))
+    interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
+    mean: Optional[list[float]] = field(default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
+    std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))
 
 
 @dataclass
@@ -111,55 +131,69 @@ class AugmentConfig:
     """Training-time augmentation, as data; `none` leaves train = eval preprocessing."""
 
     name: str = MISSING
-    random_resized_crop: Optional[list[float]] = None  # scale range, e.g. [0.08, 1.0]
-    hflip: float = 0.0
-    rotation: float = 0.0
-    color_jitter: Optional[list[float]] = None  # brightness, contrast, saturation, hue
-    translate: Optional[list[float]] = None
-    mixup_alpha: float = 0.0  # > 0: MixUp on training batches (torchvision transforms.v2.MixUp)
-    cutmix_alpha: float = 0.0  # > 0: CutMix; with both, each batch picks one at random
+    random_resized_crop: Optional[list[float]] = field(  # scale range, e.g. [0.08, 1.0]
+        default=None, metadata=rule(Items(SHARE, (2,), Rule(ordered, "must be [smallest, largest] scale"))))
+    hflip: float = field(default=0.0, metadata=rule(PROBABILITY))
+    rotation: float = field(default=0.0, metadata=rule(between(0, 180, high_open=False)))  # degrees
+    color_jitter: Optional[list[float]] = field(  # brightness, contrast, saturation (>= 0), hue (<= 0.5)
+        default=None, metadata=rule(Items(at_least(0), (1, 2, 3, 4),
+                                          Rule(lambda v: len(v) < 4 or v[3] <= 0.5, "its hue (4th) must be <= 0.5"))))
+    translate: Optional[list[float]] = field(  # largest shift as a share of width, height
+        default=None, metadata=rule(Items(PROBABILITY, (2,))))
+    # > 0: MixUp on training batches (torchvision transforms.v2.MixUp)
+    mixup_alpha: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # > 0: CutMix; with both, each batch picks one at random
+    cutmix_alpha: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = MISSING  # adam | adamw | sgd
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_scale: float = 1.0  # multiplies every stage lr (quick runs on random-init models)
+    name: str = field(default=MISSING, metadata=rule(one_of("adam", "adamw", "sgd")))
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    momentum: float = field(default=0.9, metadata=rule(UNIT))  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=rule(Items(UNIT, (2,))))
+    # multiplies every stage lr (quick runs on random-init models)
+    lr_scale: float = field(default=1.0, metadata=POSITIVE)
 
 
 @dataclass
 class SchedulerConfig:
-    name: str = MISSING  # onecycle | cosine | constant
-    warmup_pct: float = 0.1
+    name: str = field(default=MISSING, metadata=rule(one_of("onecycle", "cosine", "constant")))
+    warmup_pct: float = field(default=0.1, metadata=rule(UNIT))
 
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: Optional[int] = None  # epochs without improvement before stopping; null: never stop early
+    # epochs without improvement before stopping; null: never stop early
+    patience: Optional[int] = field(default=None, metadata=POSITIVE)
     monitor: str = "val/acc1"  # any val/* metric; loss-like metrics are minimized, the rest maximized
-    min_delta: float = 0.0
+    min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: Optional[int] = None  # null: the strategy's stage epochs; N: stages scaled to N
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: str = "auto"  # auto (on for CUDA) | true | false
-    channels_last: str = "auto"  # auto (on for CUDA and CPU) | true | false
-    seed: int = 42
-    num_workers: int = 4
-    grad_clip: Optional[float] = None  # max global grad norm
-    label_smoothing: float = 0.0
-    ema_decay: Optional[float] = None  # e.g. 0.999: evaluate and checkpoint an EMA of the weights
+    # null: the strategy's stage epochs; N: stages scaled to N
+    epochs: Optional[int] = field(default=None, metadata=POSITIVE)
+    batch_size: int = field(default=32, metadata=POSITIVE)
+    eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)
+    device: str = field(default="auto", metadata=rule(matches(r"auto|cpu|cuda(:\d+)?|mps",
+                                                              "must be one of auto, cpu, cuda, cuda:N, mps")))
+    amp: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA) | true | false
+    channels_last: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA and CPU) | true | false
+    seed: int = 42  # any integer
+    num_workers: int = field(default=4, metadata=NON_NEGATIVE)
+    grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm
+    label_smoothing: float = field(default=0.0, metadata=rule(UNIT))
+    # e.g. 0.999: evaluate and checkpoint an EMA of the weights
+    ema_decay: Optional[float] = field(default=None, metadata=rule(between(0, 1, low_open=True)))
     compile: bool = False  # torch.compile the model
-    checkpoint_every_steps: Optional[int] = None  # also checkpoint mid-epoch (long epochs)
-    log_every: int = 50  # steps between host syncs that check the loss is finite (every step on CPU)
+    # also checkpoint mid-epoch (long epochs)
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE)
+    # steps between host syncs that check the loss is finite (every step on CPU)
+    log_every: int = field(default=50, metadata=POSITIVE)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    cache_features: str = "auto"  # auto (where exact) | true (one centre view even with augmentation) | false
+    # auto (where exact) | true (one centre view even with augmentation) | false
+    cache_features: str = field(default="auto", metadata=FLAG)
     cache_dir: Optional[str] = None  # feature cache; default ~/.cache/transfer/features (TRANSFER_CACHE)
 
 
@@ -197,6 +231,11 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dry_run: bool = False  # validate everything and print the plan without training
 
+    def __post_init__(self) -> None:
+        """Every value in its range, checked whenever a config is built (composition, `OmegaConf.to_object`,
+        a run dir's config.yaml, `transfer eval` overrides): a bad one is one line naming the key."""
+        check_tree(self)
+
 
 def register_configs() -> None:
     """Store the schema so `conf/train.yaml` can extend it."""
@@ -212,9 +251,9 @@ def _stand_in_for_missing_sweeper(store: Any) -> None:
     The stand-in has the plugin's keys and class name; `transfer train -m hparams_search=...`
     stops before Hydra starts with the install hint (hydra_app), so it never runs.
     """
-    import importlib.util
+    from transfer_cli.extras import installed
 
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
+    if installed("hydra_plugins.hydra_optuna_sweeper"):
         return
     store.store(group="hydra/sweeper", name="optuna", provider="transfer", node={
         "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",

@@ -30,9 +30,10 @@ single-process one, unchanged. The choices, in one place:
 - Imports: torch loads only where a process group is wanted (WORLD_SIZE > 1) or already up,
   so a single process that does no training (a sweep job that finds its run finished,
   `transfer train --help`) never pays for it.
-- Randomness: after the model is built each rank reseeds with seed + rank, so augmentation,
-  dropout and MixUp differ between ranks; checkpoints keep every rank's RNG state, so a
-  resume with the same N is exact.
+- Randomness: augmentation is seeded per sample from (seed, epoch, index), so ranks differ
+  because they draw different samples, and it does not depend on N; after the model is built
+  each rank reseeds with seed + rank, so dropout and MixUp differ between ranks; checkpoints
+  keep every rank's RNG state, so a resume with the same N is exact.
 """
 
 from __future__ import annotations
@@ -300,6 +301,9 @@ except ImportError:  # pragma: no cover - hydra-core < 1.1
 class AgreeOnRunDir(_Callback):  # type: ignore[misc,valid-type]
     """Hydra callback: every torchrun rank resolves the same run (or sweep) directory.
 
+    A single run's directory, and a sweep's clock-made one, are already pinned before Hydra
+    starts (hydra_app `_claim_dir`: rank 0 resolves, claims and locks, every rank gets the path
+    as an override); this keeps every other `${now:}` (a launcher's job process) rank 0's.
     Runs after composition and before the directory is resolved. The run or sweep dir is
     resolved here once, with rank 0's `${now:}`, and cached in the config, so a later
     re-registration of Hydra's own resolver (the basic launcher does one) changes nothing.

@@ -181,19 +181,28 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision: Precision,
-             num_classes: int, prefix: str = "val") -> dict[str, float]:
-    """Loss and top-1 (and top-5 with 5+ classes) over `loader`, in eval mode."""
+             num_classes: int, prefix: str = "val", on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Loss and top-1 (and top-5 with 5+ classes) over `loader`, in eval mode.
+
+    `on_batch()` runs after every batch (an interrupt can stop a long pass). A NaN or infinite
+    loss on any batch raises NonFiniteLoss: such a model's figures are not numbers to record.
+    """
     was_training = model.training
     model.eval()
     tally = Tally(precision.device, topk_for(num_classes))
     start = time.perf_counter()
-    for images, labels in tqdm(loader, desc=prefix, leave=False, disable=None):
-        images, labels = precision.to_device(images, labels)
-        with precision.autocast():
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-        tally.add(loss, logits, labels)
-    model.train(was_training)
+    try:
+        for images, labels in tqdm(loader, desc=prefix, leave=False, disable=None):
+            images, labels = precision.to_device(images, labels)
+            with precision.autocast():
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            tally.add(loss, logits, labels)
+            on_batch()
+    finally:
+        model.train(was_training)
+    if tally.any_nonfinite():  # DDP: a collective, and every process gets the same answer
+        raise NonFiniteLoss(f"non-finite {prefix} loss")
     metrics = tally.reduced().result(prefix)  # DDP: each process saw its shard
     metrics[f"{prefix}/seconds"] = time.perf_counter() - start
     return metrics

@@ -15,6 +15,8 @@ PLUGIN_OVERRIDES = {
     "hydra/sweeper=optuna": ("hydra_plugins.hydra_optuna_sweeper", "search"),
     "hydra/launcher=joblib": ("hydra_plugins.hydra_joblib_launcher", "cluster"),
     "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "cluster"),
+    "logger=tensorboard": ("tensorboard", "tensorboard"),
+    "logger=mlflow": ("mlflow", "mlflow"),
 }
 
 
@@ -38,5 +40,6 @@ def missing_plugin(argv: list[str]) -> str | None:
             continue
         for prefix, (module, extra) in PLUGIN_OVERRIDES.items():
             if override.startswith(prefix) and not installed(module):
-                return f"{arg} needs the {module.split('.')[-1]} plugin: {install_hint(extra)}"
+                what = "plugin" if module.startswith("hydra_plugins.") else "package"
+                return f"{arg} needs the {module.split('.')[-1]} {what}: {install_hint(extra)}"
     return None

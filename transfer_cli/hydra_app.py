@@ -1,26 +1,34 @@
 """The Hydra boundary: compose the config, convert it once to dataclasses, run, report.
 
 Below this module nothing imports Hydra. User mistakes (TransferError) become one line
-on stderr and exit code 2; a run that failed before training leaves no run directory.
+on stderr and exit code 2; a run that failed before its first checkpoint leaves no run directory.
 
 A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
 finished run (summary.json) is skipped and reports its stored result, a job that had
 started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
 it, and a directory holding a run with another config is an error, never overwritten.
+
+A run directory belongs to one run (see runlock.py): a single run's directory is resolved,
+checked and locked before Hydra writes anything in it, so a directory that holds a run is
+refused with every file left as it was, and a clock-made name (`${now:}`) taken by a run
+started in the same second gets a suffix. A sweep job locks its own directory. A bug (any
+exception but TransferError) ends with one line naming it and a file with its traceback
+(exit 1); a run that saved no checkpoint leaves nothing behind, one that did stays resumable.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}
+HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
 
 
 def config_dir() -> Path:
@@ -30,16 +38,36 @@ def config_dir() -> Path:
     return installed if installed.is_dir() else here.parent / "conf"
 
 
-def _discard_unstarted(run_dir: Path) -> None:
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_ONLY_FILES:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _discard_unstarted(run_dir: Path, keep: set[str]) -> None:
+    """Remove what a new run that saved no checkpoint wrote, keeping the entries in `keep` (what the
+    directory held before it); the directory goes too when nothing else is left. A run with
+    checkpoints/last.pt or summary.json is kept: it can be resumed or read."""
+    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "summary.json").is_file():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in keep:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only when empty
+
+
+def _entries_before(run_dir: Path) -> set[str]:
+    """What a job's directory held before this run (Hydra's own files and the lock are the run's)."""
+    from transfer_cli.runlock import LOCK_NAME
+
+    names = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
+    return names - HYDRA_ONLY_FILES - {LOCK_NAME}
 
 
 SWEEP_FLAGS = {"-m", "--multirun"}
 
 
 def composition_error(argv: list[str]) -> str | None:
-    """Compose the config up front, so a typo'd key, option or value is one line.
+    """Compose the config up front, so a typo'd key, option or value, or a value out of its range
+    (config.py's rules), is one line before anything is written.
 
     A sweep is checked value by value (see `_value_by_value`), not job by job. Hydra's own
     flags (--help, --cfg, ...) are left to Hydra, which reports them.
@@ -47,18 +75,19 @@ def composition_error(argv: list[str]) -> str | None:
     flags = [arg for arg in argv if arg.startswith("-")]
     if any(flag not in SWEEP_FLAGS for flag in flags):
         return None
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+
+    from transfer_cli.errors import TransferError
 
     overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra")]
     try:
         runs = _value_by_value(overrides) if flags else [overrides]
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            for run in runs:
-                compose("train", overrides=run)
-    except (HydraException, OmegaConfBaseException) as error:
+        for run in runs:
+            compose_config(run)
+    except HydraException as error:  # a sweep override Hydra cannot parse
         return _one_line(f"{error}\n{error.__cause__ or ''}")
+    except TransferError as error:
+        return str(error)
     return None
 
 
@@ -89,11 +118,11 @@ def _value_by_value(overrides: list[str]) -> list[list[str]]:
 def compose_config(overrides: list[str]) -> Any:
     """The TrainConfig `transfer train <overrides>` would run, composed in this process without a
     Hydra job (no run dir, no logging set up), for commands that build on it; a composition
-    mistake is a one-line TransferError."""
+    mistake or a value out of its range is a one-line TransferError."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     from transfer_cli.config import register_configs
     from transfer_cli.errors import TransferError
@@ -102,6 +131,8 @@ def compose_config(overrides: list[str]) -> Any:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             return OmegaConf.to_object(compose("train", overrides=overrides))
+    except MissingMandatoryValue as error:
+        raise TransferError(f"{error.full_key} has no value: give one ({error.full_key}=...)") from error
     except (HydraException, OmegaConfBaseException) as error:
         raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
 
@@ -123,74 +154,222 @@ def run_train(argv: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig
 
     from transfer_cli import distributed
     from transfer_cli.config import register_configs
-    from transfer_cli.errors import USER_ERROR_EXIT, Interrupted, TransferError, report_user_error
+    from transfer_cli.errors import TransferError, report_user_error
+    from transfer_cli.extras import missing_plugin
 
-    missing = _missing_sweeper_plugin(argv)
+    missing = missing_plugin(argv)
     if missing:
         return report_user_error(missing)
     register_configs()
     problem = composition_error(argv)
     if problem:
         return report_user_error(problem)
-    distributed.init_from_env()  # torchrun: before Hydra composes, so the ranks agree on ${now:} (AgreeOnRunDir)
-    failures: list[str] = []
-    interrupted: list[str] = []
+    distributed.init_from_env()  # torchrun: before Hydra composes, so rank 0 picks the run dir for every rank
+    try:
+        where, lock = _claim_dir(argv)
+    except TransferError as error:
+        return report_user_error(error)
+    outcomes = _Outcomes()
     launcher_pid = os.getpid()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def task(composed: DictConfig) -> float | None:
         distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
         hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-        main = distributed.is_main()
+        return _job(composed, Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN, outcomes,
+                    worker=os.getpid() != launcher_pid)
+
+    sys.argv = ["transfer train", *argv, *where]
+    with lock or contextlib.nullcontext():  # a single run's directory stays locked until Hydra is done with it
+        task()
+    return outcomes.report()
+
+
+class _Outcomes:
+    """How the jobs of one `transfer train` ended, said on stderr once Hydra is done, and its exit code:
+    an interruption's (130, 143) before a bug's (1) before a user mistake's (2)."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self._say: list[Callable[[], object]] = []
+
+    def add(self, code: int, line: str) -> None:
+        self.codes.append(code)
+        self._say.append(lambda: print(line, file=sys.stderr))
+
+    def user_error(self, error: Exception) -> None:
+        from transfer_cli.errors import USER_ERROR_EXIT, report_user_error
+
+        self.codes.append(USER_ERROR_EXIT)
+        self._say.append(lambda: report_user_error(error))
+
+    def report(self) -> int:
+        for say in self._say:
+            say()
+        return sorted(self.codes, key=lambda code: (code in (1, 2), code))[0] if self.codes else 0
+
+
+def _claim_dir(argv: list[str]) -> tuple[list[str], Any]:
+    """Before Hydra writes anything, rank 0 picks the directory (see runlock.claim_new) and locks a single
+    run's; every rank gets the Hydra override that names it, and rank 0 the lock. Hydra's own flags
+    (--help, --cfg, ...) write no run: nothing to claim."""
+    from transfer_cli import distributed
+    from transfer_cli.errors import TransferError
+
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in SWEEP_FLAGS for flag in flags):
+        return [], None
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    claimed, lock = None, None
+    if distributed.is_main():
         try:
-            cfg = OmegaConf.to_object(composed)
-            resume = None
-            if hydra_cfg.mode == RunMode.MULTIRUN:
-                found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
-                if found["kind"] == "other":
-                    raise TransferError(f"{run_dir} holds a run with another config ({found['differences'][0]}"
-                                        f"{' and more' if len(found['differences']) > 1 else ''}): "
-                                        "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
-                if found["kind"] == "done":
-                    return _report_done(run_dir, found["summary"])
-                if found["kind"] == "partial":
-                    cfg, resume = _resume_point(run_dir)
-            if resume is None and main:
-                OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
-            from transfer_cli.train import train  # torch: only a job that trains loads it
-
-            summary = train(cfg, run_dir, resume=resume)
+            claimed, lock = _claim_on_main(overrides, sweep=bool(flags))
         except TransferError as error:
-            failures.append(str(error))
-            if main:
-                _discard_unstarted(run_dir)
-            if os.getpid() != launcher_pid:  # a launcher's worker: the job must fail where the launcher sees it
-                report_user_error(error)
-                raise
-            return None
-        except Interrupted as stop:
-            interrupted.append(f"{stop}; continue with: transfer resume {run_dir}")
-            return None
-        if summary.get("dry_run"):
-            if main:
-                _discard_unstarted(run_dir)
-            return None
-        print(f"run dir: {run_dir}")
-        print(format_result(summary))
-        return _objective(summary)
+            claimed = error
+    claimed = distributed.broadcast_object(claimed)
+    if isinstance(claimed, TransferError):
+        raise claimed
+    return ([claimed] if claimed else []), lock
 
-    sys.argv = ["transfer train", *argv]
-    task()
-    for failure in failures:
-        report_user_error(failure)
-    for message in interrupted:
-        print(f"transfer: {message}", file=sys.stderr)
-    return 130 if interrupted else (USER_ERROR_EXIT if failures else 0)
+
+def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
+    """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
+    from transfer_cli import runlock
+
+    planned, from_clock, sweep = _planned_dir(overrides, sweep)
+    if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
+        return (f"hydra.sweep.dir={_quoted(str(runlock.unused_dir(planned)))}" if from_clock else None), None
+    lock = runlock.claim_new(planned, from_clock, "transfer train")
+    return f"hydra.run.dir={_quoted(str(lock.run_dir))}", lock
+
+
+def _planned_dir(overrides: list[str], sweep: bool) -> tuple[Path, bool, bool]:
+    """The directory Hydra would write (a sweep's: its dir), resolved here the way Hydra resolves it;
+    whether its name comes from the clock (`${now:...}`); whether this is a sweep (-m or hydra.mode)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from transfer_cli.errors import TransferError
+
+    setup_globals()  # Hydra's ${now:} and ${hydra:} resolvers
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=_value_by_value(overrides)[0] if sweep else overrides,
+                          return_hydra_config=True)
+        sweep = sweep or cfg.hydra.mode == RunMode.MULTIRUN
+        node = cfg.hydra.sweep if sweep else cfg.hydra.run
+        HydraConfig.instance().set_config(cfg)
+        planned = Path(str(node.dir))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+    pattern = str(OmegaConf.to_container(node, resolve=False)["dir"])
+    return planned, "${now:" in pattern, sweep
+
+
+def _quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value: any path, spaces, commas and quotes included. In Hydra's
+    quoted strings a backslash is literal except in a run before a quote or the closing quote: such runs double."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+
+
+def _job(composed: Any, run_dir: Path, sweep_job: bool, outcomes: _Outcomes, worker: bool) -> float | None:
+    """One job in its locked directory (a sweep job locks its own here); however it ends goes to `outcomes`.
+    A launcher's worker (`worker`) also fails where its launcher sees it."""
+    from transfer_cli import distributed, runlock
+    from transfer_cli.errors import report_user_error
+
+    main = distributed.is_main()
+    finished = (run_dir / "summary.json").is_file() if main else None  # a re-run's skip reads only: no lock
+    locked = sweep_job and not distributed.broadcast_object(finished)
+    try:
+        with runlock.hold_on_main(run_dir, "a transfer train -m job") if locked else contextlib.nullcontext():
+            keep, new = _entries_before(run_dir), not (run_dir / "config.yaml").is_file()
+            discard = (lambda: _discard_unstarted(run_dir, keep)) if main and new else (lambda: None)
+            try:
+                return _train_job(composed, run_dir, sweep_job, discard)
+            except BaseException as error:  # noqa: BLE001 - each ending is settled in one place
+                _settle(error, run_dir, discard, outcomes, worker)
+                return None
+    except runlock.RunDirBusy as error:  # another process's run: left alone
+        outcomes.user_error(error)
+        if worker:
+            report_user_error(error)
+            raise
+        return None
+
+
+def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], outcomes: _Outcomes,
+            worker: bool) -> None:
+    """A job's failure as one line: a user mistake (2), an interruption (130, 143), a bug (1, its traceback in a
+    file); a new run without a checkpoint is discarded. Anything else (SystemExit) goes on up."""
+    from transfer_cli.cli import BUG_EXIT, INTERRUPT_EXIT, bug_line
+    from transfer_cli.errors import Interrupted, TransferError, report_user_error
+    from transfer_cli.runlock import holds_run
+
+    if isinstance(error, Interrupted):
+        outcomes.add(getattr(error, "exit_code", INTERRUPT_EXIT),
+                     f"transfer: {error}; continue with: transfer resume {run_dir}")
+        return
+    if not isinstance(error, (Exception, KeyboardInterrupt)):
+        raise error
+    discard()
+    resumable = holds_run(run_dir) and not (run_dir / "summary.json").is_file()
+    then = f"; continue with: transfer resume {run_dir}" if resumable else ""
+    if isinstance(error, TransferError):
+        outcomes.user_error(error)
+        if worker:
+            report_user_error(error)
+            raise error
+    elif isinstance(error, KeyboardInterrupt):
+        outcomes.add(INTERRUPT_EXIT, f"transfer: interrupted{then or ' before the first checkpoint: nothing kept'}")
+    else:
+        line = bug_line(error, run_dir / "error.log" if holds_run(run_dir) else None, then)
+        outcomes.add(BUG_EXIT, line)
+        if worker:
+            print(line, file=sys.stderr)
+            raise error
+
+
+def _train_job(composed: Any, run_dir: Path, sweep_job: bool, discard: Callable[[], None]) -> float | None:
+    """Train one job (a sweep re-run: skip a finished one, resume a partial one); its objective for a sweeper."""
+    from omegaconf import OmegaConf
+
+    from transfer_cli import distributed
+    from transfer_cli.errors import TransferError
+
+    main = distributed.is_main()
+    cfg = OmegaConf.to_object(composed)
+    resume = None
+    if sweep_job:
+        found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
+        if found["kind"] == "other":
+            raise TransferError(f"{run_dir} holds a run with another config ({found['differences'][0]}"
+                                f"{' and more' if len(found['differences']) > 1 else ''}): "
+                                "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
+        if found["kind"] == "done":
+            return _report_done(run_dir, found["summary"])
+        if found["kind"] == "partial":
+            cfg, resume = _resume_point(run_dir)
+    if resume is None and main:
+        OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
+    from transfer_cli.train import train  # torch: only a job that trains loads it
+
+    summary = train(cfg, run_dir, resume=resume)
+    if summary.get("dry_run"):
+        discard()
+        return None
+    print(f"run dir: {run_dir}")
+    print(format_result(summary))
+    return _objective(summary)
 
 
 def _objective(summary: dict[str, Any]) -> float | None:
@@ -204,14 +383,14 @@ def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file():
         return {"kind": "new"}
     from transfer_cli.config import to_plain
-    from transfer_cli.rundir import load_run_config
+    from transfer_cli.rundir import load_run_config, read_summary
 
     differences = _differences(to_plain(load_run_config(run_dir)), to_plain(cfg))
     if differences:
         return {"kind": "other", "differences": differences}
     summary = run_dir / "summary.json"
     if summary.is_file():
-        return {"kind": "done", "summary": json.loads(summary.read_text(encoding="utf-8"))}
+        return {"kind": "done", "summary": read_summary(summary)}
     return {"kind": "partial"}
 
 
@@ -234,23 +413,13 @@ def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:
 
 def _resume_point(run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
     """The saved config and checkpoints/last.pt (None: the run had saved none), as `transfer resume` loads them."""
-    from transfer_cli import checkpoint
-    from transfer_cli.rundir import load_run_config
+    from transfer_cli.rundir import load_last_checkpoint, load_run_config
 
-    last = run_dir / "checkpoints" / "last.pt"
-    state = checkpoint.load(last) if last.is_file() else None
+    state = load_last_checkpoint(run_dir)
     logging.getLogger(__name__).info(
         "resuming %s from %s", run_dir,
         f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
     return load_run_config(run_dir), state
-
-
-def _missing_sweeper_plugin(argv: list[str]) -> str | None:
-    """`hparams_search=...` without the Optuna sweeper plugin: the install hint, before Hydra starts."""
-    wanted = [a for a in argv if a.split("=", 1)[0].lstrip("+~") == "hparams_search" and not a.endswith("=null")]
-    if wanted and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        return f"{wanted[0]} needs the Optuna sweeper plugin: pip install -e \".[search]\""
-    return None
 
 
 def format_result(summary: dict) -> str:

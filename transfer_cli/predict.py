@@ -11,7 +11,7 @@ import io
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -90,7 +90,8 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
         raise TransferError(f"--top-k {top_k}: give at least 1")
     cfg, model, classes = load_trained_model(run_dir, checkpoint)
     images = readable(find_images(paths))
-    cfg.trainer.device = device or cfg.trainer.device
+    if device:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, device=device))  # validated like the config's own
     torch_device = resolve_device(cfg.trainer.device)
     precision, _ = resolve_precision(cfg.trainer, torch_device)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format

@@ -7,7 +7,6 @@ Hydra; matplotlib is imported only to draw val_acc.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
@@ -23,6 +22,7 @@ import yaml
 
 from transfer_cli import runlog
 from transfer_cli.errors import TransferError, report_user_error
+from transfer_cli.rundir import read_summary
 
 SEED = "trainer.seed"
 # Keys that name a config group's choice: their siblings follow from the choice.
@@ -128,37 +128,44 @@ def _natural(path: Path) -> list[Any]:
 
 
 def load_run(path: Path) -> Run:
-    """Read a run dir; a config missing from config.yaml falls back to the composed .hydra/config.yaml."""
+    """Read a run dir; a config missing from config.yaml falls back to the composed .hydra/config.yaml.
+
+    A damaged file is a TransferError naming it (metrics.jsonl: runlog drops a torn last line).
+    """
     resolved = path / "config.yaml"
-    config = _flatten(_load_yaml(resolved if resolved.is_file() else path / ".hydra" / "config.yaml") or {})
-    overrides = _load_yaml(path / ".hydra" / "overrides.yaml") or []
+    config = _load_yaml(resolved if resolved.is_file() else path / ".hydra" / "config.yaml", dict) or {}
+    overrides = _load_yaml(path / ".hydra" / "overrides.yaml", list) or []
     summary_path = path / "summary.json"
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
-    except json.JSONDecodeError as error:
-        raise TransferError(f"{summary_path} is not valid JSON: {error}") from error
-    return Run(path, config, [str(o) for o in overrides], _read_records(path / "metrics.jsonl"), summary)
+    summary = read_summary(summary_path) if summary_path.is_file() else None
+    return Run(path, _flatten(config), [str(o) for o in overrides], runlog.read_metrics(path), summary)
 
 
-def _load_yaml(path: Path) -> Any:
-    """The parsed file, None where it is missing."""
+def _load_yaml(path: Path, kind: type) -> Any:
+    """The parsed file (a `kind`), None where it is missing or empty."""
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise TransferError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from error
+    if tree is not None and not isinstance(tree, kind):
+        raise TransferError(f"{path} is damaged: it holds a {type(tree).__name__}, not a {kind.__name__}")
+    return tree
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    """Like runlog.read_metrics, but skips a line a crash cut short instead of failing the report."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
+def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
+    """Every readable run, and one line per unreadable one (its path and what is wrong), so one
+    damaged run never blocks the report of the others."""
+    runs, unreadable = [], []
+    for path in paths:
+        try:
+            runs.append(load_run(path))
+        except TransferError as error:
+            unreadable.append(f"{path}: {error}" if str(path) not in str(error) else str(error))
+    if not runs:
+        raise TransferError(f"no readable run among {len(paths)} run director{'y' if len(paths) == 1 else 'ies'}: "
+                            f"{unreadable[0]}{' (and more)' if len(unreadable) > 1 else ''}")
+    return runs, unreadable
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -269,9 +276,10 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     plt.close(figure)
 
 
-def build_report(paths: list[Path], out: Path) -> str:
-    """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the table."""
-    runs = [load_run(path) for path in find_run_dirs(paths)]
+def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
+    """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the
+    table and the unreadable runs (listed under the table in results.md too)."""
+    runs, unreadable = load_runs(find_run_dirs(paths))
     keys = differing_keys(runs)
     shown = shown_keys(runs, keys)
     rows = group_rows(runs, keys)
@@ -281,12 +289,14 @@ def build_report(paths: list[Path], out: Path) -> str:
     table = markdown_table(rows, shown)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.md").write_text(table + "\n", encoding="utf-8")
+        skipped = "".join(f"\n- {line}" for line in unreadable)
+        (out / "results.md").write_text(table + "\n" + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""),
+                                        encoding="utf-8")
         write_csv(out / "results.csv", rows, keys)
         plot_val_acc(out / "val_acc.png", runs, shown)
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
-    return table
+    return table, unreadable
 
 
 def run_report(argv: list[str]) -> int:
@@ -299,9 +309,11 @@ def run_report(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, metavar="OUTDIR", help="where to write the report (default: the first DIR)")
     args = parser.parse_args(argv)
     try:
-        table = build_report(args.dirs, args.out or args.dirs[0])
+        table, unreadable = build_report(args.dirs, args.out or args.dirs[0])
     except TransferError as error:
         return report_user_error(error)
     print(table)
+    for line in unreadable:
+        print(f"transfer: skipped an unreadable run: {line}", file=sys.stderr)
     print(f"wrote results.md, results.csv and val_acc.png to {args.out or args.dirs[0]}", file=sys.stderr)
     return 0

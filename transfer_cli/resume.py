@@ -22,35 +22,66 @@ def _log_to(run_dir: Path) -> None:
 
 def resume(run_dir_arg: str) -> int:
     """Resume one run; a finished run is reported and left unchanged."""
-    from transfer_cli.rundir import load_run_config, require_run_dir
+    from transfer_cli.rundir import require_run_dir
 
     run_dir = require_run_dir(run_dir_arg)  # before torch loads: a mistyped path fails at once
 
-    from transfer_cli import checkpoint, distributed
-    from transfer_cli.hydra_app import format_result
-    from transfer_cli.train import train
-    from transfer_cli.errors import Interrupted
+    from transfer_cli import distributed, runlock
 
     distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
     main = distributed.is_main()
+    if _finished(run_dir, main):
+        return 0
+    with runlock.hold_on_main(run_dir, "transfer resume"):  # one writer; a finished run is not even locked
+        return _continue(run_dir, main)
+
+
+def _finished(run_dir: Path, main: bool) -> bool:
+    """A run with a (readable) summary.json is finished; a damaged one is a one-line error, not 'finished'."""
+    from transfer_cli.rundir import read_summary
+
     if (run_dir / "summary.json").is_file():
+        read_summary(run_dir / "summary.json")
         if main:
             print(f"{run_dir} already finished (summary.json exists): nothing to resume")
+        return True
+    return False
+
+
+def _continue(run_dir: Path, main: bool) -> int:
+    """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
+    from transfer_cli.cli import BUG_EXIT, INTERRUPT_EXIT, bug_line
+    from transfer_cli.errors import Interrupted
+    from transfer_cli.hydra_app import format_result
+    from transfer_cli.rundir import load_last_checkpoint, load_run_config
+    from transfer_cli.train import train
+
+    if _finished(run_dir, main):  # the writer this one waited for finished it
         return 0
     cfg = load_run_config(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    state = checkpoint.load(last) if last.is_file() else None
+    state = load_last_checkpoint(run_dir)
     if main:
         _log_to(run_dir)
     logging.getLogger(__name__).info(
         "resuming %s from %s", run_dir,
         f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
+    again = f"; continue with: transfer resume {run_dir}"
     try:
         summary = train(cfg, run_dir, resume=state)
     except Interrupted as stop:
         if main:
-            print(f"transfer: {stop}; continue with: transfer resume {run_dir}", file=sys.stderr)
-        return 130
+            print(f"transfer: {stop}{again}", file=sys.stderr)
+        return getattr(stop, "exit_code", INTERRUPT_EXIT)
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written stays the resume point
+        if main:
+            print(f"transfer: interrupted{again}", file=sys.stderr)
+        return INTERRUPT_EXIT
+    except TransferError:  # a mistake (changed data, say): one line from main()
+        raise
+    except Exception as error:  # noqa: BLE001 - a bug: one line, its traceback in the run's error.log
+        if main:
+            print(bug_line(error, run_dir / "error.log", again), file=sys.stderr)
+        return BUG_EXIT
     if main:
         print(f"run dir: {run_dir}")
         print(format_result(summary))

@@ -1,4 +1,6 @@
-"""Reading a finished or interrupted run directory back: its config and checkpoints."""
+"""Reading a finished or interrupted run directory back: its config, checkpoints and summary.
+
+Every reader turns a damaged file into one TransferError line naming the file and what is wrong."""
 
 from __future__ import annotations
 
@@ -24,17 +26,93 @@ def require_run_dir(path: str | Path) -> Path:
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The resolved config a run was trained with, validated against the schema."""
-    from omegaconf import OmegaConf
+    """The resolved config a run was trained with, validated against the schema and its ranges;
+    a damaged or foreign config.yaml is one line naming the file and what is wrong with it."""
+    import yaml
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from transfer_cli.config import register_configs
+    file = run_dir / "config.yaml"
+    try:
+        tree = OmegaConf.load(file)
+    except yaml.MarkedYAMLError as error:
+        where = f" (line {error.problem_mark.line + 1})" if error.problem_mark else ""
+        raise TransferError(f"{file} is not valid YAML{where}: {error.problem or error.context}") from error
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise TransferError(f"{file} is unreadable: {_first_line(error)}") from error
+    if not isinstance(tree, DictConfig):
+        raise TransferError(f"{file} is damaged: it holds a list, not a config mapping")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), tree))
+    except OmegaConfBaseException as error:
+        raise TransferError(f"{file} does not fit the config schema: {_first_line(error)}") from error
+    except TransferError as error:
+        raise TransferError(f"{file}: {error}") from error
 
-    register_configs()
-    merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml"))
-    return OmegaConf.to_object(merged)
+
+def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """checkpoints/last.pt, the state a resume continues from (None: the run saved none yet), or a
+    one-line error where the file is damaged or is not a resumable `transfer train` checkpoint."""
+    file = run_dir / "checkpoints" / "last.pt"
+    if not file.is_file():
+        return None
+    payload = _load_checkpoint_file(file)
+    progress = payload.get("progress")
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing or not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in ("epoch", "step")):
+        what = f"no {', '.join(missing)}" if missing else "no progress (epoch, step)"
+        raise TransferError(f"{file} is not a resumable `transfer train` checkpoint ({what}): "
+                            "move it aside to restart the run from its first epoch")
+    return payload
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, or one line saying the file is torn or not a summary."""
+    import json
+
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TransferError(f"{path} is not valid JSON ({_first_line(error)}): was its write cut short?") from error
+    if not isinstance(summary, dict):
+        raise TransferError(f"{path} is not a run summary (a JSON object): it holds a {type(summary).__name__}")
+    return summary
+
+
+def _load_checkpoint_file(file: Path) -> dict[str, Any]:
+    """A checkpoint's payload (a dict), or a one-line error for a truncated, foreign or unsafe file."""
+    from transfer_cli import checkpoint as checkpoints
+
+    try:
+        payload = checkpoints.load(file)
+    except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: the same user-facing problem
+        raise TransferError(f"cannot read checkpoint {file}: {torch_file_problem(file, error)}") from error
+    if not isinstance(payload, dict):
+        raise TransferError(f"{file} is not a `transfer train` checkpoint: it holds a {type(payload).__name__}")
+    return payload
+
+
+def torch_file_problem(file: Path, error: Exception) -> str:
+    """Why `torch.load(file, weights_only=True)` failed, in words (its own messages run to many lines)."""
+    import pickle
+    import zipfile
+
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain containers, which are not loaded (weights_only)"
+    if not zipfile.is_zipfile(file):
+        return "not a whole PyTorch file (cut short, or another kind of file)"
+    return f"{type(error).__name__}: {_first_line(error)[:160]}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 CHECKPOINTS = ("best", "last")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -89,18 +167,12 @@ def preprocessing_of(cfg: TrainConfig, model: TransferModel) -> Preprocessing:
 
 def _read_checkpoint(file: Path, checkpoint: str) -> tuple[dict[str, Any], list[str]]:
     """The model state dict and class names of a checkpoint, or a one-line error."""
-    from transfer_cli import checkpoint as checkpoints
-
     if checkpoint not in CHECKPOINTS:
         raise TransferError(f"checkpoint={checkpoint}: use {' or '.join(CHECKPOINTS)}")
     if not file.is_file():
         raise TransferError(f"{file} does not exist: the run saved no checkpoint (did it finish an epoch?)")
-    try:
-        payload = checkpoints.load(file)
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign file is the same user-facing problem
-        raise TransferError(f"cannot read checkpoint {file} ({type(error).__name__}): "
-                            "is it a `transfer train` checkpoint?") from error
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) or not payload.get("classes"):
+    payload = _load_checkpoint_file(file)
+    if not isinstance(payload.get("model"), dict) or not payload.get("classes"):
         raise TransferError(f"{file} is not a `transfer train` checkpoint (it needs 'model' and 'classes')")
     state = payload["model"]
     if isinstance(payload.get("ema"), dict):  # trainer.ema_decay: the averaged weights are the ones validated

@@ -17,7 +17,7 @@ from torch import nn
 
 from transfer_cli import distributed, loggers, runlog
 from transfer_cli.config import StrategyConfig, TrainConfig, TrainerConfig, to_plain
-from transfer_cli.data.datasets import RawSplits, load_splits
+from transfer_cli.data.datasets import RawSplits, check_classes, load_splits
 from transfer_cli.data.image_cache import maybe_cache
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import (
@@ -28,7 +28,7 @@ from transfer_cli.data.transforms import (
     resolve_preprocessing,
     train_transform,
 )
-from transfer_cli.feature_cache import backbone_is_deterministic, cached_splits
+from transfer_cli.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
 from transfer_cli.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.data.mixing import batch_mixer
 from transfer_cli.engine import Precision, StepRunner
@@ -80,15 +80,6 @@ def _flag(value: str, option: str) -> bool:
     return lowered == "true"
 
 
-def _validate(cfg: TrainConfig) -> None:
-    if cfg.trainer.epochs is not None and cfg.trainer.epochs <= 0:
-        raise TransferError(f"trainer.epochs={cfg.trainer.epochs} must be positive (or null for the strategy's own)")
-    if cfg.trainer.batch_size <= 0:
-        raise TransferError(f"trainer.batch_size={cfg.trainer.batch_size} must be positive")
-    if cfg.optimizer.lr_scale <= 0:
-        raise TransferError(f"optimizer.lr_scale={cfg.optimizer.lr_scale} must be positive")
-
-
 @dataclass
 class Prepared:
     """A run ready to fit: what train and resume both build from a config."""
@@ -114,8 +105,7 @@ def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, 
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
-    """Validate the config and build data, model, stages, loaders and the fit setup."""
-    _validate(cfg)
+    """Build data, model, stages, loaders and the fit setup (building `cfg` checked its values)."""
     seed_everything(cfg.trainer.seed)
     device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
@@ -156,7 +146,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         compile=cfg.trainer.compile,
     )
     setup.head_only = _head_only_path(cfg, model, splits, preprocessing, precision, setup, strategy)
-    if distributed.active():  # distinct augmentation, dropout and MixUp streams per rank (after the shared init)
+    if distributed.active():  # distinct dropout and MixUp streams per rank (augmentation is per sample)
         seed_everything(cfg.trainer.seed + 1_000_003 * distributed.rank())
     return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
 
@@ -183,14 +173,25 @@ def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, p
         return make_loader(data, size, train=train, num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
                            pin_memory=precision.device.type == "cuda")
 
+    key_extra = (f"{cfg.backbone.source}:{cfg.backbone.name}|{preprocessing}|{precision.device.type}|"
+                 f"{precision.amp_dtype}|channels_last={precision.channels_last}")
+    unidentified: list[str] = []  # why the data has no content identity: then no stage caches, said once
+
     def for_stage(stage: Stage) -> Any:
-        if set(stage.lrs) != {HEAD}:
+        if set(stage.lrs) != {HEAD} or unidentified:
             return None
         if stage.name not in memo:
-            memo[stage.name] = cached_splits(
-                model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
-                batch_size=batch, eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision,
-                key_extra=f"{preprocessing}|{precision.amp_dtype}", cache_dir=cache_dir)
+            try:
+                memo[stage.name] = cached_splits(
+                    model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
+                    train_labels=splits.train_labels, val_labels=splits.val_labels, batch_size=batch,
+                    eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
+                    cache_dir=cache_dir)
+            except NoIdentity as why:
+                unidentified.append(str(why))
+                log.log(logging.WARNING if mode == "true" else logging.INFO,
+                        "feature cache off: %s; head-only stages run the backbone on every image", why)
+                return None
             if distributed.active():  # every rank computed all features; each trains and validates on its share
                 cached = memo[stage.name]
                 shard = {"num_workers": 0, "seed": cfg.trainer.seed, "pin_memory": False,
@@ -216,6 +217,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     loggers.check_available(cfg.logger)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = prepare(cfg, run_dir)
+    if resume is not None:
+        check_classes(prepared.splits.classes, resume["classes"],
+                      "restore the dataset's class folders as they were, or train a new run")
     plan = build_plan(cfg, prepared)
     if cfg.dry_run:
         print(format_plan(plan))

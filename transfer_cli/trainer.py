@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from transfer_cli.config import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.errors import Interrupted, TransferError
 from transfer_cli.feature_cache import CachedSplits
-from transfer_cli.engine import NonFiniteLoss, StepRunner, Tally, evaluate, topk_for, train_one_epoch
+from transfer_cli.engine import NonFiniteLoss, Precision, StepRunner, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.models import TransferModel
 from transfer_cli.optim import StagedOptimizer, build_scheduler
 from transfer_cli.strategies import Stage, apply_stage, hold_frozen_batchnorm
@@ -82,31 +82,54 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # what a shell reports for a process these killed
+
+
 class _InterruptFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop at the next step; a second one is immediate."""
+    """Ctrl-C or SIGTERM asks the loop to checkpoint and stop after the current step.
+
+    SIGTERM is what SLURM and Kubernetes send before preempting a job (SIGKILL follows after a
+    grace period), so it gets Ctrl-C's treatment instead of killing the run between checkpoints.
+    A second signal is immediate: Ctrl-C raises KeyboardInterrupt, SIGTERM terminates at once.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_InterruptFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in _EXIT_CODES}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: saving a resumable checkpoint after this step (Ctrl-C again to abort)")
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "a second SIGTERM"
+        log.warning("%s: saving a resumable checkpoint after this step (%s aborts at once)",
+                    signal.Signals(signum).name, again)
+
+    def stopped(self, where: str) -> Interrupted:
+        """What ends the run once its checkpoint is saved; under DDP a rank may stop for another's signal."""
+        what = "terminated by SIGTERM" if self.signum == signal.SIGTERM else "interrupted"
+        return Interrupted(f"{what} {where}", exit_code=_EXIT_CODES.get(self.signum, 130))
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler Python did not install, which it cannot restore
+                signal.signal(signum, previous)
 
 
 def _stop_requested(setup: FitSetup, interrupt: _InterruptFlag) -> bool:
-    """Ctrl-C seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
+    """Ctrl-C or SIGTERM seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
     return distributed.any_true(interrupt.requested, setup.runner.precision.device)
 
 
@@ -197,6 +220,10 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
     """Train every stage in order (from `resume`'s position if given), checkpointing as it goes."""
     records = list(history or [])
     progress, scheduler, tally = restore(setup, resume) if resume else (Progress(), None, None)
+    if resume:
+        _check_history(setup.run_dir, records, progress.epoch)
+    if distributed.is_main():
+        _remove_temp_files(setup.run_dir)
     first = progress.stage
     with _InterruptFlag() as interrupt:
         for index in range(first, len(setup.stages)):
@@ -211,10 +238,28 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
                 tally = None
                 records.append(record)
                 if _stop_requested(setup, interrupt):
-                    raise Interrupted(f"interrupted after epoch {progress.epoch}")
+                    raise interrupt.stopped(f"after epoch {progress.epoch}")
             if progress.stop_reason is not None:
                 break
     return FitResult(records, progress)
+
+
+def _check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int) -> None:
+    """A resumed run's metrics.jsonl must hold exactly the epochs its checkpoint completed, or the run's
+    history would silently lack epochs (a damaged line, a file edited or replaced)."""
+    logged = [record["epoch"] for record in records]
+    if logged != list(range(1, epochs_done + 1)):
+        shown = ", ".join(map(str, logged[:10])) + (", ..." if len(logged) > 10 else "") or "none"
+        raise TransferError(f"{run_dir / 'metrics.jsonl'} holds epochs [{shown}] but checkpoints/last.pt completed "
+                            f"epochs 1 to {epochs_done}: the run's history is incomplete; start a new run")
+
+
+def _remove_temp_files(run_dir: Path) -> None:
+    """Temp files of writes a kill interrupted (SIGKILL, a second SIGTERM): their finished files are intact."""
+    removed = checkpoint.remove_orphans(run_dir / "checkpoints") + runlog.remove_temp_files(run_dir)
+    if removed:
+        log.info("removed %d temp file(s) of writes interrupted by a kill: %s", len(removed),
+                 ", ".join(str(path.relative_to(run_dir)) for path in removed))
 
 
 def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None,
@@ -228,15 +273,21 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
         progress.epoch_lrs = setup.optimizer.lrs_by_group()
     lrs = progress.epoch_lrs
 
+    saved = {"step": progress.step}  # where last.pt stands within this epoch (0: at its start)
+
+    def checkpoint_and_stop() -> NoReturn:
+        _save(setup, scheduler, progress, tally, "last.pt")
+        raise interrupt.stopped(f"in epoch {epoch} at step {progress.step}")
+
     def on_step(step: int) -> None:
         progress.step = step
         every = setup.checkpoint_every_steps
         # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
-        requested = (not distributed.active() or step % setup.check_every == 0) and _stop_requested(setup, interrupt)
-        if requested or (every and step % every == 0):
+        if (not distributed.active() or step % setup.check_every == 0) and _stop_requested(setup, interrupt):
+            checkpoint_and_stop()
+        if every and step % every == 0:
             _save(setup, scheduler, progress, tally, "last.pt")
-        if requested:
-            raise Interrupted(f"interrupted in epoch {epoch} at step {step}")
+            saved["step"] = step
 
     runner, train_loader, eval_model, val_loader = setup.runner, setup.train_loader, _eval_model(setup), setup.val_loader
     cached = setup.head_only(stage)
@@ -248,8 +299,8 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
     setup.model.model.train()
     hold_frozen_batchnorm(setup.model, stage)
     train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
-    # The loader draws its workers' base seed from this generator, not the global RNG, so an
-    # epoch resumed mid-way sees the same random stream as one never interrupted.
+    # make_loader's loaders have a generator of their own; the feature cache's does not, and would
+    # draw its base seed from the global RNG (dropout, MixUp) once more in an epoch resumed mid-way.
     train_loader.generator = torch.Generator().manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
     try:
         train = train_one_epoch(runner, train_loader, scheduler, tally, start_step=progress.step,
@@ -260,8 +311,8 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             f"{error} of epoch {epoch}: training stopped; checkpoints/last.pt keeps epoch {progress.epoch}. "
             "Lower the lr, set trainer.grad_clip, or check the data"
         ) from None
-    distributed.sync_buffers(eval_model)  # DDP: rank 0's BatchNorm statistics, validated and saved by all
-    val = evaluate(eval_model, val_loader, nn.CrossEntropyLoss(), runner.precision, setup.num_classes)
+    kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
+    val = _validate(setup, progress, eval_model, val_loader, runner.precision, interrupt, checkpoint_and_stop, kept)
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, "lr": {g.name: lrs.get(g.name, 0.0) for g in setup.model.groups},
               **train, **val, "seconds": time.perf_counter() - start}
@@ -279,6 +330,30 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
     log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, stage.name,
              record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
     return record
+
+
+def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: DataLoader, precision: Precision,
+              interrupt: _InterruptFlag, stop: Callable[[], NoReturn], kept: str) -> dict[str, float]:
+    """The epoch's val pass. A stop request before or during it checkpoints the trained steps, so a long
+    pass never delays a preempted job (resume re-runs only the pass); under DDP the ranks' val shards
+    differ in length, so there they agree on stopping before the pass only. A non-finite val loss stops
+    the run like a non-finite train loss, before this epoch is recorded or checkpointed."""
+    distributed.sync_buffers(model)  # DDP: rank 0's BatchNorm statistics, validated and saved by all
+    if _stop_requested(setup, interrupt):
+        stop()
+    alone = not distributed.active()
+
+    def on_batch() -> None:
+        if alone and interrupt.requested:
+            stop()
+
+    epoch = progress.epoch + 1
+    try:
+        return evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, on_batch=on_batch)
+    except NonFiniteLoss as error:
+        progress.stop_reason = f"{error} after epoch {epoch}"
+        raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; checkpoints/last.pt keeps {kept}. "
+                            "Lower the lr, set trainer.grad_clip, or check the data") from None
 
 
 def _update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:

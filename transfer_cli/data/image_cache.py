@@ -7,6 +7,7 @@ as decoding; random crops and flips of training run on the cached tensors.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +40,7 @@ class DecodedImages(Dataset):
         for attribute in ("classes", "targets"):
             if hasattr(base, attribute):
                 setattr(self, attribute, getattr(base, attribute))
+        self._identity: str | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -48,6 +50,19 @@ class DecodedImages(Dataset):
 
     def nbytes(self) -> int:
         return sum(image.numel() for image, _ in self.items)
+
+    def content_identity(self) -> str:
+        """A digest of the decoded pixels and labels, in order: exactly what this split serves,
+        whatever its base was, and immune to files changing after decoding. Computed on first
+        use (the feature cache's key): ~75 ms for hymenoptera's 63 MB train split, against
+        ~700 ms to decode it."""
+        if self._identity is None:
+            digest = hashlib.sha256(b"decoded")
+            for image, label in self.items:
+                digest.update(f"{tuple(image.shape)}|{image.dtype}|{label}\n".encode())
+                digest.update(image.numpy().data)
+            self._identity = digest.hexdigest()
+        return self._identity
 
 
 def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: v2.Transform, resize_size: int,

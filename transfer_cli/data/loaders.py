@@ -1,16 +1,46 @@
-"""DataLoaders over transformed splits, seeded so shuffles and augmentation repeat."""
+"""DataLoaders over transformed splits, seeded so shuffles and augmentation repeat.
+
+Every random draw of the training pipeline is a function of (seed, epoch, sample index): the
+sampler's order comes from (seed, epoch), and each sample's augmentation from an RNG seeded
+with (seed, epoch, index) where it is transformed. Neither the worker count, nor whether workers
+persist, nor where a run was killed and resumed changes what a sample looks like.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import signal
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+class SampleKey(NamedTuple):
+    """What a training sampler hands a worker: the index, and the (seed, epoch) its augmentation derives from."""
+
+    index: int
+    seed: int
+    epoch: int
+
+
+def sample_seed(key: SampleKey) -> int:
+    """A well-mixed 64-bit seed for one sample of one epoch (neighbouring keys share no stream)."""
+    digest = hashlib.blake2b(f"{key.seed},{key.epoch},{key.index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 class TransformedDataset(Dataset):
-    """Applies `transform` to the image of each (image, label) item of `base`."""
+    """Applies `transform` to the image of each (image, label) item of `base`.
+
+    A `SampleKey` transforms under torch's and Python's RNGs seeded from the key, inside a fork
+    of both, so the draws are the same in any worker and the caller's RNG streams (dropout,
+    MixUp; the main process's own when num_workers=0) are left untouched. A plain int index
+    (validation, feature computation: deterministic transforms) uses the ambient RNGs.
+    """
 
     def __init__(self, base: Dataset, transform: Callable) -> None:
         self.base = base
@@ -19,25 +49,38 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.base[index]
-        return self.transform(image), label
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        if not isinstance(key, SampleKey):
+            image, label = self.base[key]
+            return self.transform(image), label
+        image, label = self.base[key.index]
+        seed = sample_seed(key)
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+                random.seed(seed)
+                return self.transform(image), label
+        finally:
+            random.setstate(python_state)
 
 
-class EpochSampler(Sampler[int]):
+class EpochSampler(Sampler[int | SampleKey]):
     """Shuffles with a permutation derived from (seed, epoch) alone.
 
     Any epoch's order can be rebuilt, so a run resumed mid-epoch skips exactly the
     samples it had already trained on. With `world_size` N > 1 (DDP) the permutation's tail
     is dropped to a multiple of N and rank r takes positions r, r+N, ...: step i of the N
     ranks together covers the samples of step i of one process with an N times larger batch.
+    With `keyed` it yields `SampleKey`s (for a TransformedDataset to seed augmentation), else ints.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, keyed: bool = False) -> None:
         self.size = size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.keyed = keyed
         self.epoch = 0
         self.skip = 0
 
@@ -50,12 +93,15 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
         self.skip = skip
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | SampleKey]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
         if self.world_size > 1:
             order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
-        return iter(order[self.skip:].tolist())
+        indices = order[self.skip:].tolist()
+        if self.keyed:
+            return iter([SampleKey(index, self.seed, self.epoch) for index in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -74,15 +120,27 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGINT and SIGTERM reach the whole process group (Ctrl-C, SLURM);
+    the main process alone decides what they do, and its workers must outlive its final checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
                 pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Train loaders shuffle with an EpochSampler and drop a ragged last batch.
 
     With `world_size` > 1 the loader yields this rank's share (`batch_size` is per process).
+    A TransformedDataset's train sampler yields SampleKeys, so augmentation follows (seed, epoch, index).
+    The loader's own generator supplies the base seed DataLoader draws for each new iterator: from
+    the global RNG (dropout, MixUp) that draw would come once per epoch without workers but once per
+    run with persistent ones, so a resumed run's global stream would drift from an uninterrupted run's.
     """
     num_workers = min(num_workers, os.cpu_count() or 1)
     if train:
-        sampler: EpochSampler | ShardSampler | None = EpochSampler(len(dataset), seed, rank, world_size)
+        keyed = isinstance(dataset, TransformedDataset)
+        sampler: EpochSampler | ShardSampler | None = EpochSampler(len(dataset), seed, rank, world_size, keyed)
         drop_last = sampler.num_samples > batch_size
     else:
         sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
@@ -95,6 +153,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

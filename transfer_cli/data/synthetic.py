@@ -7,6 +7,7 @@ no network: the smoke experiment and the tests run on it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -26,6 +27,12 @@ class SyntheticImages(Dataset):
 
     def __len__(self) -> int:
         return self.size
+
+    def content_identity(self) -> str:
+        """Its generating parameters, plus a digest of item 0's pixels so that a change to the
+        renderer itself is a new identity (keys the feature cache when images are not cached)."""
+        probe = hashlib.sha256(self[0][0].numpy().tobytes()).hexdigest() if self.size else ""
+        return f"synthetic|{self.num_classes}|{self.size}|{self.image_size}|{self.seed}|{probe}"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label = self.targets[index]
