@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -169,3 +171,19 @@ def test_a_sample_is_augmented_by_seed_epoch_and_index_alone() -> None:
                              pin_memory=False)
     in_workers.sampler.set_epoch(3)
     assert by_sample(in_workers) == full
+
+
+def test_a_process_exits_while_its_workers_are_alive(tmp_path: Path) -> None:
+    """Workers ignore SIGTERM, and multiprocessing SIGTERMs live daemonic workers at exit and waits:
+    without our exit hook, a process leaving a loader's workers running never ends."""
+    script = tmp_path / "exit_with_workers.py"
+    script.write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "from transfer_cli.data.loaders import make_loader\n"
+        "loader = make_loader(TensorDataset(torch.zeros(8, 2), torch.zeros(8)), 2, train=True, num_workers=2,\n"
+        "                     seed=0, pin_memory=False)\n"
+        "batches = iter(loader)\n"
+        "next(batches)\n")
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr

@@ -294,7 +294,7 @@ def test_sigterm_to_the_process_group_during_epoch_3_saves_and_resumes_exactly(t
 
     context = f"SIGTERM {delay:.2f}s into epoch 3 ({epoch_seconds:.1f}s per epoch): {err[-3000:]}"
     assert process.returncode == 143, context
-    assert took < 10, context
+    assert took < 15, context  # a step, a checkpoint, the workers' shutdown, on a loaded machine
     assert f"continue with: transfer resume {run_dir}" in err and "Traceback" not in err, context
     assert not temp_files(run_dir), context
     assert not (run_dir / "summary.json").exists(), context
@@ -303,7 +303,28 @@ def test_sigterm_to_the_process_group_during_epoch_3_saves_and_resumes_exactly(t
     resumed = transfer_command(tmp_path, "resume", str(run_dir))
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
+    # A process of its own: persistent workers (they ignore SIGTERM) left in this one can block its exit.
     reference = tmp_path / "uninterrupted"
-    train(compose_train(PREEMPTED), reference)
+    uninterrupted = transfer_command(tmp_path, "train", *PREEMPTED, f"hydra.run.dir={reference}")
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
     assert [r["epoch"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
     assert comparable(read_metrics(run_dir)) == comparable(read_metrics(reference)), context
+
+
+def test_sigterm_while_the_run_is_built_ends_it_with_143_and_a_line(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoding images or downloading weights takes minutes: a SIGTERM then must not kill the run silently."""
+    real_prepare = train_module.prepare
+
+    def preempted_prepare(*args: Any, **kwargs: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "prepare", preempted_prepare)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match="terminated by SIGTERM before training started") as stopped:
+        train(compose_train(RUN), tmp_path)
+    assert stopped.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / "checkpoints").exists()

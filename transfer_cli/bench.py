@@ -37,6 +37,7 @@ from typing import Any
 
 from transfer_cli.bench_gpu import gpu_figures
 from transfer_cli.hydra_app import compose_config
+from transfer_cli.runlog import write_json
 
 # figure -> (comparison, threshold): what `make bench` checks
 TARGETS: dict[str, tuple[str, float]] = {
@@ -409,7 +410,7 @@ def run_bench(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.child:
         name, spec, out = args.child
-        Path(out).write_text(json.dumps(CHILDREN[name](json.loads(spec))))
+        write_json(Path(out), CHILDREN[name](json.loads(spec)))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,12 +419,12 @@ def run_bench(argv: list[str]) -> int:
         if not gpu["available"]:
             print(f"transfer bench --gpu: {gpu['reason']}: nothing to measure", file=sys.stderr)
             return 1
-        (out / "bench_gpu.json").write_text(json.dumps(gpu, indent=2) + "\n")
+        write_json(out / "bench_gpu.json", gpu)
         print(format_table({"gpu": gpu}))
         print(f"wrote {out / 'bench_gpu.json'}")
         return 0
     report = run_cpu(QUICK if args.quick else FULL, args.data_root)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "bench.json", report)
     print(format_table(report))
     print(f"wrote {out / 'bench.json'} in {report['total_seconds']:.0f}s "
           f"(load average {report['machine']['load_average'][0]:.1f} at start)")

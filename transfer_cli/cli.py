@@ -6,15 +6,9 @@
 from __future__ import annotations
 
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable
-from pathlib import Path
 
-from transfer_cli.errors import TransferError, report_user_error
-
-BUG_EXIT = 1
-INTERRUPT_EXIT = 130
+from transfer_cli.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
 
 USAGE = """usage: transfer <command> [options] [key=value overrides]
 
@@ -115,24 +109,3 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         print(bug_line(error, None), file=sys.stderr)
         return BUG_EXIT
-
-
-def bug_line(error: BaseException, log: Path | None, then: str = "") -> str:
-    """The one line a bug ends with; its full traceback goes to `log` (a temp file when None or unwritable).
-
-    `then` says what to do next (e.g. the resume command of a run that keeps its checkpoints).
-    """
-    text = f"command: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(error))
-    if log is not None:
-        try:
-            log.write_text(text, encoding="utf-8")
-        except OSError:  # the run dir is gone or full: the traceback still goes somewhere
-            log = None
-    if log is None:
-        with tempfile.NamedTemporaryFile("w", prefix="transfer-error-", suffix=".log", delete=False,
-                                         encoding="utf-8") as file:
-            file.write(text)
-        log = Path(file.name)
-    message = str(error).strip().splitlines()
-    what = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
-    return f"transfer: internal error ({what}); full traceback in {log}{then}"

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 USER_ERROR_EXIT = 2
+BUG_EXIT = 1
+INTERRUPT_EXIT = 130
 
 
 class TransferError(Exception):
@@ -30,3 +35,24 @@ def report_user_error(problem: object) -> int:
     """Print `problem` as the CLI's one-line error on stderr; returns the exit code for it."""
     print(f"transfer: error: {problem}", file=sys.stderr)
     return USER_ERROR_EXIT
+
+
+def bug_line(error: BaseException, log: Path | None, then: str = "") -> str:
+    """The one line a bug ends with; its full traceback goes to `log` (a temp file when None or unwritable).
+
+    `then` says what to do next (e.g. the resume command of a run that keeps its checkpoints).
+    """
+    text = f"command: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(error))
+    if log is not None:
+        try:
+            log.write_text(text, encoding="utf-8")
+        except OSError:  # the run dir is gone or full: the traceback still goes somewhere
+            log = None
+    if log is None:
+        with tempfile.NamedTemporaryFile("w", prefix="transfer-error-", suffix=".log", delete=False,
+                                         encoding="utf-8") as file:
+            file.write(text)
+        log = Path(file.name)
+    message = str(error).strip().splitlines()
+    what = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return f"transfer: internal error ({what}); full traceback in {log}{then}"

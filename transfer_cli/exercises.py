@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from dataclasses import asdict, replace
@@ -40,6 +39,7 @@ from transfer_cli.normalizations import (
     DEFAULT_NORMS, NORMALIZATIONS, Normalization, NormResult, evaluate_normalizations, resolve_normalizations,
     same_values,
 )
+from transfer_cli.runlog import write_json
 
 DEFAULT_EXPERIMENT = "exercise5"
 DEFAULT_OUT = Path("outputs/exercises/ex5")
@@ -79,7 +79,7 @@ def write_outputs(out: Path, results: list[NormResult], info: dict[str, Any]) ->
             writer.writerow([r.label, r.key, " ".join(map(str, r.mean)), " ".join(map(str, r.std)), r.weights_own,
                              r.top1, r.top5, r.top1_among_classes, r.input_mean, r.input_std, r.images])
     payload = {**info, "results": [asdict(r) for r in results]}
-    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "results.json", payload)
     return table
 
 

@@ -311,7 +311,7 @@ def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], ou
             worker: bool) -> None:
     """A job's failure as one line: a user mistake (2), an interruption (130, 143), a bug (1, its traceback in a
     file); a new run without a checkpoint is discarded. Anything else (SystemExit) goes on up."""
-    from transfer_cli.cli import BUG_EXIT, INTERRUPT_EXIT, bug_line
+    from transfer_cli.errors import BUG_EXIT, INTERRUPT_EXIT, bug_line
     from transfer_cli.errors import Interrupted, TransferError, report_user_error
     from transfer_cli.runlock import holds_run
 

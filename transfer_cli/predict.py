@@ -107,6 +107,9 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
             batch, indices = precision.to_device(batch, indices)
             with precision.autocast():
                 logits = model.model(batch)
+            if not torch.isfinite(logits).all():
+                raise TransferError(f"the run's model gives non-finite outputs (NaN or inf) for {images[int(indices[0])]}: "
+                                    "its checkpoint holds damaged weights; evaluate another checkpoint")
             probabilities, labels = logits.float().softmax(dim=1).topk(k, dim=1)
             for index, probs, picks in zip(indices.tolist(), probabilities.tolist(), labels.tolist()):
                 predictions.append(Prediction(str(images[index]), [(classes[c], p) for c, p in zip(picks, probs)]))
@@ -122,7 +125,7 @@ def render(predictions: list[Prediction], suffix: str) -> str:
     """CSV (one row per image: path, class_1, probability_1, ...) or JSON (a list of {path, top})."""
     if suffix == ".json":
         rows = [{"path": p.path, "top": [{"class": c, "probability": prob} for c, prob in p.top]} for p in predictions]
-        return json.dumps(rows, indent=2) + "\n"
+        return json.dumps(rows, indent=2, allow_nan=False) + "\n"
     k = len(predictions[0].top)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

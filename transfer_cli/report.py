@@ -175,7 +175,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
     return flat
 
 

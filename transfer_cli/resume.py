@@ -50,7 +50,7 @@ def _finished(run_dir: Path, main: bool) -> bool:
 
 def _continue(run_dir: Path, main: bool) -> int:
     """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
-    from transfer_cli.cli import BUG_EXIT, INTERRUPT_EXIT, bug_line
+    from transfer_cli.errors import BUG_EXIT, INTERRUPT_EXIT, bug_line
     from transfer_cli.errors import Interrupted
     from transfer_cli.hydra_app import format_result
     from transfer_cli.rundir import load_last_checkpoint, load_run_config

@@ -37,7 +37,7 @@ from transfer_cli.models import HEAD, TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
-from transfer_cli.trainer import FitResult, FitSetup, fit
+from transfer_cli.trainer import FitResult, FitSetup, check_history, fit, sigterm_stops
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     main = distributed.is_main()
     loggers.check_available(cfg.logger)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = prepare(cfg, run_dir)
+    with sigterm_stops("before training started"):
+        prepared = prepare(cfg, run_dir)
     if resume is not None:
         check_classes(prepared.splits.classes, resume["classes"],
                       "restore the dataset's class folders as they were, or train a new run")
@@ -235,6 +236,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
                  distributed.world_size(), prepared.setup.train_loader.batch_size, cfg.trainer.batch_size)
     done = resume["progress"]["epoch"] if resume is not None else 0
     history = [record for record in runlog.read_metrics(run_dir) if record["epoch"] <= done]
+    check_history(run_dir, history, done)
     if main:
         runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint
     sinks = loggers.build(cfg.logger, run_dir) if main else loggers.Loggers([])  # TensorBoard, MLflow: rank 0

@@ -7,13 +7,14 @@ checkpoint and resumed ends with the same metrics as one never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 from torch import nn
@@ -128,6 +129,26 @@ class _InterruptFlag:
                 signal.signal(signum, previous)
 
 
+@contextlib.contextmanager
+def sigterm_stops(where: str) -> Iterator[None]:
+    """SIGTERM while a run is built (decoding images, downloading weights: minutes, before the loop's
+    own handler is up) ends it at once with a line and exit 143, not silently; there is no checkpoint
+    to save yet, and `transfer resume` starts it from the beginning."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> NoReturn:
+        raise Interrupted(f"terminated by SIGTERM {where}", exit_code=_EXIT_CODES[signal.SIGTERM])
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _stop_requested(setup: FitSetup, interrupt: _InterruptFlag) -> bool:
     """Ctrl-C or SIGTERM seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
     return distributed.any_true(interrupt.requested, setup.runner.precision.device)
@@ -220,8 +241,6 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
     """Train every stage in order (from `resume`'s position if given), checkpointing as it goes."""
     records = list(history or [])
     progress, scheduler, tally = restore(setup, resume) if resume else (Progress(), None, None)
-    if resume:
-        _check_history(setup.run_dir, records, progress.epoch)
     if distributed.is_main():
         _remove_temp_files(setup.run_dir)
     first = progress.stage
@@ -244,7 +263,7 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
     return FitResult(records, progress)
 
 
-def _check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int) -> None:
+def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int) -> None:
     """A resumed run's metrics.jsonl must hold exactly the epochs its checkpoint completed, or the run's
     history would silently lack epochs (a damaged line, a file edited or replaced)."""
     logged = [record["epoch"] for record in records]

@@ -8,7 +8,9 @@ persist, nor where a run was killed and resumed changes what a sample looks like
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import multiprocessing
 import os
 import random
 import signal
@@ -125,6 +127,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     the main process alone decides what they do, and its workers must outlive its final checkpoint."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _kill_daemonic_children() -> None:
+    """At exit, multiprocessing SIGTERMs its daemonic children (live DataLoader workers) and waits
+    for them: workers that ignore SIGTERM would make that wait endless, so end them first. This
+    hook is registered after multiprocessing's own, so it runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
+
+
+atexit.register(_kill_daemonic_children)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
