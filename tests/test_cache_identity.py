@@ -151,8 +151,9 @@ def test_changed_files_are_never_served_from_the_cache(change: str, cache_images
     assert "feature cache hit for val split" not in log  # every change reaches val
 
 
-SPLIT_SEED = ("single", ["trainer.seed=0"], ["trainer.seed=1"])  # another train/val split of one folder
-SUBSET_SEED = ("split", ["dataset.train_subset=6", "trainer.seed=0"], ["dataset.train_subset=6", "trainer.seed=1"])
+SPLIT_SEED = ("single", ["dataset.split_seed=0"], ["dataset.split_seed=1"])  # another train/val split of one folder
+SUBSET_SEED = ("split", ["dataset.train_subset=6", "dataset.split_seed=0"],
+               ["dataset.train_subset=6", "dataset.split_seed=1"])
 
 
 @pytest.mark.slow

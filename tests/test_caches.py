@@ -69,7 +69,7 @@ def _folder(root: Path) -> Path:
 
 
 def test_image_cache_gives_the_same_eval_batches_as_decoding(tmp_path: Path) -> None:
-    splits = load_splits(DatasetConfig(name="folder", root=str(_folder(tmp_path))), seed=0)
+    splits = load_splits(DatasetConfig(name="folder", root=str(_folder(tmp_path))))
     pre = Preprocessing(**vars(PretrainedPreprocessing(24, 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3)))
     cached = DecodedImages(splits.val, cache_resize(pre), workers=2)
     transform = eval_transform(pre)
@@ -81,7 +81,7 @@ def test_image_cache_gives_the_same_eval_batches_as_decoding(tmp_path: Path) -> 
 
 
 def test_image_cache_respects_its_budget(tmp_path: Path) -> None:
-    splits = load_splits(DatasetConfig(name="folder", root=str(_folder(tmp_path))), seed=0)
+    splits = load_splits(DatasetConfig(name="folder", root=str(_folder(tmp_path))))
     pre = Preprocessing(**vars(PretrainedPreprocessing(24, 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3)))
     kept = maybe_cache(splits.val, "auto", 1e-9, cache_resize(pre), pre.resize_size, "val", workers=1)
     assert kept is splits.val

@@ -147,7 +147,7 @@ def all_items(dataset):
 
 def test_folder_single_layout_split_by_val_fraction(tmp_path):
     write_single(tmp_path)
-    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.3), seed=0)
+    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.3))
     assert splits.classes == CLASSES
     # 7 / 7 / 6 images per class (gray.png, alpha.png counted; notes.txt ignored)
     assert len(splits.train) + len(splits.val) == 20
@@ -158,13 +158,13 @@ def test_folder_single_layout_split_by_val_fraction(tmp_path):
     assert [label for _, label in all_items(splits.val)] == splits.val_labels
     assert [label for _, label in all_items(splits.train)] == splits.train_labels
     # the same seed gives the same split
-    again = load_splits(folder_cfg(tmp_path, val_fraction=0.3), seed=0)
+    again = load_splits(folder_cfg(tmp_path, val_fraction=0.3))
     assert again.val.indices == splits.val.indices
 
 
 def test_folder_grayscale_and_rgba_load_as_rgb(tmp_path):
     write_single(tmp_path)
-    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.5), seed=0)
+    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.5))
     dataset = splits.train.dataset
     by_name = {f"{path.parent.name}/{path.name}": index for index, (path, _) in enumerate(dataset.samples)}
     gray, gray_label = dataset[by_name["cat/gray.png"]]
@@ -184,7 +184,7 @@ def test_folder_train_val_layout(tmp_path):
         write_class(tmp_path / "val", name, 2, start=10)
     Image.new("L", (8, 8), 10).save(tmp_path / "val" / "fox" / "gray.png")
     Image.new("RGBA", (8, 8), (1, 2, 3, 4)).save(tmp_path / "train" / "dog" / "alpha.png")
-    splits = load_splits(folder_cfg(tmp_path), seed=0)
+    splits = load_splits(folder_cfg(tmp_path))
     assert splits.classes == CLASSES
     assert Counter(splits.train_labels) == {0: 4, 1: 5, 2: 4}
     assert Counter(splits.val_labels) == {0: 2, 1: 2, 2: 3}
@@ -199,7 +199,7 @@ def test_folder_with_another_spelling_of_val_uses_it(tmp_path, val_name):
         write_class(tmp_path / "train", name, 4)
         write_class(tmp_path / val_name, name, 2, start=10)
         write_class(tmp_path / "test", name, 1, start=20)
-    splits = load_splits(folder_cfg(tmp_path), seed=0)
+    splits = load_splits(folder_cfg(tmp_path))
     assert splits.classes == CLASSES
     assert all(path.parent.parent.name == val_name for path, _ in splits.val.samples)
     assert len(splits.train) == 12 and len(splits.val) == 6
@@ -209,11 +209,11 @@ def test_folder_with_train_and_test_only_holds_out_from_train(tmp_path):
     for name in CLASSES:
         write_class(tmp_path / "train", name, 5)
         write_class(tmp_path / "test", name, 2, start=10)
-    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.2), seed=0)
+    splits = load_splits(folder_cfg(tmp_path, val_fraction=0.2))
     assert splits.classes == CLASSES  # never a classifier over ["test", "train"]
     assert len(splits.train) + len(splits.val) == 15
     assert all(path.parent.parent.name == "train" for path, _ in splits.train.dataset.samples)
-    test = load_splits(folder_cfg(tmp_path, val_split="test"), seed=0)
+    test = load_splits(folder_cfg(tmp_path, val_split="test"))
     assert all(path.parent.parent.name == "test" for path, _ in test.val.samples)
 
 
@@ -222,23 +222,23 @@ def test_folder_split_layout_mistakes_are_one_line_errors(tmp_path):
         write_class(tmp_path / "valid", name, 2)
         write_class(tmp_path / "test", name, 2)
     with pytest.raises(TransferError, match="has split folders .* but no train/"):
-        load_splits(folder_cfg(tmp_path), seed=0)
+        load_splits(folder_cfg(tmp_path))
     write_class(tmp_path / "train", "cat", 2)
     write_class(tmp_path, "dog", 2)
     with pytest.raises(TransferError, match=r"mixes split folders \(test, train, valid\) with other folders \(dog\)"):
-        load_splits(folder_cfg(tmp_path), seed=0)
+        load_splits(folder_cfg(tmp_path))
     other = tmp_path / "other"
     for name in CLASSES:
         write_class(other / "train", name, 2)
     with pytest.raises(TransferError, match="dataset.val_split=holdout: .* has no holdout/ folder"):
-        load_splits(folder_cfg(other, val_split="holdout"), seed=0)
+        load_splits(folder_cfg(other, val_split="holdout"))
 
 
 def test_folder_subset_is_stratified(tmp_path):
     for name in CLASSES:
         write_class(tmp_path / "train", name, 6)
         write_class(tmp_path / "val", name, 3)
-    splits = load_splits(folder_cfg(tmp_path, train_subset=9, val_subset=3), seed=0)
+    splits = load_splits(folder_cfg(tmp_path, train_subset=9, val_subset=3))
     assert Counter(splits.train_labels) == {0: 3, 1: 3, 2: 3}
     assert Counter(splits.val_labels) == {0: 1, 1: 1, 2: 1}
     assert [label for _, label in all_items(splits.train)] == splits.train_labels
@@ -246,15 +246,15 @@ def test_folder_subset_is_stratified(tmp_path):
 
 def test_folder_missing_root_raises(tmp_path):
     with pytest.raises(TransferError, match="is not a directory"):
-        load_splits(folder_cfg(tmp_path / "missing"), seed=0)
+        load_splits(folder_cfg(tmp_path / "missing"))
     with pytest.raises(TransferError, match="needs dataset.root"):
-        load_splits(DatasetConfig(name="folder"), seed=0)
+        load_splits(DatasetConfig(name="folder"))
 
 
 def test_folder_with_one_class_raises(tmp_path):
     write_class(tmp_path, "cat", 4)
     with pytest.raises(TransferError, match="1 class folder"):
-        load_splits(folder_cfg(tmp_path), seed=0)
+        load_splits(folder_cfg(tmp_path))
 
 
 def test_folder_with_empty_class_raises(tmp_path):
@@ -263,7 +263,7 @@ def test_folder_with_empty_class_raises(tmp_path):
     (tmp_path / "fox").mkdir()
     (tmp_path / "fox" / "readme.txt").write_text("no images here")
     with pytest.raises(TransferError, match="fox holds no images"):
-        load_splits(folder_cfg(tmp_path), seed=0)
+        load_splits(folder_cfg(tmp_path))
 
 
 def test_folder_val_classes_differ_raises(tmp_path):
@@ -272,7 +272,7 @@ def test_folder_val_classes_differ_raises(tmp_path):
     for name in ("cat", "fox"):
         write_class(tmp_path / "val", name, 2)
     with pytest.raises(TransferError) as info:
-        load_splits(folder_cfg(tmp_path), seed=0)
+        load_splits(folder_cfg(tmp_path))
     message = str(info.value)
     assert "val classes differ" in message and "'dog'" in message and "'fox'" in message
 
@@ -346,7 +346,8 @@ def test_no_warning_without_pretraining_or_when_overrides_agree(tv_pre, caplog):
 @pytest.mark.parametrize("overrides,match", [
     (TransformsConfig(mean=[0.5, 0.5]), "transforms.mean needs 3 values"),
     (TransformsConfig(std=[0.5, 0.0, 0.5]), "must be positive"),
-    (TransformsConfig(crop_pct=1.5), "crop_pct"),
+    (TransformsConfig(crop_pct=-0.5), "crop_pct"),
+    (TransformsConfig(crop_mode="crop"), "crop_mode='crop' is unknown"),
     (TransformsConfig(crop_pct=0.0), "crop_pct"),
     (TransformsConfig(interpolation="lanczos"), "interpolation='lanczos' is unknown"),
 ])

@@ -19,6 +19,7 @@ from helpers import (
 )
 from transfer_cli.config import HeadConfig
 from transfer_cli.engine import evaluate
+from transfer_cli.strategies import Stage
 from transfer_cli.trainer import fit
 
 HEAD_ONLY = {"head": 5e-2}
@@ -29,9 +30,9 @@ def bn_stats(model) -> dict[str, dict[str, torch.Tensor]]:
             for path, bn in batchnorms(model.model).items()}
 
 
-def run_fit(tmp_path, lrs, *, train_bn=False, epochs=2, head=None):
+def run_fit(tmp_path, lrs, *, train_bn=False, epochs=2, head=None, bn="frozen_stats"):
     model = tiny_resnet(head=head, seed=0)
-    stages = [stage("head", lrs, epochs=epochs)]
+    stages = [Stage("head", epochs, dict(lrs), bn)]
     setup = make_fit_setup(model, stages, tmp_path, train_bn=train_bn)
     params_before = snapshot_params(model.model)
     stats_before = bn_stats(model)
@@ -111,8 +112,8 @@ def test_train_bn_trains_frozen_bn_affine_but_not_running_stats(train_bn_run):
 
 
 def test_trained_batchnorm_does_update_running_stats(tmp_path):
-    """Control: when the body trains, BN statistics move, so the checks above can fail."""
-    model, _, _, before, stats_before = run_fit(tmp_path, {name: 1e-2 for name in RESNET_GROUPS}, epochs=1)
+    """Control: when the body trains under strategy.bn=train, BN statistics move, so the checks above can fail."""
+    model, _, _, before, stats_before = run_fit(tmp_path, {name: 1e-2 for name in RESNET_GROUPS}, epochs=1, bn="train")
     after = bn_stats(model)
     assert all(not torch.equal(after[p]["running_mean"], s["running_mean"]) for p, s in stats_before.items())
     assert all(int(after[p]["num_batches_tracked"]) > int(s["num_batches_tracked"]) for p, s in stats_before.items())

@@ -33,7 +33,7 @@ def write_folder(root: Path) -> Path:
 
 
 def load(root: Path, on_bad_image: str = "skip") -> RawSplits:
-    return load_splits(DatasetConfig(name="folder", root=str(root), on_bad_image=on_bad_image), seed=0)
+    return load_splits(DatasetConfig(name="folder", root=str(root), on_bad_image=on_bad_image))
 
 
 def loaded(splits: RawSplits, path: Path) -> Image.Image:

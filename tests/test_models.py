@@ -32,9 +32,9 @@ CLASSIFIER = {
     "test_efficientnet": "classifier",
     "test_convnext": "head.fc",
     "resnet18": "fc",
-    "efficientnet_b0": "classifier.1",
-    "vit_b_16": "heads.head",
-    "mobilenet_v3_small": "classifier.3",
+    "efficientnet_b0": "classifier",  # Dropout(0.2) + Linear: replaced whole
+    "vit_b_16": "heads",
+    "mobilenet_v3_small": "classifier.2",  # its pretrained Linear(576, 1024) + Hardswish stay
 }
 
 

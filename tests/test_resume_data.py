@@ -60,3 +60,18 @@ def test_resume_refuses_data_whose_classes_changed(interrupted_run: tuple[Path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the data's classes are not the run's" in err[0] and "train a new run" in err[0]
     assert not (run_dir / "summary.json").exists()
+
+
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_model(interrupted_run: tuple[Path, Path],
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                hydra_in_process: None) -> None:
+    """A checkpoint from a version that named the classifier otherwise: one line, not a state-dict traceback."""
+    _, run_dir = interrupted_run
+    last = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    state["model"] = {key.replace("fc.", "classifier.1."): value for key, value in state["model"].items()}
+    checkpoint.save_atomic(state, last)
+    capsys.readouterr()
+    assert main(["resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the model" in err[0] and "start a new run" in err[0], err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,13 +30,20 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class PretrainedPreprocessing:
-    """What the weights expect: input size, resize interpolation, crop and normalization."""
+    """What the weights expect: input size, resize interpolation, crop and normalization.
 
-    image_size: int
+    `image_size` is (height, width) where the weights' input is not square. `crop_mode` is
+    timm's: `center` scales the short side to size/crop_pct and centre-crops, `squash` scales
+    both sides to size/crop_pct (aspect not kept), `border` scales the long side and pads with
+    the mean colour; crop_pct > 1 leaves a border around the image.
+    """
+
+    image_size: int | tuple[int, int]
     crop_pct: float
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_mode: str = "center"
 
 
 @dataclass
@@ -98,41 +106,85 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
     if pretrained and checkpoint is not None:
         _load_state_dict_file(model, checkpoint)
         source = f"file {checkpoint}"
-    data = resolve_data_config({}, model=model)
     return RawBackbone(
         model=model,
         classifier_path=model.pretrained_cfg["classifier"],
         group_matcher=model.group_matcher(coarse=True),
-        preprocessing=PretrainedPreprocessing(
-            image_size=int(data["input_size"][-1]),
-            crop_pct=float(data["crop_pct"]),
-            interpolation=str(data["interpolation"]),
-            mean=tuple(float(v) for v in data["mean"]),
-            std=tuple(float(v) for v in data["std"]),
-        ),
+        preprocessing=timm_preprocessing(resolve_data_config({}, model=model)),
         weights_source=source,
     )
 
 
-# Layer-group matchers for torchvision families, in timm's group_matcher format.
-TORCHVISION_MATCHERS: dict[str, dict[str, Any]] = {
-    r"^(resnet|resnext|wide_resnet)": {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
-    r"^(efficientnet|mobilenet|convnext|swin|mnasnet)": {
-        "stem": r"^features\.0\.|^layers\.[0-2]\.",
-        "blocks": [(r"^features\.(\d+)", None), (r"^layers\.(\d+)", None)],
+def timm_preprocessing(data: dict[str, Any]) -> PretrainedPreprocessing:
+    """The preprocessing in a timm data config (`resolve_data_config`): what timm's own eval
+    transform (`create_transform(**data)`) does, crop mode included."""
+    height, width = (int(side) for side in data["input_size"][-2:])
+    return PretrainedPreprocessing(
+        image_size=height if height == width else (height, width),
+        crop_pct=float(data["crop_pct"]),
+        interpolation=str(data["interpolation"]),
+        mean=tuple(float(v) for v in data["mean"]),
+        std=tuple(float(v) for v in data["std"]),
+        crop_mode=str(data["crop_mode"]),
+    )
+
+
+# Layer-group matchers for torchvision families, in timm's group_matcher format, built from the
+# model (some families' last block index depends on the variant). A spec ending in MATCH_PREV
+# joins the group before it, as in timm; whatever no spec matches joins the head's group, whose
+# backbone part (final norm, pre-logits) `layer_groups` puts into the last block group.
+MATCH_PREV = 99999
+
+
+def _features_with_conv_head(model: nn.Module) -> dict[str, Any]:
+    """EfficientNet (v1, v2), MobileNet (v2, v3): features.0 is the stem; the final 1x1 conv
+    features.N joins the last block, as timm's `conv_head`, so `last:1` trains a real block."""
+    last = len(model.features) - 1
+    return {"stem": r"^features\.0\.",
+            "blocks": [(rf"^features\.{last}\.", (last - 1, MATCH_PREV)), (r"^features\.(\d+)\.", None)]}
+
+
+def _stages_after_downsampling(model: nn.Module) -> dict[str, Any]:
+    """ConvNeXt, Swin: features.1 is the first stage; each downsampling layer (features.2/4/6)
+    forms one group with the stage it feeds, as timm's `stages.N`, not a group of its own."""
+    specs = [(rf"^features\.{i}\.", (i - 1, MATCH_PREV)) for i in range(3, len(model.features), 2)]
+    return {"stem": r"^features\.0\.", "blocks": [*specs, (r"^features\.(\d+)\.", None)]}
+
+
+def _pool_delimited_blocks(model: nn.Module) -> dict[str, Any]:
+    """VGG, AlexNet: one group per conv block (the layers up to each max-pool), the first is the stem."""
+    specs, block = [], 0
+    for index, layer in enumerate(model.features):
+        if any(True for _ in layer.parameters()):
+            specs.append((rf"^features\.{index}\.", (block,)))
+        block += isinstance(layer, nn.MaxPool2d)
+    return {"stem": "|".join(spec for spec, (index,) in specs if index == 0),
+            "blocks": [(spec, ordinal) for spec, ordinal in specs if ordinal != (0,)]}
+
+
+TORCHVISION_MATCHERS: dict[str, Callable[[nn.Module], dict[str, Any]]] = {
+    r"^(resnet|resnext|wide_resnet)": lambda _: {"stem": r"^conv1\.|^bn1\.", "blocks": r"^layer(\d+)\."},
+    r"^(efficientnet|mobilenet)": _features_with_conv_head,
+    r"^(convnext|swin)": _stages_after_downsampling,
+    r"^mnasnet": lambda _: {"stem": r"^layers\.[0-7]\.",  # stem conv + the first separable conv
+                            "blocks": [(r"^layers\.1[45]\.", (13, MATCH_PREV)), (r"^layers\.(\d+)\.", None)]},
+    r"^vit_": lambda _: {
+        "stem": r"^class_token|^conv_proj\.|^encoder\.pos_embedding",
+        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)\.", None), (r"^encoder\.ln\.", (MATCH_PREV,))],
     },
-    r"^vit_": {
-        "stem": r"^class_token|^conv_proj|^encoder\.pos_embedding",
-        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))],
-    },
-    r"^regnet": {"stem": r"^stem", "blocks": r"^trunk_output\.block(\d+)"},
+    r"^regnet": lambda _: {"stem": r"^stem\.", "blocks": r"^trunk_output\.block(\d+)\."},
+    r"^maxvit": lambda _: {"stem": r"^stem\.", "blocks": r"^blocks\.(\d+)\."},
+    r"^densenet": lambda _: {"stem": r"^features\.(?:conv|norm)0\.",  # timm's densenet matcher
+                             "blocks": r"^features\.(?:denseblock|transition)(\d+)\."},
+    r"^shufflenet": lambda _: {"stem": r"^conv1\.", "blocks": r"^stage(\d+)\."},
+    r"^(vgg|alexnet)": _pool_delimited_blocks,
 }
 
 
 def _torchvision_matcher(name: str, model: nn.Module) -> dict[str, Any]:
     for pattern, matcher in TORCHVISION_MATCHERS.items():
         if re.match(pattern, name):
-            return matcher
+            return matcher(model)
     # Fallback: one group per top-level child, in registration order.
     children = [child for child, module in model.named_children() if any(True for _ in module.parameters())]
     return {"blocks": [(rf"^{re.escape(child)}\.", (index,)) for index, child in enumerate(children)]}
@@ -143,6 +195,34 @@ def _last_linear_path(model: nn.Module, name: str) -> str:
     if not linears:
         raise TransferError(f"torchvision model '{name}' has no linear classifier to replace: choose another backbone.name")
     return linears[-1]
+
+
+def _own_classifier(model: nn.Module, name: str) -> str:
+    """Cut the torchvision classifier down to its final Linear and return that Linear's path.
+
+    The Dropouts just before the Linear go with it (the new head brings the dropout the
+    config asks for). Pretrained layers before them stay: ConvNeXt's norm and flatten,
+    MaxViT's norm and pre-logits, the hidden Linear layers of MobileNetV3, VGG and AlexNet
+    (as timm keeps `conv_head`/`pre_logits`); the Dropouts among those become Identity, as
+    timm builds these models with drop_rate=0, so `head.dropout` is the only dropout after
+    the pooled features.
+    """
+    path = _last_linear_path(model, name)
+    top, _, rest = path.partition(".")
+    container = model.get_submodule(top)
+    children = list(container.named_children())
+    if not isinstance(container, nn.Sequential) or children[-1][0] != rest:
+        return path  # a bare Linear (`fc`, `head`), or not the last layer of a Sequential
+    start = len(children) - 1
+    while start > 0 and isinstance(children[start - 1][1], nn.Dropout):
+        start -= 1
+    linear = model.get_submodule(path)
+    if start == 0:
+        model.set_submodule(top, linear)
+        return top
+    kept = [(child, nn.Identity() if isinstance(layer, nn.Dropout) else layer) for child, layer in children[:start]]
+    model.set_submodule(top, nn.Sequential(OrderedDict([*kept, (children[start][0], linear)])))
+    return f"{top}.{children[start][0]}"
 
 
 @BACKBONE_SOURCES.register("torchvision")
@@ -174,7 +254,7 @@ def _torchvision_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
     crop, resize = int(preset.crop_size[0]), int(preset.resize_size[0])
     return RawBackbone(
         model=model,
-        classifier_path=_last_linear_path(model, cfg.name),
+        classifier_path=_own_classifier(model, cfg.name),
         group_matcher=_torchvision_matcher(cfg.name, model),
         preprocessing=PretrainedPreprocessing(
             image_size=crop,

@@ -69,3 +69,20 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def misfit(own: dict[str, Any], saved: dict[str, Any]) -> str:
+    """What keeps `saved` from loading strictly into a model whose state dict is `own` ('' when it fits)."""
+    resized = [key for key in own.keys() & saved.keys() if tuple(own[key].shape) != tuple(saved[key].shape)]
+    missing = sorted(own.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - own.keys())
+    problems = []
+    if resized:
+        key = sorted(resized)[0]
+        problems.append(f"{len(resized)} tensor(s) differ in shape (e.g. {key}: checkpoint "
+                        f"{list(saved[key].shape)}, model {list(own[key].shape)})")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {unexpected[0]})")
+    return ", ".join(problems)

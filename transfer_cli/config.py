@@ -24,6 +24,7 @@ NON_NEGATIVE = rule(at_least(0))
 UNIT = between(0, 1)  # [0, 1): dropouts, betas, momentum, label smoothing, warmup share
 SHARE = between(0, 1, low_open=True, high_open=False)  # (0, 1]
 PROBABILITY = between(0, 1, high_open=False)  # [0, 1]
+BN_POLICIES = ("frozen_stats", "reestimate", "train")
 DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
 
 
@@ -65,6 +66,7 @@ class StageConfig:
     lr: Optional[float] = field(default=None, metadata=POSITIVE)
     lrs: Optional[dict[str, float]] = field(default=None, metadata=rule(Items(above(0))))
     lr_decay: Optional[float] = field(default=None, metadata=rule(SHARE))
+    bn: Optional[str] = field(default=None, metadata=rule(one_of(*BN_POLICIES)))  # null: the strategy's
 
 
 @dataclass
@@ -82,6 +84,11 @@ class StrategyConfig:
     pretrained: bool = True  # false: random init whatever the backbone says (scratch)
     lr: float = field(default=1e-3, metadata=POSITIVE)  # default rate of stages that name none
     train_bn: bool = False  # frozen groups keep BatchNorm affine params trainable (stats stay frozen)
+    # BatchNorm running stats: frozen_stats (eval mode everywhere; affine params train with their group),
+    # reestimate (re-estimated once on the training images before the first stage, then frozen),
+    # train (batch stats and running updates in trained groups). docs/batchnorm.md has the evidence.
+    # BatchNorm in trained groups; null: frozen_stats from pretrained weights, train from random init
+    bn: Optional[str] = field(default=None, metadata=rule(one_of(*BN_POLICIES)))
     stages: list[StageConfig] = field(default_factory=list)
     by_train_size: Optional[list[SizeRule]] = None  # choose another strategy by data size (auto)
 
@@ -99,6 +106,9 @@ class DatasetConfig:
     val_fraction: float = field(default=0.2, metadata=rule(between(0, 1, low_open=True)))
     # skip (warn, count in summary.json) | error
     on_bad_image: str = field(default="skip", metadata=rule(one_of("skip", "error")))
+    # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
+    # from trainer.seed, so a seed sweep varies training alone (a run saved without it used trainer.seed)
+    split_seed: int = field(default=42, metadata=rule(Rule(lambda v: -2**63 <= v < 2**63, "must be a 64-bit integer")))
     # stratified, seeded subset of the training split
     train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
@@ -114,13 +124,20 @@ class DatasetConfig:
     image_size: int = field(default=64, metadata=POSITIVE)
 
 
+CROP_MODES = ("center", "squash", "border")  # timm's, see TransformsConfig
+
+
 @dataclass
 class TransformsConfig:
     """Preprocessing; null fields follow the backbone's pretrained config. mean and std take one
-    value per RGB channel, or one for all three."""
+    value per RGB channel, or one for all three. crop_mode is timm's: center (short side to
+    image_size/crop_pct, centre crop), squash (both sides, aspect not kept) or border (long
+    side, padded with the mean colour); crop_pct > 1 leaves a border (timm's volo_*_448: 1.15),
+    and below 1.5 the image still fills two thirds of each side."""
 
-    image_size: Optional[int] = field(default=None, metadata=POSITIVE)
-    crop_pct: Optional[float] = field(default=None, metadata=rule(SHARE))
+    image_size: Optional[int] = field(default=None, metadata=POSITIVE)  # square; null: the weights' (maybe not square)
+    crop_pct: Optional[float] = field(default=None, metadata=rule(between(0, 1.5, low_open=True)))
+    crop_mode: Optional[str] = field(default=None, metadata=rule(one_of(*CROP_MODES)))
     interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
     mean: Optional[list[float]] = field(default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
     std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))

@@ -113,7 +113,14 @@ class StepRunner:
     scaler: torch.amp.GradScaler | None = None
     grad_clip: float | None = None
     ema: torch.optim.swa_utils.AveragedModel | None = None
+    # what the EMA averages: the whole network, also where `model` is its compiled or DDP wrapper,
+    # or its head alone on cached features (the frozen rest still enters the average, as uncached)
+    averaged: nn.Module | None = None
     mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ema is not None and self.averaged is None:
+            raise ValueError("StepRunner: an EMA needs `averaged`, the whole network it averages")
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally) -> None:
         targets = labels
@@ -137,7 +144,7 @@ class StepRunner:
         else:
             self.optimizer.step()
         if self.ema is not None:
-            self.ema.update_parameters(distributed.unwrap(getattr(self.model, "_orig_mod", self.model)))
+            self.ema.update_parameters(self.averaged)
         tally.add(loss, logits, labels)
 
 

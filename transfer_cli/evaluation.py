@@ -162,7 +162,7 @@ def _check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
 def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preprocessing, pin_memory: bool) -> DataLoader:
     """The split named by dataset.val_split with the eval transform, batched as training evaluated it."""
     try:
-        splits = load_splits(cfg.dataset, cfg.trainer.seed)
+        splits = load_splits(cfg.dataset)
     except ValueError as error:  # torchvision's answer to a split name it does not know
         raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
     check_classes(splits.classes, classes, "evaluate on data with the same class folders")

@@ -179,7 +179,7 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     cfg = compose_config(overrides)
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)  # a random-init backbone (backbone.pretrained=false) repeats
-    splits = load_splits(cfg.dataset, cfg.trainer.seed)
+    splits = load_splits(cfg.dataset)
     targets = [imagenet_index(name) for name in splits.classes]
     raw = build_raw_backbone(cfg.backbone, pretrained=True)
     own = raw.preprocessing

@@ -31,6 +31,7 @@ from transfer_cli.data.folder import ImageFolderDataset
 from transfer_cli.data.loaders import EpochSampler, TransformedDataset
 from transfer_cli.engine import Precision
 from transfer_cli.models import HEAD, TransferModel
+from transfer_cli.strategies import Stage, frozen_modules
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,17 @@ def default_cache_dir() -> Path:
 
 
 def backbone_is_deterministic(model: TransferModel) -> bool:
-    """No dropout, drop-path or stochastic depth outside the head (timm's functional drop_rate too)."""
+    """In a head-only stage, no dropout, drop-path or stochastic depth runs before the head's input.
+
+    Frozen groups run in eval mode (strategies.frozen_modules), so only stochastic modules that
+    stay in train mode matter: parameter-free ones feeding the head directly, and timm's
+    functional drop_rate.
+    """
     head = model.head_path
+    head_only = Stage(HEAD, 1, {HEAD: 1.0})
+    held = {id(inner) for outer in frozen_modules(model, head_only) for inner in outer.modules()}
     for path, module in model.model.named_modules():
-        if path == head or path.startswith(head + "."):
+        if path == head or path.startswith(head + ".") or id(module) in held:
             continue
         rate = getattr(module, "p", None) if isinstance(module, STOCHASTIC) else None
         rate = rate if rate is not None else getattr(module, "drop_prob", None)

@@ -87,7 +87,12 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
 
 
 def layer_groups(model: nn.Module, matcher: dict[str, Any], classifier_path: str) -> list[LayerGroup]:
-    """Cut `model` into ordered groups with timm's matcher; the classifier is the `head` group."""
+    """Cut `model` into ordered groups with timm's matcher; the new classifier alone is the `head` group.
+
+    What the matcher puts with the classifier but is not the new head (a final norm, timm's
+    `conv_head`, kept pre-logits layers) is the top of the backbone: it joins the last block
+    group, so `last:1` trains a block with it, never a lone norm or projection.
+    """
     from timm.models import group_parameters
 
     head_prefix = classifier_path + "."
@@ -95,7 +100,9 @@ def layer_groups(model: nn.Module, matcher: dict[str, Any], classifier_path: str
     groups: list[LayerGroup] = []
     for index in sorted(by_index):
         params = [p for p in by_index[index] if not p.startswith(head_prefix)]
-        if params:
+        if params and groups and len(params) < len(by_index[index]):
+            groups[-1].params.extend(params)
+        elif params:
             groups.append(LayerGroup(_group_name(params[0], matcher, len(groups)), params))
     head_params = [name for name, _ in model.named_parameters() if name.startswith(head_prefix)]
     taken = [group.name for group in groups]

@@ -41,7 +41,7 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
     stages = []
     for stage in prepared.stages:
         trainable = sum(sizes[g] for g in stage.lrs)
-        stages.append({"name": stage.name, "epochs": stage.epochs, "trainable_params": trainable,
+        stages.append({"name": stage.name, "epochs": stage.epochs, "bn": stage.bn, "trainable_params": trainable,
                        "frozen_params": total - trainable,
                        "groups": [{"name": g, "lr": lr, "params": sizes[g]} for g, lr in stage.lrs.items()]})
     weights = model.preprocessing
@@ -55,9 +55,12 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
                           "weights_std": list(weights.std),
                           "matches_weights": pre.mean == weights.mean and pre.std == weights.std},
-        "input": {"image_size": pre.image_size, "resize_size": pre.resize_size, "interpolation": pre.interpolation},
+        "input": {"image_size": pre.image_size, "resize_size": pre.resize_size, "interpolation": pre.interpolation,
+                  "crop_mode": pre.crop_mode},
         "layer_groups": sizes,
         "stages": stages,
+        # dataset.split_seed picks the images (split, subsets), trainer.seed the training (init, order, augmentation)
+        "seeds": {"split": cfg.dataset.split_seed, "training": cfg.trainer.seed},
     }
 
 
@@ -71,12 +74,19 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
         f"{d['train_images']} train / {d['val_images']} val images",
-        f"input     {plan['input']['image_size']}px (resize {plan['input']['resize_size']}, {plan['input']['interpolation']}); "
+        f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
+        f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
         f"mean {n['mean']} std {n['std']} ({'matches the weights' if n['matches_weights'] else 'DIFFERS from the weights: ' + str(n['weights_mean']) + ' / ' + str(n['weights_std'])})",
+        f"seeds     split {plan['seeds']['split']} (dataset.split_seed), training {plan['seeds']['training']} (trainer.seed)",
         "groups    " + ", ".join(f"{g} {p:,}" for g, p in plan["layer_groups"].items()),
     ]
     for i, stage in enumerate(plan["stages"], 1):
         groups = ", ".join(f"{g['name']}@{g['lr']:g}" for g in stage["groups"])
         lines.append(f"stage {i}   {stage['name']}: {stage['epochs']} epochs, trains {groups}; "
-                     f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params")
+                     f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params; bn {stage['bn']}")
     return "\n".join(lines)
+
+
+def _pixels(size: int | list[int] | tuple[int, int]) -> str:
+    """224px, or 1024x768px where the weights' input is not square (height x width)."""
+    return f"{size}px" if isinstance(size, int) else f"{size[0]}x{size[1]}px"

@@ -35,6 +35,8 @@ METRICS = {
     "wall_time_s": ("wall time (s)", ".1f"),
     "params_trainable": ("trainable params", ",.0f"),
 }
+# Counts the config fixes: "± 0" over seeds says nothing there. For measured figures it says the seeds agree.
+COUNTS = {"epochs", "params_trainable"}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Run:
     records: list[dict[str, Any]]
     summary: dict[str, Any] | None
     name: str = ""  # its path relative to the folder all reported runs share
+    repeat_of: "Run | None" = None  # an earlier run with the same config and seed: not another seed
 
     @property
     def status(self) -> str:
@@ -70,9 +73,14 @@ class Run:
 
 @dataclass
 class Row:
-    """Runs that differ only in their seed (finished ones), or a single run."""
+    """Runs that differ only in their seed (finished ones, one per seed), or a single run."""
 
     runs: list[Run] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        first = self.runs[0]
+        return f"repeat of {first.repeat_of.name}" if first.repeat_of is not None else first.status
 
     def key_value(self, key: str) -> str:
         return ", ".join(dict.fromkeys(run.config.get(key, "-") for run in self.runs))
@@ -199,15 +207,30 @@ def shown_keys(runs: list[Run], keys: list[str]) -> list[str]:
 
 
 def group_rows(runs: list[Run], keys: list[str]) -> list[Row]:
-    """Finished runs whose configs differ only in trainer.seed share a row; others stand alone."""
+    """Finished runs whose configs differ only in trainer.seed share a row, one run per seed, so `n` counts
+    seeds; a run with the config and seed of one already in its row (a repeat) and any other run stand alone."""
     rows: dict[tuple[str | None, ...], Row] = {}
     for run in runs:
-        if run.status == "finished":
-            ident = (run.status, *(run.config.get(key) for key in keys if key != SEED))
-        else:
-            ident = (run.status, str(run.path))
+        ident: tuple[str | None, ...] = (run.status, str(run.path))
+        if run.status == "finished" and run.config:
+            shared = (run.status, *(run.config.get(key) for key in keys if key != SEED))
+            seed = run.config.get(SEED)
+            same_seed = [other for other in rows.get(shared, Row()).runs if other.config.get(SEED) == seed]
+            if same_seed:
+                run.repeat_of = same_seed[0]
+            else:
+                ident = shared
         rows.setdefault(ident, Row()).runs.append(run)
     return list(rows.values())
+
+
+def repeat_note(rows: list[Row]) -> str:
+    """The line under the table that says how repeated runs are shown ('' when there are none)."""
+    repeats = sum(1 for row in rows if row.runs[0].repeat_of is not None)
+    if not repeats:
+        return ""
+    return (f"{repeats} run(s) repeat the config and trainer.seed of an earlier run: each has a row of its own "
+            "(status 'repeat of RUN') and is not counted in n, which counts distinct seeds.")
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -217,11 +240,12 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _format(values: list[float], spec: str) -> str:
+def _format(values: list[float], spec: str, count: bool = False) -> str:
+    """mean ± sample std over a row's seeds (± 0.0000 too: seeds that agree exactly), the value alone for one run."""
     mean, std = mean_std(values)
     if mean is None:
         return "-"
-    return f"{mean:{spec}} ± {std:{spec}}" if std else f"{mean:{spec}}"
+    return f"{mean:{spec}}" if std is None or (count and std == 0) else f"{mean:{spec}} ± {std:{spec}}"
 
 
 def markdown_table(rows: list[Row], keys: list[str]) -> str:
@@ -230,8 +254,8 @@ def markdown_table(rows: list[Row], keys: list[str]) -> str:
     lines = [header, ["---"] * len(header)]
     for row in rows:
         lines.append([*(row.key_value(k) for k in keys), str(len(row.runs)),
-                      *(_format(row.values(m), spec) for m, (_, spec) in METRICS.items()),
-                      row.runs[0].status, row.names])
+                      *(_format(row.values(m), spec, m in COUNTS) for m, (_, spec) in METRICS.items()),
+                      row.status, row.names])
     cells = (" | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in line) for line in lines)
     return "\n".join(f"| {line} |" for line in cells)
 
@@ -246,7 +270,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
             writer.writerow([*(row.key_value(k) for k in keys), len(row.runs),
                              *("" if v is None else v for v in numbers),
-                             row.runs[0].status, row.names])
+                             row.status, row.names])
 
 
 def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
@@ -278,7 +302,7 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
 
 def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the
-    table and the unreadable runs (listed under the table in results.md too)."""
+    table and the notes under it in results.md: how repeated runs are shown, then the unreadable runs."""
     runs, unreadable = load_runs(find_run_dirs(paths))
     keys = differing_keys(runs)
     shown = shown_keys(runs, keys)
@@ -287,16 +311,18 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     for run in runs:
         run.name = run.path.resolve().relative_to(base).as_posix()
     table = markdown_table(rows, shown)
+    repeats = repeat_note(rows)
     try:
         out.mkdir(parents=True, exist_ok=True)
         skipped = "".join(f"\n- {line}" for line in unreadable)
-        (out / "results.md").write_text(table + "\n" + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""),
+        (out / "results.md").write_text(table + "\n" + (f"\n{repeats}\n" if repeats else "")
+                                        + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""),
                                         encoding="utf-8")
         write_csv(out / "results.csv", rows, keys)
         plot_val_acc(out / "val_acc.png", runs, shown)
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
-    return table, unreadable
+    return table, [f"note: {repeats}"] * bool(repeats) + [f"skipped an unreadable run: {line}" for line in unreadable]
 
 
 def run_report(argv: list[str]) -> int:
@@ -309,11 +335,11 @@ def run_report(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, metavar="OUTDIR", help="where to write the report (default: the first DIR)")
     args = parser.parse_args(argv)
     try:
-        table, unreadable = build_report(args.dirs, args.out or args.dirs[0])
+        table, notes = build_report(args.dirs, args.out or args.dirs[0])
     except TransferError as error:
         return report_user_error(error)
     print(table)
-    for line in unreadable:
-        print(f"transfer: skipped an unreadable run: {line}", file=sys.stderr)
+    for line in notes:
+        print(f"transfer: {line}", file=sys.stderr)
     print(f"wrote results.md, results.csv and val_acc.png to {args.out or args.dirs[0]}", file=sys.stderr)
     return 0

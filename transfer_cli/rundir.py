@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transfer_cli.config import TrainConfig
+from transfer_cli.config import TrainConfig, TrainerConfig
 from transfer_cli.errors import TransferError
 
 if TYPE_CHECKING:
@@ -42,12 +42,23 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         raise TransferError(f"{file} is unreadable: {_first_line(error)}") from error
     if not isinstance(tree, DictConfig):
         raise TransferError(f"{file} is damaged: it holds a list, not a config mapping")
+    _split_as_trained(tree)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), tree))
     except OmegaConfBaseException as error:
         raise TransferError(f"{file} does not fit the config schema: {_first_line(error)}") from error
     except TransferError as error:
         raise TransferError(f"{file}: {error}") from error
+
+
+def _split_as_trained(tree: Any) -> None:
+    """A run saved before `dataset.split_seed` existed split its data (val_fraction, subsets, generated images)
+    by trainer.seed: that seed, not the schema's default, gives resume and eval the run's own images."""
+    from omegaconf import DictConfig, OmegaConf
+
+    dataset = tree.get("dataset")
+    if isinstance(dataset, DictConfig) and "split_seed" not in dataset:
+        dataset.split_seed = OmegaConf.select(tree, "trainer.seed", default=TrainerConfig.seed)
 
 
 def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
@@ -139,6 +150,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[T
     """
     from dataclasses import replace
 
+    from transfer_cli.checkpoint import misfit
     from transfer_cli.models import build_model
 
     path = require_run_dir(run_dir)
@@ -146,10 +158,11 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[T
     file = path / "checkpoints" / f"{checkpoint}.pt"
     state, classes = _read_checkpoint(file, checkpoint)
     model = build_model(replace(cfg.backbone, checkpoint=None), cfg.head, len(classes), pretrained=False)
-    problem = _misfit(model.model.state_dict(), state)
+    problem = misfit(model.model.state_dict(), state)
     if problem:
         raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, "
-                            f"{len(classes)} classes): {problem}; was it saved by another run?")
+                            f"{len(classes)} classes): {problem}; was it saved by another run, or by a version "
+                            "before torchvision classifiers were replaced whole? Retrain it")
     model.model.load_state_dict(state, strict=True)
     model.model.eval()
     return cfg, model, classes
@@ -179,20 +192,3 @@ def _read_checkpoint(file: Path, checkpoint: str) -> tuple[dict[str, Any], list[
         ema = payload["ema"]
         state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
     return state, [str(name) for name in payload["classes"]]
-
-
-def _misfit(own: dict[str, Any], saved: dict[str, Any]) -> str:
-    """What keeps `saved` from loading strictly into a model whose state dict is `own` ('' when it fits)."""
-    resized = [key for key in own.keys() & saved.keys() if tuple(own[key].shape) != tuple(saved[key].shape)]
-    missing = sorted(own.keys() - saved.keys())
-    unexpected = sorted(saved.keys() - own.keys())
-    problems = []
-    if resized:
-        key = sorted(resized)[0]
-        problems.append(f"{len(resized)} tensor(s) differ in shape (e.g. {key}: checkpoint "
-                        f"{list(saved[key].shape)}, model {list(own[key].shape)})")
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s) (e.g. {unexpected[0]})")
-    return ", ".join(problems)

@@ -1,8 +1,13 @@
 """Interpret a strategy (stages written in YAML) against a model's layer groups.
 
 A stage resolves to a map {group name: lr} of the groups that train; every other group
-is frozen: `requires_grad=False` and, unless `train_bn`, its BatchNorm layers held in eval
-mode so running statistics do not drift.
+is frozen: `requires_grad=False` (unless `train_bn`, which trains its BatchNorm affine
+params) and every module of it in eval mode, so dropout, stochastic depth and BatchNorm
+statistics act as at inference. The stage's BatchNorm policy (`bn`) decides what BatchNorm
+does in the groups that train: `train` uses batch statistics and updates running ones;
+`frozen_stats` keeps every BatchNorm in eval mode (running stats never change, affine params
+train with their group); `reestimate` does that after re-estimating the running stats once,
+on entering the stage, on the training images (docs/batchnorm.md has the evidence).
 """
 
 from __future__ import annotations
@@ -11,10 +16,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.apportion import apportion
 from transfer_cli.config import StageConfig, StrategyConfig
+from transfer_cli.engine import Precision
 from transfer_cli.errors import TransferError
 from transfer_cli.models import HEAD, LayerGroup, TransferModel
 
@@ -24,16 +32,23 @@ class Stage:
     name: str
     epochs: int
     lrs: dict[str, float]  # trainable group -> lr, ordered from stem to head
+    bn: str = "frozen_stats"  # BatchNorm policy: frozen_stats | reestimate | train
 
 
 def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: int | None,
-                lr_scale: float = 1.0) -> list[Stage]:
-    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths."""
+                lr_scale: float = 1.0, pretrained: bool = True) -> list[Stage]:
+    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths.
+
+    BatchNorm's default policy follows the weights: pretrained running statistics are worth keeping
+    (`frozen_stats`, docs/batchnorm.md); a random init's are not, so they train.
+    """
+    default_bn = "frozen_stats" if pretrained else "train"
     if not strategy.stages:
         raise TransferError(f"strategy '{strategy.name}' has no stages: give it at least one under strategy.stages")
     epochs = scale_epochs([stage.epochs for stage in strategy.stages], total_epochs)
     return [
-        Stage(stage.name, count, {g: lr * lr_scale for g, lr in _stage_lrs(stage, strategy, model).items()})
+        Stage(stage.name, count, {g: lr * lr_scale for g, lr in _stage_lrs(stage, strategy, model).items()},
+              stage.bn or strategy.bn or default_bn)
         for stage, count in zip(strategy.stages, epochs)
     ]
 
@@ -174,10 +189,62 @@ def frozen_batchnorms(model: TransferModel, stage: Stage) -> list[nn.Module]:
     ]
 
 
+def frozen_modules(model: TransferModel, stage: Stage) -> list[nn.Module]:
+    """Modules that compute for frozen groups: those whose parameters all belong to them, and each
+    parameter-free leaf (dropout, stochastic depth, pooling) whose output feeds a frozen parameter first."""
+    frozen = {name for group in model.groups if group.name not in stage.lrs for name in group.params}
+    found: list[nn.Module] = []
+    waiting: list[nn.Module] = []  # parameter-free leaves since the last leaf with parameters
+    for path, module in model.model.named_modules():
+        names = [f"{path}.{name}" if path else name for name, _ in module.named_parameters()]
+        if names and all(name in frozen for name in names):
+            found.append(module)
+        is_leaf = next(module.children(), None) is None
+        if is_leaf and not names:
+            waiting.append(module)
+        elif is_leaf:
+            found.extend(waiting if names[0] in frozen else [])
+            waiting = []
+    return found
+
+
 def hold_frozen_batchnorm(model: TransferModel, stage: Stage) -> None:
-    """Call after `model.train()`: frozen BatchNorm keeps using (and keeping) its running stats."""
-    for module in frozen_batchnorms(model, stage):
+    """Call after `model.train()`: frozen groups run as at inference; with `frozen_stats` or
+    `reestimate`, so does every BatchNorm (its running stats stay as they are)."""
+    for module in frozen_modules(model, stage):
         module.eval()
+    if stage.bn != "train":
+        for module in model.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: TransferModel, data: Dataset, batch_size: int, num_workers: int,
+                         precision: Precision) -> tuple[int, int]:
+    """Replace every BatchNorm's running stats by their average over the full batches of `data` (one
+    pass in order, momentum=None, the rest of the model in eval mode); returns (layers, images). Leaves
+    the global RNG where it was, so a run's dropout and MixUp streams do not depend on the policy."""
+    norms = [m for m in model.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, drop_last=len(data) > batch_size)
+    was_training = model.model.training
+    momenta = [norm.momentum for norm in norms]
+    model.model.eval()
+    try:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+            norm.train()
+        with torch.random.fork_rng(devices=[precision.device] if precision.device.type == "cuda" else []):
+            for images, labels in loader:
+                images, _ = precision.to_device(images, labels)
+                with precision.autocast():
+                    model.model(images)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.model.train(was_training)
+    return len(norms), min(len(data), len(loader) * batch_size)
 
 
 def group_of(groups: list[LayerGroup]) -> dict[str, str]:

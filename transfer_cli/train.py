@@ -37,7 +37,7 @@ from transfer_cli.models import HEAD, TransferModel, build_model
 from transfer_cli.optim import StagedOptimizer
 from transfer_cli.strategies import Stage, choose_by_size, plan_stages
 from transfer_cli.plan import build_plan, format_plan
-from transfer_cli.trainer import FitResult, FitSetup, check_history, fit, sigterm_stops
+from transfer_cli.trainer import FitResult, FitSetup, Progress, check_history, fit, sigterm_stops
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, 
         ema = torch.optim.swa_utils.AveragedModel(
             model.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.trainer.ema_decay), use_buffers=True)
     return StepRunner(forward, optimizer.optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
-                      precision, scaler, cfg.trainer.grad_clip, ema, batch_mixer(cfg.augment, num_classes))
+                      precision, scaler, cfg.trainer.grad_clip, ema, model.model if ema is not None else None,
+                      batch_mixer(cfg.augment, num_classes))
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
@@ -112,13 +113,14 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     batch_size = distributed.per_process_batch(cfg.trainer.batch_size)  # DDP: batch_size is the global batch
     eval_batch_size = max(1, (cfg.trainer.eval_batch_size or cfg.trainer.batch_size) // distributed.world_size())
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
-        splits = load_splits(cfg.dataset, cfg.trainer.seed)
+        splits = load_splits(cfg.dataset)
         num_classes = len(splits.classes)
         strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
         if choice:
             log.info("%s", choice)
         model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
-    stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
+    pretrained = strategy.pretrained and (cfg.backbone.pretrained or cfg.backbone.checkpoint is not None)
+    stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale, pretrained)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     if not cfg.dry_run:
@@ -158,7 +160,7 @@ def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, p
     if mode not in {"auto", "true", "false"}:
         raise TransferError(f"trainer.cache_features={cfg.trainer.cache_features}: use auto, true or false")
     random_input = not is_deterministic(cfg.augment) or setup.runner.mix is not None
-    exact = not random_input and backbone_is_deterministic(model) and setup.runner.ema is None and not strategy.train_bn
+    exact = not random_input and backbone_is_deterministic(model) and not strategy.train_bn
     if mode == "false" or (mode == "auto" and not exact):
         return lambda stage: None
     if not exact:
@@ -247,7 +249,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     except BaseException as error:
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
-    summary = _summary(result, prepared, cfg.trainer.seed)
+    summary = _summary(result, prepared, cfg)
     summary["wall_time_s"] = time.perf_counter() - started
     if main:
         runlog.write_json(run_dir / "summary.json", summary)
@@ -261,7 +263,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     return summary
 
 
-def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]:
+def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
     """summary.json: the figures to compare runs by, what produced them, and why it stopped."""
     splits, model, stages, preprocessing = prepared.splits, prepared.model, prepared.stages, prepared.preprocessing
     precision = prepared.setup.runner.precision
@@ -283,7 +285,8 @@ def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]
         "skipped_images": len(splits.skipped_images),
         "strategy": prepared.strategy.name,
         "strategy_choice": prepared.strategy_choice or None,
-        "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs} for s in stages],
+        "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs, "peak_lrs": _peak_lrs(progress, i, s)}
+                   for i, s in enumerate(stages)],
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,
         "preprocessing": {**vars(preprocessing), "resize_size": preprocessing.resize_size},
@@ -292,10 +295,18 @@ def _summary(result: FitResult, prepared: Prepared, seed: int) -> dict[str, Any]
         "ema": prepared.setup.runner.ema is not None,
         "train_images_per_s": _mean([r["train/images_per_s"] for r in result.records]),
         **{k: v for k, v in final.items() if k.startswith("val/")},
-        "seed": seed,
+        "seed": cfg.trainer.seed,
+        "split_seed": cfg.dataset.split_seed,
         "world_size": distributed.world_size(),
         "versions": _versions(),
     }
+
+
+def _peak_lrs(progress: Progress, index: int, stage: Stage) -> dict[str, float] | None:
+    """The highest lr each group of stage `index` ran at (a OneCycle stage's max_lr where a step lands on it);
+    None for a stage never run, or begun before a resume from a checkpoint that did not note it."""
+    peak = progress.peak_lrs[index] if index < len(progress.peak_lrs) else None
+    return {group: peak.get(group, 0.0) for group in stage.lrs} if peak else None
 
 
 def _mean(values: list[float]) -> float:

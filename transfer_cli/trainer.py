@@ -28,7 +28,7 @@ from transfer_cli.feature_cache import CachedSplits
 from transfer_cli.engine import NonFiniteLoss, Precision, StepRunner, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.models import TransferModel
 from transfer_cli.optim import StagedOptimizer, build_scheduler
-from transfer_cli.strategies import Stage, apply_stage, hold_frozen_batchnorm
+from transfer_cli.strategies import Stage, apply_stage, hold_frozen_batchnorm, reestimate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,26 @@ class Progress:
     stop_reason: str | None = None
     params_trainable: dict[str, int] = field(default_factory=dict)
     epoch_lrs: dict[str, float] = field(default_factory=dict)  # lrs at the first step of the epoch in progress
+    step_lrs: dict[str, float] | None = None  # lrs of the last step completed (None: unknown, a resumed old checkpoint)
+    # per stage entered: each group's highest lr at any of its steps (None: unknown, a resumed old checkpoint)
+    peak_lrs: list[dict[str, float] | None] = field(default_factory=list)
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any]) -> "Progress":
+        """A checkpoint's progress; one saved before lrs were noted per step has no peaks for the stages it began."""
+        progress = cls(**saved)
+        if "peak_lrs" not in saved:
+            progress.peak_lrs = [None] * (progress.stage + 1)
+        return progress
+
+    def step_ran(self, lrs: dict[str, float]) -> None:
+        """Note the lrs a step of the current stage ran with: the epoch's last so far, and the stage's peaks."""
+        self.step_lrs = lrs
+        self.peak_lrs.extend({} for _ in range(self.stage + 1 - len(self.peak_lrs)))
+        peak = self.peak_lrs[self.stage]
+        if peak is not None:
+            for group, lr in lrs.items():
+                peak[group] = max(peak.get(group, lr), lr)
 
 
 @dataclass
@@ -187,9 +207,17 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
     checkpoint.save_atomic(payload, setup.run_dir / "checkpoints" / name)
 
 
-def _enter_stage(setup: FitSetup, progress: Progress, index: int) -> Any:
+def _enter_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool = True) -> Any:
+    """Freeze and unfreeze for stage `index`; `fresh` (not rebuilding a resumed run, whose
+    checkpoint holds the BatchNorm stats) re-estimates them where the stage's policy says so."""
     stage = setup.stages[index]
     apply_stage(setup.model, stage, setup.train_bn)
+    if fresh and stage.bn == "reestimate":
+        loader = setup.train_loader
+        count, images = reestimate_batchnorm(setup.model, loader.dataset, loader.batch_size, loader.num_workers,
+                                             setup.runner.precision)
+        log.info("stage '%s': re-estimated the running stats of %d BatchNorm layers on %d training images",
+                 stage.name, count, images)
     setup.optimizer.enter(stage)
     progress.params_trainable[stage.name] = count_trainable(setup.model.model)
     if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
@@ -202,11 +230,15 @@ def _enter_stage(setup: FitSetup, progress: Progress, index: int) -> Any:
 
 def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, Any, Tally | None]:
     """Rebuild the optimizer's groups stage by stage, then load every saved state."""
-    progress = Progress(**state["progress"])
+    progress = Progress.restored(state["progress"])
     scheduler = None
     for index in range(progress.stage + 1):
-        scheduler = _enter_stage(setup, Progress(), index)
+        scheduler = _enter_stage(setup, Progress(), index, fresh=False)
     progress.params_trainable = dict(state["progress"]["params_trainable"])
+    problem = checkpoint.misfit(setup.model.model.state_dict(), state["model"])
+    if problem:  # e.g. saved by a version that named the classifier otherwise
+        raise TransferError(f"checkpoints/last.pt does not fit the model this version builds for the run "
+                            f"({problem}): it cannot be resumed; start a new run")
     setup.model.model.load_state_dict(state["model"])
     setup.optimizer.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -290,7 +322,7 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
     tally = tally or Tally(setup.runner.precision.device, topk_for(setup.num_classes))
     if progress.step == 0:  # a run resumed mid-epoch records the lrs its epoch started with
         progress.epoch_lrs = setup.optimizer.lrs_by_group()
-    lrs = progress.epoch_lrs
+    upcoming = {"lrs": setup.optimizer.lrs_by_group()}  # what the next step runs with (the scheduler steps after it)
 
     saved = {"step": progress.step}  # where last.pt stands within this epoch (0: at its start)
 
@@ -300,6 +332,8 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
 
     def on_step(step: int) -> None:
         progress.step = step
+        progress.step_ran(upcoming["lrs"])
+        upcoming["lrs"] = setup.optimizer.lrs_by_group()
         every = setup.checkpoint_every_steps
         # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
         if (not distributed.active() or step % setup.check_every == 0) and _stop_requested(setup, interrupt):
@@ -308,13 +342,13 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             _save(setup, scheduler, progress, tally, "last.pt")
             saved["step"] = step
 
-    runner, train_loader, eval_model, val_loader = setup.runner, setup.train_loader, _eval_model(setup), setup.val_loader
+    runner, train_loader = setup.runner, setup.train_loader
     cached = setup.head_only(stage)
     if cached is not None:
         precision = replace(runner.precision, channels_last=False)
         head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
         runner = replace(runner, model=head, precision=precision)
-        train_loader, eval_model, val_loader = cached.train_loader, cached.head, cached.val_loader
+        train_loader = cached.train_loader
     setup.model.model.train()
     hold_frozen_batchnorm(setup.model, stage)
     train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
@@ -331,10 +365,10 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             "Lower the lr, set trainer.grad_clip, or check the data"
         ) from None
     kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
-    val = _validate(setup, progress, eval_model, val_loader, runner.precision, interrupt, checkpoint_and_stop, kept)
+    val = _validate(setup, progress, *_validation_target(setup, cached), interrupt, checkpoint_and_stop, kept)
     progress.epoch, progress.step = epoch, 0
-    record = {"epoch": epoch, "stage": stage.name, "lr": {g.name: lrs.get(g.name, 0.0) for g in setup.model.groups},
-              **train, **val, "seconds": time.perf_counter() - start}
+    record = {"epoch": epoch, "stage": stage.name, **_lr_record(setup, progress), **train, **val,
+              "seconds": time.perf_counter() - start}
     if distributed.is_main():
         runlog.append_metrics(setup.run_dir, record)
         if setup.logger is not None:
@@ -349,6 +383,42 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
     log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, stage.name,
              record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
     return record
+
+
+def _lr_record(setup: FitSetup, progress: Progress) -> dict[str, dict[str, float | None]]:
+    """Every group's lr at the epoch's last step (`lr`) and first (`lr_start`); 0 for groups not yet trained.
+    A OneCycle stage's first epoch starts at max_lr/25: its end says more. An old checkpoint resumed
+    after its epoch's last step does not know that step's lrs: null, not a made-up number."""
+    start, end = progress.epoch_lrs, progress.step_lrs
+    return {"lr": {g.name: None if end is None else end.get(g.name, 0.0) for g in setup.model.groups},
+            "lr_start": {g.name: start.get(g.name, 0.0) for g in setup.model.groups}}
+
+
+def _validation_target(setup: FitSetup, cached: CachedSplits | None) -> tuple[nn.Module, DataLoader, Precision]:
+    """What the epoch validates (the EMA where there is one), on which data, at which precision.
+
+    On cached features the head runs alone. The EMA's head may use them only while the EMA's backbone
+    equals the live one (an average of weights frozen since the EMA began is those weights); after a stage
+    that trained the backbone it lags behind, and the whole EMA runs on the images.
+    """
+    ema, images = setup.runner.ema, setup.runner.precision
+    if cached is None:
+        return _eval_model(setup), setup.val_loader, images
+    features = replace(images, channels_last=False)
+    if ema is None:
+        return cached.head, cached.val_loader, features
+    if _same_backbone(setup.model, ema.module):
+        return ema.module.get_submodule(setup.model.head_path), cached.val_loader, features
+    return ema.module, setup.val_loader, images
+
+
+def _same_backbone(model: TransferModel, other: nn.Module) -> bool:
+    """Whether `other` (the same architecture) computes the head's input as `model` does: every floating-point
+    tensor outside the head equal (integer buffers, BatchNorm's batch counter, never enter an eval forward)."""
+    head = model.head_path + "."
+    theirs = other.state_dict()
+    return all(torch.equal(tensor, theirs[name]) for name, tensor in model.model.state_dict().items()
+               if not name.startswith(head) and tensor.is_floating_point())
 
 
 def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: DataLoader, precision: Precision,

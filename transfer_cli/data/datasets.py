@@ -36,6 +36,7 @@ class RawSplits:
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
 
 
+# builder(cfg, split_seed): the split seed decides val_fraction splits and generated images
 DATASETS: Registry[Callable[[DatasetConfig, int], RawSplits]] = Registry("dataset", "dataset")
 
 
@@ -66,8 +67,10 @@ def check_classes(data: list[str], run: list[str], fix: str) -> None:
                         f"{lacking[:5]}{', order differs' if not extra and not lacking else ''}): {fix}")
 
 
-def load_splits(cfg: DatasetConfig, seed: int) -> RawSplits:
-    """Build the dataset named by `cfg`, then apply the stratified, seeded subsets."""
+def load_splits(cfg: DatasetConfig) -> RawSplits:
+    """Build the dataset named by `cfg`, then apply the stratified subsets, all seeded by `cfg.split_seed`
+    (not trainer.seed: runs that differ in their training seed see the same images)."""
+    seed = cfg.split_seed
     splits = DATASETS.get(cfg.name)(cfg, seed)
     if cfg.train_subset is not None:
         indices = stratified_subset(splits.train_labels, cfg.train_subset, seed)

@@ -1,8 +1,9 @@
 """Decode and resize each image once; small datasets then skip JPEG decoding every epoch.
 
-The cache holds each image as a uint8 tensor whose short side is the eval resize size,
-which is where the eval transform resizes it anyway, so evaluation sees the same pixels
-as decoding; random crops and flips of training run on the cached tensors.
+The cache holds each image as a uint8 tensor resized as the eval transform's first step
+resizes it (short side, both sides or long side, by the crop mode; with PIL where the dataset
+gives PIL images, as the eval transform does), so evaluation sees the same pixels as
+decoding; random crops and flips of training run on the cached tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset
@@ -22,18 +24,20 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "true", "false")
 
 
-def estimated_bytes(count: int, resize_size: int) -> int:
-    """uint8 RGB at the resize size, allowing 4:3 images: a budget estimate made before decoding."""
-    return count * 3 * resize_size * (resize_size * 4 // 3)
+def estimated_bytes(count: int, resize_size: int | tuple[int, int]) -> int:
+    """uint8 RGB at the resize size, allowing 4:3 images: a budget estimate made before decoding
+    (an upper bound for squash and border crops, which keep no side above the resize size)."""
+    side = resize_size if isinstance(resize_size, int) else max(resize_size)
+    return count * 3 * side * (side * 4 // 3)
 
 
 class DecodedImages(Dataset):
     """Every item of `base`, decoded and resized once (in threads: PIL decoding releases the GIL)."""
 
-    def __init__(self, base: Dataset, resize: v2.Transform, workers: int = 4) -> None:
+    def __init__(self, base: Dataset, resize: Callable[[Any], Any], workers: int = 4) -> None:
         def decode(index: int) -> tuple[torch.Tensor, int]:
             image, label = base[index]
-            return resize(v2.functional.to_image(image)).contiguous(), int(label)
+            return v2.functional.to_image(resize(image)).contiguous(), int(label)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             self.items = list(pool.map(decode, range(len(base))))
@@ -65,8 +69,8 @@ class DecodedImages(Dataset):
         return self._identity
 
 
-def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: v2.Transform, resize_size: int,
-                name: str, workers: int) -> Dataset:
+def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: Callable[[Any], Any],
+                resize_size: int | tuple[int, int], name: str, workers: int) -> Dataset:
     """`dataset` as DecodedImages when `mode` says so (auto: when the estimate fits the budget)."""
     mode = str(mode).lower()
     if mode not in MODES:
