@@ -232,6 +232,8 @@ def test_two_processes_on_one_dir_one_refuses_and_a_killed_writer_leaves_no_stal
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
     assert f"{run_dir} is being written by `transfer resume` (pid {resumed.pid} " in one_line(again.stderr)
+    logged = len(read_metrics(run_dir))
+    wait_for(lambda: len(read_metrics(run_dir)) > logged, resumed, "a resumed epoch")  # in the loop, not starting up
     resumed.send_signal(signal.SIGINT)  # the first Ctrl-C: a checkpoint after this step, exit 130
     out, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 130, err[-2000:]
