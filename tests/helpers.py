@@ -10,6 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -22,6 +23,7 @@ from transfer_cli.config import (
     StrategyConfig,
 )
 from transfer_cli.models import TransferModel, build_model
+from transfer_cli.runlog import read_metrics
 from transfer_cli.strategies import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,3 +163,23 @@ def params_trainable(result) -> dict[str, int]:
     """Trainable-parameter counts per stage from a FitResult."""
     holder = getattr(result, "progress", result)
     return holder.params_trainable
+
+
+def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metric records without their timing keys, which differ between any two runs."""
+    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
+
+
+def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, comparable."""
+    return comparable(read_metrics(run_dir))
+
+
+def assert_same_metrics(a: Path, b: Path) -> None:
+    """Two runs logged the same epochs with the same metrics (floats within float32 reduction noise)."""
+    first, second = run_metrics(a), run_metrics(b)
+    assert len(first) == len(second) > 0
+    for one, other in zip(first, second):
+        assert one.keys() == other.keys()
+        for key, value in one.items():
+            assert value == (pytest.approx(other[key], rel=1e-5, abs=1e-7) if isinstance(value, float) else other[key]), key

@@ -18,13 +18,14 @@ from torch import nn
 from torchvision.ops import StochasticDepth
 
 from conftest import FAST, compose_train
-from helpers import RESNET_GROUPS, batchnorms, build, make_fit_setup, snapshot_params, tiny_resnet, tv_backbone
+from helpers import (
+    RESNET_GROUPS, batchnorms, build, make_fit_setup, run_metrics, snapshot_params, tiny_resnet, tv_backbone,
+)
 from transfer_cli import checkpoint, train as train_module, trainer
 from transfer_cli.config import HeadConfig, StageConfig, StrategyConfig
 from transfer_cli.errors import TransferError
 from transfer_cli.feature_cache import backbone_is_deterministic
 from transfer_cli.models import HEAD
-from transfer_cli.runlog import read_metrics
 from transfer_cli.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
 from transfer_cli.train import train
 
@@ -43,8 +44,6 @@ def fit_once(tmp_path: Path, stages: list[Stage]) -> tuple[Any, dict[str, torch.
     return model, before_params, before_stats
 
 
-def comparable(run_dir: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_metrics(run_dir)]
 
 
 # --------------------------------------------------------------------------- policies in a real fit
@@ -176,7 +175,7 @@ def test_reestimate_is_not_repeated_when_a_run_resumes_mid_stage(tmp_path: Path,
     with caplog.at_level(logging.INFO, logger="transfer_cli.trainer"):
         train(compose_train(overrides), tmp_path / "crashed", resume=state)
     assert caplog.text.count("re-estimated the running stats") == 1, "only on entering the last stage afresh"
-    assert comparable(tmp_path / "crashed") == comparable(tmp_path / "whole")
+    assert run_metrics(tmp_path / "crashed") == run_metrics(tmp_path / "whole")
 
 
 # --------------------------------------------------------------------------- frozen means eval
@@ -255,7 +254,7 @@ def test_the_feature_cache_applies_to_a_backbone_with_drop_path_and_matches_the_
     train(compose_train(overrides), tmp_path / "cached")
     assert len(list(cache.glob("*.pt"))) == 2, "trainer.cache_features=auto cached both splits"
     train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
-    cached, plain = comparable(tmp_path / "cached"), comparable(tmp_path / "plain")
+    cached, plain = run_metrics(tmp_path / "cached"), run_metrics(tmp_path / "plain")
     assert len(cached) == len(plain) == 3
     for a, b in zip(cached, plain):
         for key in a:

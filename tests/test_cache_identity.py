@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from conftest import compose_train
+from helpers import assert_same_metrics, run_metrics
 from transfer_cli.data.datasets import DATASETS, RawSplits
-from transfer_cli.runlog import read_metrics
 from transfer_cli.train import train
 
 CLASSES = ("ants", "bees")
@@ -73,18 +73,8 @@ def _overrides(root: Path, weights: Path, cache_images: str) -> list[str]:
             "trainer.batch_size=4", "trainer.num_workers=0"]
 
 
-def _values(run_dir: Path) -> list[dict]:
-    """metrics.jsonl without its timing keys."""
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_metrics(run_dir)]
 
 
-def _assert_same_metrics(cached: Path, plain: Path) -> None:
-    a, b = _values(cached), _values(plain)
-    assert len(a) == len(b) > 0
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert x[key] == (pytest.approx(y[key], rel=1e-5, abs=1e-7) if isinstance(x[key], float) else y[key]), key
 
 
 def _cached_equals_plain(overrides: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> str:
@@ -94,7 +84,7 @@ def _cached_equals_plain(overrides: list[str], tmp_path: Path, caplog: pytest.Lo
         train(compose_train(overrides), tmp_path / "cached")
     log = caplog.text
     train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
-    _assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
+    assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
     return log
 
 
@@ -185,7 +175,7 @@ def test_equal_size_splits_never_share_features(cache_images: str, tmp_path: Pat
         train(compose_train(overrides), tmp_path / "again")
     assert caplog.text.count("feature cache hit for train split") == 1
     assert caplog.text.count("feature cache hit for val split") == 1
-    assert _values(tmp_path / "again") == _values(tmp_path / "cached")
+    assert run_metrics(tmp_path / "again") == run_metrics(tmp_path / "cached")
 
 
 def test_an_entry_with_other_labels_or_damaged_is_recomputed(tmp_path: Path, weights: Path, cache: Path,
@@ -233,7 +223,7 @@ def test_data_without_identity_is_not_cached_and_says_why_once(tmp_path: Path, c
                  "strategy=feature_extract", two_head_stages, "augment=none", "trainer.epochs=null"]
     log = _cached_equals_plain(overrides, tmp_path, caplog)
     assert log.count("feature cache off: Unidentified has no content identity") == 1
-    assert [r["stage"] for r in _values(tmp_path / "cached")] == ["a", "b"]  # two head-only stages, one line
+    assert [r["stage"] for r in run_metrics(tmp_path / "cached")] == ["a", "b"]  # two head-only stages, one line
     assert not cache.exists() or not list(cache.glob("*.pt"))
     # decoded into memory, the same data has an identity (its pixels): cached, and still exact
     caplog.clear()

@@ -10,17 +10,15 @@ import torch
 from PIL import Image
 
 from conftest import FAST, compose_train
+from helpers import run_metrics
 from transfer_cli.backbones import PretrainedPreprocessing
 from transfer_cli.config import DatasetConfig
 from transfer_cli.data.datasets import load_splits
 from transfer_cli.data.image_cache import DecodedImages, maybe_cache
 from transfer_cli.data.transforms import Preprocessing, cache_resize, eval_transform
-from transfer_cli.runlog import read_metrics
 from transfer_cli.train import train
 
 
-def _values(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_metrics(run_dir)]
 
 
 def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,7 +29,7 @@ def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path, mon
     train(compose_train(overrides + ["trainer.cache_features=true"]), tmp_path / "cached")
     assert len(set(cache.glob("*.pt")) - before) == 2, "train and val features were cached"
     train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
-    cached, plain = _values(tmp_path / "cached"), _values(tmp_path / "plain")
+    cached, plain = run_metrics(tmp_path / "cached"), run_metrics(tmp_path / "plain")
     assert len(cached) == 3
     for a, b in zip(cached, plain):
         assert a.keys() == b.keys()
@@ -48,7 +46,7 @@ def test_a_second_run_reads_the_shared_cache(tmp_path: Path, caplog: pytest.LogC
     with caplog.at_level("INFO", logger="transfer_cli.feature_cache"):
         train(compose_train(overrides), tmp_path / "second")
     assert "feature cache hit for train split" in caplog.text
-    assert _values(tmp_path / "first") == _values(tmp_path / "second")
+    assert run_metrics(tmp_path / "first") == run_metrics(tmp_path / "second")
 
 
 def test_random_augmentation_keeps_the_cache_off_under_auto(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

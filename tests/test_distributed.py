@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from conftest import FAST, REPO, compose_train
+from helpers import comparable
 from transfer_cli import distributed
 from transfer_cli.data.loaders import EpochSampler, ShardSampler, make_loader, steps_per_epoch
 from transfer_cli.engine import Tally
@@ -98,8 +99,6 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
     return out, err
 
 
-def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
 
 
 @pytest.fixture(scope="module")

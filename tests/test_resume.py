@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import FAST, REPO, compose_train
+from helpers import comparable
 import transfer_cli.train as train_module
 from transfer_cli import checkpoint, trainer
 from transfer_cli.cli import main as cli_main
@@ -31,9 +32,6 @@ def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
 
 
-def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Metrics without the timing keys, which differ between any two runs."""
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
 
 
 def transfer_env(tmp_path: Path) -> dict[str, str]:

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
 from conftest import compose_train
-from test_resume import Crash, comparable, crash_after, finish, start_train, transfer, wait_for_lines
+from helpers import comparable
+from test_resume import Crash, crash_after, finish, start_train, transfer, wait_for_lines
 from transfer_cli import checkpoint, runlock
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.runlog import read_metrics
@@ -151,10 +152,6 @@ def test_keyed_samples_leave_the_callers_rng_untouched() -> None:
     random.seed(1)
     list(loader)
     assert (torch.rand(()), random.random()) == expected
-
-
-def by_sample(loader: Any) -> dict[int, float]:
-    return {label: image.sum().item() for images, labels in loader for image, label in zip(images, labels.tolist())}
 
 
 def test_a_sample_is_augmented_by_seed_epoch_and_index_alone() -> None:

@@ -25,6 +25,7 @@ import torch
 
 import transfer_cli.train as train_module
 from conftest import REPO, compose_train
+from helpers import comparable
 from transfer_cli import checkpoint, runlog, trainer
 from transfer_cli.errors import Interrupted, TransferError
 from transfer_cli.runlog import read_metrics
@@ -34,9 +35,6 @@ RUN = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "datas
 STEPS_PER_EPOCH = 64 // 16  # smoke batch size 16
 
 
-def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Metrics without the timing keys, which differ between any two runs."""
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
 
 
 def strict_json(path: Path) -> Any:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_train
+from helpers import assert_same_metrics, run_metrics
 from test_report import parse_markdown, write_run
 from transfer_cli import checkpoint, trainer
 from transfer_cli.cli import main
@@ -33,20 +34,8 @@ HEAD_ALL_HEAD = ["strategy=feature_extract", "trainer.epochs=null", "strategy.st
                  "train: [head]}, {name: all, epochs: 1, train: [all]}, {name: again, epochs: 1, train: [head]}]"]
 
 
-def _values(run_dir: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in read_metrics(run_dir)]
 
 
-def _assert_same_metrics(a: Path, b: Path) -> None:
-    first, second = _values(a), _values(b)
-    assert len(first) == len(second) > 0
-    for one, other in zip(first, second):
-        assert one.keys() == other.keys()
-        for key, value in one.items():
-            if isinstance(value, float):
-                assert value == pytest.approx(other[key], rel=1e-5, abs=1e-7), key
-            else:
-                assert value == other[key], key
 
 
 # --------------------------------------------------------------------------- an EMA on cached features
@@ -73,7 +62,7 @@ def test_an_ema_on_cached_features_matches_the_uncached_run(tmp_path: Path, monk
     assert "cached train features" in caplog.text
     assert lagging == [False, True], "per cached epoch: the first stage's, then the third's"
     plain = train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
-    _assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
+    assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
     assert cached["best_val_acc"] == plain["best_val_acc"] and cached["ema"] is True
 
 
@@ -234,7 +223,7 @@ def test_a_resume_after_an_epochs_last_step_keeps_its_lr(tmp_path: Path, monkeyp
     state = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (1, 4)
     summary = train(compose_train(overrides), tmp_path / "killed", resume=state)
-    assert _values(tmp_path / "killed") == _values(tmp_path / "plain")
+    assert run_metrics(tmp_path / "killed") == run_metrics(tmp_path / "plain")
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert summary["stages"] == plain["stages"] and all(s["peak_lrs"] for s in plain["stages"])
 

@@ -19,6 +19,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import FAST, REPO, compose_train
+from helpers import comparable
 from transfer_cli import trainer
 from transfer_cli.hydra_app import config_dir, run_train
 from transfer_cli.extras import installed
@@ -50,8 +51,6 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
             if p.is_file() and ".hydra" not in p.parts and p.name != "train.log"}
 
 
-def comparable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
 
 
 @pytest.mark.slow

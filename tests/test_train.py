@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_train
+from helpers import run_metrics
 from transfer_cli.errors import TransferError
 from transfer_cli.runlog import read_metrics
 from transfer_cli.train import train
@@ -67,9 +68,7 @@ def test_two_seeded_runs_give_identical_metrics(tmp_path: Path) -> None:
     overrides = FAST + ["strategy=gradual", "augment=basic"]
     train(compose_train(overrides), tmp_path / "a")
     train(compose_train(overrides), tmp_path / "b")
-    strip = lambda records: [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in records]
-    first, second = strip(read_metrics(tmp_path / "a")), strip(read_metrics(tmp_path / "b"))
-    assert first == second
+    assert run_metrics(tmp_path / "a") == run_metrics(tmp_path / "b")
 
 
 def test_a_different_seed_changes_the_run(tmp_path: Path) -> None:

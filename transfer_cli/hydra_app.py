@@ -345,6 +345,7 @@ def _train_job(composed: Any, run_dir: Path, sweep_job: bool, discard: Callable[
 
     from transfer_cli import distributed
     from transfer_cli.errors import TransferError
+    from transfer_cli.rundir import resume_point, resume_position
 
     main = distributed.is_main()
     cfg = OmegaConf.to_object(composed)
@@ -358,7 +359,8 @@ def _train_job(composed: Any, run_dir: Path, sweep_job: bool, discard: Callable[
         if found["kind"] == "done":
             return _report_done(run_dir, found["summary"])
         if found["kind"] == "partial":
-            cfg, resume = _resume_point(run_dir)
+            cfg, resume = resume_point(run_dir)
+            logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
     if resume is None and main:
         OmegaConf.save(composed, run_dir / "config.yaml", resolve=True)
     from transfer_cli.train import train  # torch: only a job that trains loads it
@@ -409,17 +411,6 @@ def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:
         return None
     print(format_result(summary))
     return _objective(summary)
-
-
-def _resume_point(run_dir: Path) -> tuple[Any, dict[str, Any] | None]:
-    """The saved config and checkpoints/last.pt (None: the run had saved none), as `transfer resume` loads them."""
-    from transfer_cli.rundir import load_last_checkpoint, load_run_config
-
-    state = load_last_checkpoint(run_dir)
-    logging.getLogger(__name__).info(
-        "resuming %s from %s", run_dir,
-        f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
-    return load_run_config(run_dir), state
 
 
 def format_result(summary: dict) -> str:

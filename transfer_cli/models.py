@@ -83,7 +83,12 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
     raw.model.set_submodule(raw.classifier_path, HEADS.get(head.kind)(head, in_features, num_classes))
     groups = layer_groups(raw.model, raw.group_matcher, raw.classifier_path)
     return TransferModel(raw.model, groups, raw.preprocessing, raw.weights_source,
-                         pretrained and (backbone.pretrained or backbone.checkpoint is not None), raw.classifier_path)
+                         starts_pretrained(backbone, pretrained), raw.classifier_path)
+
+
+def starts_pretrained(backbone: BackboneConfig, pretrained: bool = True) -> bool:
+    """Whether the network starts from trained weights (a download or a local checkpoint), not a random init."""
+    return pretrained and (backbone.pretrained or backbone.checkpoint is not None)
 
 
 def layer_groups(model: nn.Module, matcher: dict[str, Any], classifier_path: str) -> list[LayerGroup]:

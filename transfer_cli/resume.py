@@ -53,18 +53,15 @@ def _continue(run_dir: Path, main: bool) -> int:
     from transfer_cli.errors import BUG_EXIT, INTERRUPT_EXIT, bug_line
     from transfer_cli.errors import Interrupted
     from transfer_cli.hydra_app import format_result
-    from transfer_cli.rundir import load_last_checkpoint, load_run_config
+    from transfer_cli.rundir import resume_point, resume_position
     from transfer_cli.train import train
 
     if _finished(run_dir, main):  # the writer this one waited for finished it
         return 0
-    cfg = load_run_config(run_dir)
-    state = load_last_checkpoint(run_dir)
+    cfg, state = resume_point(run_dir)
     if main:
         _log_to(run_dir)
-    logging.getLogger(__name__).info(
-        "resuming %s from %s", run_dir,
-        f"epoch {state['progress']['epoch']} step {state['progress']['step']}" if state else "the start (no checkpoint yet)")
+    logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(state))
     again = f"; continue with: transfer resume {run_dir}"
     try:
         summary = train(cfg, run_dir, resume=state)

@@ -61,6 +61,18 @@ def _split_as_trained(tree: Any) -> None:
         dataset.split_seed = OmegaConf.select(tree, "trainer.seed", default=TrainerConfig.seed)
 
 
+def resume_point(run_dir: Path) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The saved config and checkpoints/last.pt (None: none saved yet), as resume and a sweep re-run load them."""
+    return load_run_config(run_dir), load_last_checkpoint(run_dir)
+
+
+def resume_position(state: dict[str, Any] | None) -> str:
+    """Where a resumed run continues, for its log."""
+    if state is None:
+        return "the start (no checkpoint yet)"
+    return f"epoch {state['progress']['epoch']} step {state['progress']['step']}"
+
+
 def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """checkpoints/last.pt, the state a resume continues from (None: the run saved none yet), or a
     one-line error where the file is damaged or is not a resumable `transfer train` checkpoint."""
