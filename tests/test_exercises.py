@@ -7,6 +7,7 @@ The quick mode on ../shared/assets runs only where TRANSFER_TEST_ASSETS is set.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import os
@@ -69,15 +70,15 @@ def stages_of(overrides: list[str], model) -> list[tuple[str, int, dict[str, flo
 
 
 def test_exercise1_feature_extraction_vs_fine_tuning_on_500_flowers(resnet18) -> None:
-    assert sweep_params("exercise1") == {"strategy": "feature_extract,fine_tune"}
+    assert sweep_params("exercise1") == {"strategy": "feature_extract,fine_tune_low_lr"}
     runs = {}
-    for strategy in ("feature_extract", "fine_tune"):
+    for strategy in ("feature_extract", "fine_tune_low_lr"):
         cfg = compose_train(["experiment=exercise1", f"strategy={strategy}"])
         assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == ("torchvision", "resnet18", "IMAGENET1K_V1")
         assert (cfg.dataset.name, cfg.dataset.train_subset, cfg.strategy.pretrained) == ("flowers102", 500, True)
         runs[strategy] = stages_of(["experiment=exercise1", f"strategy={strategy}"], resnet18)
     assert runs["feature_extract"] == [("head", 10, {"head": 1e-3})]
-    assert runs["fine_tune"] == [("all", 10, {g: 1e-5 for g in ("stem", "layer1", "layer2", "layer3", "layer4", "head")})]
+    assert runs["fine_tune_low_lr"] == [("all", 10, {g: 1e-5 for g in ("stem", "layer1", "layer2", "layer3", "layer4", "head")})]
 
 
 def test_exercise2_gradual_unfreezing_5_5_10(resnet18) -> None:
@@ -157,7 +158,7 @@ def expand(overrides: list[str], experiment_sweep: dict[str, str]) -> list[list[
 def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> None:
     variables = ["QUICK=1"] if quick else []
     model = lite0 if quick else resnet18
-    jobs: dict[int, list[tuple[str, str, int, float | None]]] = {}
+    jobs: dict[int, list[tuple[str, str, int, int | None, int]]] = {}
     for number in range(1, 5):
         commands = make_commands(f"exercise{number}", *variables)
         trains = [c for c in commands if c[:2] == ["train", "-m"]]
@@ -169,24 +170,34 @@ def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> 
             for overrides in expand(train[2:], sweep_params(experiments[0])):
                 cfg = compose_train(overrides)
                 stages = plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
-                jobs[number].append((cfg.strategy.name, cfg.dataset.name, sum(s.epochs for s in stages),
-                                     cfg.dataset.train_subset))
+                data = Path(cfg.dataset.root).name if cfg.dataset.name == "folder" else cfg.dataset.name
+                jobs[number].append((cfg.strategy.name, data, sum(s.epochs for s in stages),
+                                     cfg.dataset.train_subset, cfg.trainer.seed))
                 assert cfg.backbone.name == ("tf_efficientnet_lite0.in1k" if quick else "resnet18")
                 if quick:
                     assert cfg.trainer.epochs <= 4 and cfg.dataset.train_subset in (64, 100)
-    names = {number: sorted((s, d) for s, d, _, _ in runs) for number, runs in jobs.items()}
-    near, far = ("folder", "synthetic") if quick else ("cifar10", "dtd")
-    assert names[1] == [("feature_extract", "folder" if quick else "flowers102"), ("fine_tune", "folder" if quick else "flowers102")]
-    assert names[2] == [("gradual", "folder" if quick else "flowers102")]
-    assert names[3] == [("discriminative", "folder" if quick else "cifar10"), ("uniform", "folder" if quick else "cifar10")]
+    seeds = [0, 1, 2] if quick else [42]  # QUICK: every row is a mean ± std over three training seeds
+    for runs in jobs.values():
+        by_row: dict[tuple[str, str], list[int]] = {}
+        for strategy, data, _, _, seed in runs:
+            by_row.setdefault((strategy, data), []).append(seed)
+        assert all(sorted(found) == seeds for found in by_row.values()), by_row
+    names = {number: sorted({(s, d) for s, d, *_ in runs}) for number, runs in jobs.items()}
+    photos = "hymenoptera" if quick else "flowers102"
+    near, far = ("hymenoptera", "eurosat5") if quick else ("cifar10", "dtd")
+    assert names[1] == [("feature_extract", photos), ("fine_tune_low_lr", photos)]
+    assert names[2] == [("gradual", photos)]
+    assert names[3] == [("discriminative", "hymenoptera" if quick else "cifar10"),
+                        ("uniform", "hymenoptera" if quick else "cifar10")]
     assert names[4] == sorted((s, d) for s in ("scratch", "feature_extract", "fine_tune") for d in (near, far))
     if not quick:
-        assert {e for _, _, e, _ in jobs[1]} == {10} and {e for _, _, e, _ in jobs[2]} == {20}
-        assert {e for _, _, e, _ in jobs[3]} == {15} and {e for _, _, e, _ in jobs[4]} == {10}
-        assert {t for *_, t in jobs[1]} == {500} and {t for *_, t in jobs[3]} == {2000}
-        assert {t for *_, t in jobs[4]} == {1880}
+        assert {e for _, _, e, _, _ in jobs[1]} == {10} and {e for _, _, e, _, _ in jobs[2]} == {20}
+        assert {e for _, _, e, _, _ in jobs[3]} == {15} and {e for _, _, e, _, _ in jobs[4]} == {10}
+        assert {t for *_, t, _ in jobs[1]} == {500} and {t for *_, t, _ in jobs[3]} == {2000}
+        assert {t for *_, t, _ in jobs[4]} == {1880}
     five = make_commands("exercise5", *variables)
     assert five[0][:4] == ["exercise", "normalization", "--out", "/tmp/ex/ex5"]
+    assert ("--seeds" in five[0]) == quick and (not quick or five[0][five[0].index("--seeds") + 1] == "0,1,2")
 
 
 # --------------------------------------------------------------------------- ImageNet classes
@@ -257,7 +268,7 @@ def table_rows(path: Path) -> list[dict[str, str]]:
 @needs_make
 @pytest.mark.slow
 @pytest.mark.parametrize(("number", "variables", "rows"), [
-    (1, [], {("feature_extract",), ("fine_tune",)}),
+    (1, [], {("feature_extract",), ("fine_tune_low_lr",)}),
     (3, [], {("discriminative",), ("uniform",)}),
     (4, ["EX4_NEAR=dataset=synthetic dataset.num_classes=3", "EX4_FAR=dataset=synthetic dataset.num_classes=4"],
      {(d, s) for d in ("3", "4") for s in ("scratch", "feature_extract", "fine_tune")}),
@@ -360,6 +371,43 @@ def test_exercise5_scores_the_imagenet_head_under_three_normalizations(in_proces
     assert (out / "normalization.png").stat().st_size > 10_000 and (out / "results.csv").is_file()
 
 
+def test_exercise5_seeds_draw_other_subsets_and_report_mean_and_std(tmp_path: Path) -> None:
+    """--seeds 0,1,2: each seed's numbers equal a separate run with that dataset.split_seed, and the
+    table shows their mean ± sample std (the subsets differ, so the numbers do too)."""
+    import timm
+    from transfer_cli.cli import main
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False)
+    weights = tmp_path / "test_resnet.pth"
+    torch.save(model.state_dict(), weights)
+    write_folder(tmp_path / "imagenet_folder", model, count=24)
+    args = ["backbone=timm", "backbone.name=test_resnet", f"backbone.checkpoint={weights}", "dataset=folder",
+            f"dataset.root={tmp_path / 'imagenet_folder'}", "dataset.val_subset=8", "transforms.image_size=32",
+            "trainer.num_workers=0", "trainer.device=cpu"]
+    assert main(["exercise", "normalization", "--out", str(tmp_path / "all"), "--samples", "0", "--seeds", "0,1,2",
+                 *args]) == 0
+    together = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert together["split_seeds"] == [0, 1, 2]
+    alone = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"seed{seed}"
+        assert main(["exercise", "normalization", "--out", str(out), "--samples", "0", *args,
+                     f"dataset.split_seed={seed}"]) == 0
+        alone.append(json.loads((out / "results.json").read_text())["results"])
+    assert [run["results"] for run in together["per_seed"]] == alone
+    predictions = {tuple(run[0]["predictions"]) for run in alone}
+    assert len(predictions) > 1, "the seeds should pick different evaluation images"
+    rows = table_rows(tmp_path / "all" / "results.md")
+    for row, key in zip(rows, ("imagenet", "none", "half")):
+        top1 = [next(r["top1"] for r in run if r["key"] == key) for run in alone]
+        assert row["top-1"] == f"{np.mean(top1):.4f} ± {np.std(top1, ddof=1):.4f}"
+        entry = next(r for r in together["results"] if r["key"] == key)
+        assert entry["top1"] == pytest.approx(np.mean(top1)) and entry["top1_std"] == pytest.approx(np.std(top1, ddof=1))
+    with open(tmp_path / "all" / "results.csv", newline="") as file:
+        assert [int(r["split_seed"]) for r in csv.DictReader(file)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 def test_exercise5_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
     from transfer_cli.cli import main
 
@@ -369,6 +417,8 @@ def test_exercise5_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert "trainer.epoch" in capsys.readouterr().err
     assert main(["exercise", "7"]) == 2
     assert "unknown exercise" in capsys.readouterr().err
+    assert main(["exercise", "normalization", "--seeds", "0,one"]) == 2
+    assert "--seeds '0,one': give comma-separated integers" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- quick mode on the shared assets
@@ -379,7 +429,7 @@ def test_exercise5_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
 def test_exercise5_quick_on_hymenoptera_with_real_weights(assets: Path, tmp_path: Path) -> None:
     make("exercise5", tmp_path, [], "QUICK=1", f"ASSETS={assets}")
     report = json.loads((tmp_path / "ex5" / "results.json").read_text())
-    assert report["weights"].startswith("hf-hub") and report["images"] == 100
+    assert report["weights"].startswith("hf-hub") and report["images"] == 100 and report["split_seeds"] == [0, 1, 2]
     assert report["targets"] == [310, 309]  # ants -> ant, bees -> bee
     by_key = {r["key"]: r for r in report["results"]}
     assert by_key["half"]["weights_own"]  # tf_efficientnet_lite0 was trained on [-1, 1] inputs

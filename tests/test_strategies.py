@@ -92,7 +92,9 @@ def test_discriminative_decay_is_geometric(model):
 
 def test_fine_tune_and_scratch(model):
     fine = plan_stages(load_strategy("fine_tune"), model, None)[0]
-    assert fine.lrs == {name: pytest.approx(1e-5) for name in RESNET_GROUPS}
+    assert fine.lrs == {name: pytest.approx(1e-4) for name in RESNET_GROUPS}
+    lesson = plan_stages(load_strategy("fine_tune_low_lr"), model, None)[0]
+    assert lesson.lrs == {name: pytest.approx(1e-5) for name in RESNET_GROUPS}
     scratch = load_strategy("scratch")
     assert scratch.pretrained is False
     assert plan_stages(scratch, model, None)[0].lrs == {name: pytest.approx(1e-3) for name in RESNET_GROUPS}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -50,35 +51,65 @@ def _triple(values: list[float]) -> str:
     return "0.5" if same_values(values, [0.5] * 3) else "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
 
-def markdown_table(results: list[NormResult]) -> str:
+def _value(values: list[float], digits: int) -> str:
+    """One value, or mean ± sample std over the seeds' evaluation subsets."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown_table(runs: list[list[NormResult]]) -> str:
+    """One row per normalization; with several seeds each number is mean ± std over their subsets."""
     header = ["normalization", "mean", "std", "weights' own", "top-1", "top-5", "top-1 among the set's classes",
               "input mean", "input std"]
     lines = [header, ["---"] * len(header)]
-    for r in results:
+    for column in zip(*runs):
+        r = column[0]
         lines.append([r.label, _triple(r.mean), _triple(r.std), "yes" if r.weights_own else "no",
-                      f"{r.top1:.4f}", f"{r.top5:.4f}", f"{r.top1_among_classes:.4f}",
-                      f"{r.input_mean:.3f}", f"{r.input_std:.3f}"])
+                      _value([c.top1 for c in column], 4), _value([c.top5 for c in column], 4),
+                      _value([c.top1_among_classes for c in column], 4),
+                      _value([c.input_mean for c in column], 3), _value([c.input_std for c in column], 3)])
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def write_outputs(out: Path, results: list[NormResult], info: dict[str, Any]) -> str:
-    """results.md (context lines and the table), results.csv and results.json; returns the table."""
-    table = markdown_table(results)
+def summarize(column: tuple[NormResult, ...]) -> dict[str, Any]:
+    """results.json's entry for one normalization: the result itself for one seed, else means and stds."""
+    if len(column) == 1:
+        return asdict(column[0])
+    first = column[0]
+    entry: dict[str, Any] = {"key": first.key, "label": first.label, "mean": first.mean, "std": first.std,
+                             "weights_own": first.weights_own, "images": first.images}
+    for name in ("top1", "top5", "top1_among_classes", "input_mean", "input_std"):
+        values = [getattr(c, name) for c in column]
+        entry[name], entry[f"{name}_std"] = statistics.mean(values), statistics.stdev(values)
+    return entry
+
+
+def write_outputs(out: Path, runs: list[list[NormResult]], seeds: list[int], info: dict[str, Any]) -> str:
+    """results.md (context lines and the table), results.csv (one row per seed and normalization) and
+    results.json; returns the table."""
+    table = markdown_table(runs)
     out.mkdir(parents=True, exist_ok=True)
+    subsets = (f"; mean ± std over {len(seeds)} evaluation subsets (dataset.split_seed={','.join(map(str, seeds))})"
+               if len(seeds) > 1 else "")
     context = (f"Exercise 5: {info['backbone']} ({info['weights']}) with its own 1000-way ImageNet head on "
-               f"{info['images']} {info['dataset']} images ({info['classes_mapped']}); preprocessing from the weights: "
-               f"{info['image_size']} px, crop_pct {info['crop_pct']}, {info['interpolation']}; the weights' own "
-               f"normalization: mean {_triple(info['weights_mean'])}, std {_triple(info['weights_std'])}; "
+               f"{info['images']} {info['dataset']} images ({info['classes_mapped']}){subsets}; preprocessing from "
+               f"the weights: {info['image_size']} px, crop_pct {info['crop_pct']}, {info['interpolation']}; the "
+               f"weights' own normalization: mean {_triple(info['weights_mean'])}, std {_triple(info['weights_std'])}; "
                f"device {info['device']}, {info['seconds']:.1f}s.")
     (out / "results.md").write_text(context + "\n\n" + table + "\n", encoding="utf-8")
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
-        writer.writerow(["normalization", "key", "mean", "std", "weights_own", "top1", "top5", "top1_among_classes",
-                         "input_mean", "input_std", "images"])
-        for r in results:
-            writer.writerow([r.label, r.key, " ".join(map(str, r.mean)), " ".join(map(str, r.std)), r.weights_own,
-                             r.top1, r.top5, r.top1_among_classes, r.input_mean, r.input_std, r.images])
-    payload = {**info, "results": [asdict(r) for r in results]}
+        writer.writerow(["split_seed", "normalization", "key", "mean", "std", "weights_own", "top1", "top5",
+                         "top1_among_classes", "input_mean", "input_std", "images"])
+        for seed, results in zip(seeds, runs):
+            for r in results:
+                writer.writerow([seed, r.label, r.key, " ".join(map(str, r.mean)), " ".join(map(str, r.std)),
+                                 r.weights_own, r.top1, r.top5, r.top1_among_classes, r.input_mean, r.input_std,
+                                 r.images])
+    payload = {**info, "split_seeds": seeds, "results": [summarize(column) for column in zip(*runs)],
+               "per_seed": [{"split_seed": seed, "results": [asdict(r) for r in results]}
+                            for seed, results in zip(seeds, runs)]}
     write_json(out / "results.json", payload)
     return table
 
@@ -167,8 +198,10 @@ def sample_indices(labels: list[int], count: int) -> list[int]:
     return chosen
 
 
-def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], samples: int) -> str:
-    """Exercise 5 end to end; returns the markdown table."""
+def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], samples: int,
+                      seeds: list[int] | None = None) -> str:
+    """Exercise 5 end to end; returns the markdown table. `seeds`: one evaluation subset per
+    dataset.split_seed (default: the config's own), the table then shows mean ± std over them."""
     from transfer_cli.backbones import build_raw_backbone
     from transfer_cli.data.datasets import load_splits
     from transfer_cli.data.loaders import TransformedDataset, make_loader
@@ -177,10 +210,9 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
 
     started = time.perf_counter()
     cfg = compose_config(overrides)
+    seeds = seeds or [cfg.dataset.split_seed]
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)  # a random-init backbone (backbone.pretrained=false) repeats
-    splits = load_splits(cfg.dataset)
-    targets = [imagenet_index(name) for name in splits.classes]
     raw = build_raw_backbone(cfg.backbone, pretrained=True)
     own = raw.preprocessing
     pretrained = cfg.backbone.pretrained or cfg.backbone.checkpoint is not None
@@ -190,43 +222,59 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     # fp32 whatever trainer.amp says; trainer.channels_last (auto: on) picks the memory layout
     memory_format = torch.channels_last if resolve_precision(cfg.trainer, device)[0].channels_last else torch.contiguous_format
     model = raw.model.to(device, memory_format=memory_format)
-    dataset = TransformedDataset(splits.val, eval_transform(pre))
-    loader = make_loader(dataset, cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
-                         num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=False)
-    results = evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device, memory_format)
+    subsets = [load_splits(replace(cfg.dataset, split_seed=seed)) for seed in seeds]  # same classes, other images
+    splits = subsets[0]  # the context lines and the figure show the first
+    targets = [imagenet_index(name) for name in splits.classes]
+    datasets = [TransformedDataset(subset.val, eval_transform(pre)) for subset in subsets]
+    batch_size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
+    runs = []
+    for dataset in datasets:
+        loader = make_loader(dataset, batch_size, train=False, num_workers=cfg.trainer.num_workers,
+                             seed=cfg.trainer.seed, pin_memory=False)
+        runs.append(evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device, memory_format))
     mapped = ", ".join(f"{name} -> {index} {imagenet_class_name(index)}" for name, index in zip(splits.classes, targets))
     info = {
         "backbone": cfg.backbone.name, "source": cfg.backbone.source, "weights": raw.weights_source,
         "dataset": cfg.dataset.name if cfg.dataset.name != "folder" else f"folder {cfg.dataset.root}",
-        "split": cfg.dataset.val_split, "images": results[0].images, "classes": splits.classes, "targets": targets,
-        "classes_mapped": mapped, "image_size": pre.image_size, "crop_pct": pre.crop_pct,
+        "split": cfg.dataset.val_split, "images": runs[0][0].images, "classes": splits.classes,
+        "targets": targets, "classes_mapped": mapped, "image_size": pre.image_size, "crop_pct": pre.crop_pct,
         "interpolation": pre.interpolation, "weights_mean": list(own.mean), "weights_std": list(own.std),
         "device": str(device), "seed": cfg.trainer.seed, "torch_threads": torch.get_num_threads(),
     }
     picked = sample_indices(list(splits.val_labels), samples)
     info["samples"] = picked
     info["seconds"] = time.perf_counter() - started
-    table = write_outputs(out, results, info)
+    table = write_outputs(out, runs, seeds, info)
     if picked:
-        images = torch.stack([dataset[i][0] for i in picked])
+        images = torch.stack([datasets[0][i][0] for i in picked])
         truth = [targets[splits.val_labels[i]] for i in picked]
         with torch.no_grad():
             model.eval()
             predictions = {n.key: model(n.apply(images).to(device).contiguous(memory_format=memory_format))
                            .argmax(dim=1).tolist() for n in norms}
-        plot_samples(out / "normalization.png", images, truth, norms, predictions, results, own.mean, own.std)
+        plot_samples(out / "normalization.png", images, truth, norms, predictions, runs[0], own.mean, own.std)
     return table
 
 
-USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [key=value ...]
+USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2] [key=value ...]
 
 Lesson exercise 5: score a pretrained network with its own 1000-way ImageNet head on a small
 evaluation set under several input normalizations; writes results.md, results.csv,
-results.json and normalization.png into DIR (default outputs/exercises/ex5).
+results.json and normalization.png into DIR (default outputs/exercises/ex5). --seeds draws one
+evaluation subset per dataset.split_seed and reports mean ± std over them.
 Overrides compose on experiment=exercise5 (EfficientNet-B0, 100 Imagenette val images):
   transfer exercise normalization backbone=tf_efficientnet_lite0 dataset=folder dataset.root=DIR
 Folder classes are ImageNet classes named by index (310), WordNet id or name (ant, ants).
 The other exercises are experiment configs: see docs/exercises.md and `make help`."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]; each once, in order."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TransferError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
+    return list(dict.fromkeys(seeds))
 
 
 def run_exercise(argv: list[str]) -> int:
@@ -243,10 +291,14 @@ def run_exercise(argv: list[str]) -> int:
     parser.add_argument("--norms", default=",".join(DEFAULT_NORMS),
                         help=f"comma-separated, from {', '.join([*NORMALIZATIONS, 'weights'])}")
     parser.add_argument("--samples", type=int, default=4, help="sample images in normalization.png (0: no figure)")
+    parser.add_argument("--seeds", default="", help="comma-separated dataset.split_seed values, one evaluation "
+                        "subset each (mean ± std over them; default: the config's split_seed)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(rest)
     try:
-        table = run_normalization(args.overrides, args.out, [k for k in args.norms.split(",") if k], max(args.samples, 0))
+        seeds = parse_seeds(args.seeds)
+        table = run_normalization(args.overrides, args.out, [k for k in args.norms.split(",") if k],
+                                  max(args.samples, 0), seeds)
     except TransferError as error:
         return report_user_error(error)
     print(table)
