@@ -12,8 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from transfer_cli.config import TrainConfig, register_configs
-from transfer_cli.hydra_app import config_dir
+from transfer_cli.config.compose import register_configs
+from transfer_cli.config.loading import config_dir
+from transfer_cli.config.schema import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 

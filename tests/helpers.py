@@ -15,16 +15,16 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from transfer_cli.config import (
+from transfer_cli.config.schema import (
     BackboneConfig,
     HeadConfig,
     OptimizerConfig,
     SchedulerConfig,
     StrategyConfig,
 )
-from transfer_cli.models import TransferModel, build_model
-from transfer_cli.runlog import read_metrics
-from transfer_cli.strategies import Stage
+from transfer_cli.models.model import TransferModel, build_model
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.strategies import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -118,13 +118,13 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
                    num_classes: int = 3, image_size: int = 32, train_size: int = 48, val_size: int = 24,
                    batch_size: int = 16, seed: int = 0):
     """A FitSetup built the way transfer_cli/train.py builds one, on synthetic data, on CPU."""
-    from transfer_cli.config import AugmentConfig, TransformsConfig
+    from transfer_cli.config.schema import AugmentConfig, TransformsConfig
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.synthetic import SyntheticImages
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
-    from transfer_cli.engine import Precision
-    from transfer_cli.optim import StagedOptimizer
-    from transfer_cli.trainer import FitSetup
+    from transfer_cli.training.engine import Precision
+    from transfer_cli.training.optim import StagedOptimizer
+    from transfer_cli.training.trainer import FitSetup
 
     preprocessing = resolve_preprocessing(model.preprocessing, TransformsConfig(image_size=image_size, crop_pct=1.0),
                                           model.pretrained)
@@ -145,7 +145,7 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     )
     fields = {f.name for f in dataclasses.fields(FitSetup)}
     if "runner" in fields:  # the loop steps through a StepRunner (as train.py builds it)
-        from transfer_cli.engine import StepRunner
+        from transfer_cli.training.engine import StepRunner
 
         common["runner"] = StepRunner(model.model, staged.optimizer, loss_fn, precision)
     else:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, compose_train
-from transfer_cli.errors import TransferError
-from transfer_cli.strategies import choose_by_size, load_strategy
-from transfer_cli.train import train
+from transfer_cli.core.errors import TransferError
+from transfer_cli.config.loading import load_strategy
+from transfer_cli.training.strategies import choose_by_size
+from transfer_cli.training.train import train
 
 
 @pytest.mark.parametrize(

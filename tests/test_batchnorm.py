@@ -21,13 +21,15 @@ from conftest import FAST, compose_train
 from helpers import (
     RESNET_GROUPS, batchnorms, build, make_fit_setup, run_metrics, snapshot_params, tiny_resnet, tv_backbone,
 )
-from transfer_cli import checkpoint, train as train_module, trainer
-from transfer_cli.config import HeadConfig, StageConfig, StrategyConfig
-from transfer_cli.errors import TransferError
-from transfer_cli.feature_cache import backbone_is_deterministic
-from transfer_cli.models import HEAD
-from transfer_cli.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
-from transfer_cli.train import train
+from transfer_cli.runs import checkpoint
+from transfer_cli.training import train as train_module
+from transfer_cli.training import trainer
+from transfer_cli.config.schema import HeadConfig, StageConfig, StrategyConfig
+from transfer_cli.core.errors import TransferError
+from transfer_cli.training.feature_cache import backbone_is_deterministic
+from transfer_cli.models.model import HEAD
+from transfer_cli.training.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
+from transfer_cli.training.train import train
 
 EVERYTHING = {name: 1e-2 for name in RESNET_GROUPS}
 
@@ -172,7 +174,7 @@ def test_reestimate_is_not_repeated_when_a_run_resumes_mid_stage(tmp_path: Path,
             train(compose_train(overrides), tmp_path / "crashed")
     state = checkpoint.load(tmp_path / "crashed" / "checkpoints" / "last.pt")
     assert (state["progress"]["stage"], state["progress"]["step"]) == (1, 4)
-    with caplog.at_level(logging.INFO, logger="transfer_cli.trainer"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.trainer"):
         train(compose_train(overrides), tmp_path / "crashed", resume=state)
     assert caplog.text.count("re-estimated the running stats") == 1, "only on entering the last stage afresh"
     assert run_metrics(tmp_path / "crashed") == run_metrics(tmp_path / "whole")

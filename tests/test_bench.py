@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from transfer_cli import bench, bench_gpu
-
+from transfer_cli.benchmarks import cpu as bench
+from transfer_cli.benchmarks import gpu as bench_gpu
 NO_CUDA = not torch.cuda.is_available()
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from conftest import compose_train
 from helpers import assert_same_metrics, run_metrics
 from transfer_cli.data.datasets import DATASETS, RawSplits
-from transfer_cli.train import train
+from transfer_cli.training.train import train
 
 CLASSES = ("ants", "bees")
 PER_CLASS = {"train": 5, "val": 3}
@@ -170,7 +170,7 @@ def test_equal_size_splits_never_share_features(cache_images: str, tmp_path: Pat
     assert "cached train features" in first and "cached val features" in first
     assert "feature cache hit" not in first
     assert len(list(cache.glob("*.pt"))) == 2
-    with caplog.at_level("INFO", logger="transfer_cli.feature_cache"):
+    with caplog.at_level("INFO", logger="transfer_cli.training.feature_cache"):
         caplog.clear()
         train(compose_train(overrides), tmp_path / "again")
     assert caplog.text.count("feature cache hit for train split") == 1

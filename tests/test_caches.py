@@ -11,12 +11,12 @@ from PIL import Image
 
 from conftest import FAST, compose_train
 from helpers import run_metrics
-from transfer_cli.backbones import PretrainedPreprocessing
-from transfer_cli.config import DatasetConfig
+from transfer_cli.models.backbones import PretrainedPreprocessing
+from transfer_cli.config.schema import DatasetConfig
 from transfer_cli.data.datasets import load_splits
 from transfer_cli.data.image_cache import DecodedImages, maybe_cache
 from transfer_cli.data.transforms import Preprocessing, cache_resize, eval_transform
-from transfer_cli.train import train
+from transfer_cli.training.train import train
 
 
 
@@ -43,14 +43,14 @@ def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path, mon
 def test_a_second_run_reads_the_shared_cache(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     overrides = FAST + ["strategy=feature_extract", "trainer.epochs=3", "trainer.seed=5"]
     train(compose_train(overrides), tmp_path / "first")
-    with caplog.at_level("INFO", logger="transfer_cli.feature_cache"):
+    with caplog.at_level("INFO", logger="transfer_cli.training.feature_cache"):
         train(compose_train(overrides), tmp_path / "second")
     assert "feature cache hit for train split" in caplog.text
     assert run_metrics(tmp_path / "first") == run_metrics(tmp_path / "second")
 
 
 def test_random_augmentation_keeps_the_cache_off_under_auto(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("INFO", logger="transfer_cli.feature_cache"):
+    with caplog.at_level("INFO", logger="transfer_cli.training.feature_cache"):
         train(compose_train(FAST + ["strategy=feature_extract", "augment=basic", "trainer.seed=9"]), tmp_path)
     assert "cached train features" not in caplog.text and "cache hit" not in caplog.text
 

@@ -124,7 +124,7 @@ def test_a_sweep_with_a_bad_value_fails_before_any_job_in_one_line(
 
 
 def test_value_by_value_checks_each_swept_value_once() -> None:
-    from transfer_cli.hydra_app import _value_by_value
+    from transfer_cli.config.compose import value_by_value
 
-    runs = _value_by_value(["a=1,2,3", "b=x", "c=range(0,10)", "d=interval(0,1)"])
+    runs = value_by_value(["a=1,2,3", "b=x", "c=range(0,10)", "d=interval(0,1)"])
     assert runs == [["b=x", "a=1", "c=0"], ["b=x", "a=2", "c=0"], ["b=x", "a=3", "c=0"], ["b=x", "a=1", "c=9"]]

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from conftest import REPO, compose_train
-from transfer_cli.config import TrainConfig
+from transfer_cli.config.schema import TrainConfig
 
 GROUP_OPTIONS = sorted(
     (path.parent.name, path.stem)

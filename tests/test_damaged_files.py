@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_train
 from transfer_cli.cli import main
-from transfer_cli.hydra_app import compose_config
-from transfer_cli.train import train
+from transfer_cli.config.compose import compose_config
+from transfer_cli.training.train import train
 
 TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
         "trainer.batch_size=32"]
@@ -230,8 +230,8 @@ def test_train_from_a_damaged_backbone_checkpoint_is_one_line_and_leaves_no_run_
 
 
 def test_summary_json_that_is_not_an_object_is_refused(tmp_path: Path) -> None:
-    from transfer_cli.errors import TransferError
-    from transfer_cli.rundir import read_summary
+    from transfer_cli.core.errors import TransferError
+    from transfer_cli.runs.rundir import read_summary
 
     path = tmp_path / "summary.json"
     path.write_text(json.dumps([0.9]))

@@ -16,20 +16,21 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import REPO, compose_train
-from transfer_cli import checkpoint, runlog
-from transfer_cli.config import TrainConfig
+from transfer_cli.runs import checkpoint
+from transfer_cli.runs import runlog
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.synthetic import SyntheticImages
-from transfer_cli.engine import Precision
-from transfer_cli.evaluation import Counts, count_predictions, evaluate_run, run_eval, summarize
-from transfer_cli.predict import predict_images, run_predict
-from transfer_cli.rundir import load_trained_model
-from transfer_cli.train import train
+from transfer_cli.training.engine import Precision
+from transfer_cli.training.evaluation import Counts, count_predictions, evaluate_run, run_eval, summarize
+from transfer_cli.commands.predict import predict_images, run_predict
+from transfer_cli.runs.rundir import load_trained_model
+from transfer_cli.training.train import train
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=3"]  # 3: one per stage
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> tuple[TrainConfig, Path]:
-    """A run dir as `transfer train` leaves it (hydra_app writes config.yaml, train() the rest)."""
+    """A run dir as `transfer train` leaves it (the train command writes config.yaml, train() the rest)."""
     cfg = compose_train(overrides)
     run_dir.mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml", resolve=True)
@@ -119,7 +120,7 @@ def test_top5_and_metrics_from_known_logits() -> None:
 
 
 def test_summarize_refuses_an_empty_split() -> None:
-    from transfer_cli.errors import TransferError
+    from transfer_cli.core.errors import TransferError
 
     with pytest.raises(TransferError, match="no images"):
         summarize(Counts([[0, 0], [0, 0]], {1: 0}, 0.0), ["a", "b"])

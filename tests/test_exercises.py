@@ -23,13 +23,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import REPO, compose_train
-from transfer_cli.backbones import IMAGENET_MEAN, IMAGENET_STD
-from transfer_cli.config import BackboneConfig, HeadConfig
-from transfer_cli.errors import TransferError
-from transfer_cli.exercises import sample_indices
-from transfer_cli.imagenet_classes import imagenet_index
-from transfer_cli.models import build_model
-from transfer_cli.strategies import plan_stages
+from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from transfer_cli.config.schema import BackboneConfig, HeadConfig
+from transfer_cli.core.errors import TransferError
+from transfer_cli.lesson.exercise5 import sample_indices
+from transfer_cli.lesson.imagenet_classes import imagenet_index
+from transfer_cli.models.model import build_model
+from transfer_cli.training.strategies import plan_stages
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 LESSON_DISCRIMINATIVE = {"layer1": 1e-5, "layer2": 3e-5, "layer3": 1e-4, "layer4": 3e-4, "head": 1e-3}

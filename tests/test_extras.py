@@ -7,9 +7,7 @@ import importlib.util
 
 import pytest
 
-from transfer_cli import extras
-
-
+from transfer_cli.core import extras
 def no_hydra_plugins(name: str, *args: object) -> object:
     """find_spec as it behaves in a venv without any Hydra plugin: a dotted name's parent is missing."""
     if name.startswith("hydra_plugins"):
@@ -47,7 +45,7 @@ def test_the_schema_registers_without_any_plugin(without_plugins: None) -> None:
     """The crash a fresh `pip install -e ".[dev]"` met on its first command."""
     from hydra.core.config_store import ConfigStore
 
-    from transfer_cli.config import register_configs
+    from transfer_cli.config.compose import register_configs
 
     store = ConfigStore.instance()
     saved = copy.deepcopy(store.repo)  # the stand-in sweeper must not shadow the real plugin for later tests

@@ -17,10 +17,10 @@ from helpers import (
     stage,
     tiny_resnet,
 )
-from transfer_cli.config import HeadConfig
-from transfer_cli.engine import evaluate
-from transfer_cli.strategies import Stage
-from transfer_cli.trainer import fit
+from transfer_cli.config.schema import HeadConfig
+from transfer_cli.training.engine import evaluate
+from transfer_cli.training.strategies import Stage
+from transfer_cli.training.trainer import fit
 
 HEAD_ONLY = {"head": 5e-2}
 

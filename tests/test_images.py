@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from transfer_cli.config import DatasetConfig
+from transfer_cli.config.schema import DatasetConfig
 from transfer_cli.data.datasets import RawSplits, load_splits
-from transfer_cli.errors import TransferError
+from transfer_cli.core.errors import TransferError
 
 SIZE = (16, 16)
 

@@ -11,8 +11,8 @@ import torchvision
 from torch import nn
 
 from helpers import RESNET_GROUPS, build, group_names, load_conf, timm_backbone, tv_backbone
-from transfer_cli.config import BackboneConfig, HeadConfig
-from transfer_cli.errors import TransferError
+from transfer_cli.config.schema import BackboneConfig, HeadConfig
+from transfer_cli.core.errors import TransferError
 
 ALL_BACKBONES = [
     ("timm", "test_resnet"),

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from helpers import RESNET_GROUPS, load_optimizer, load_scheduler, load_strategy, params_of, stage, tiny_resnet
-from transfer_cli.config import OptimizerConfig, SchedulerConfig
-from transfer_cli.errors import TransferError
-from transfer_cli.optim import NORM_TYPES, StagedOptimizer, build_scheduler
-from transfer_cli.strategies import apply_stage, plan_stages
+from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
+from transfer_cli.core.errors import TransferError
+from transfer_cli.training.optim import NORM_TYPES, StagedOptimizer, build_scheduler
+from transfer_cli.training.strategies import apply_stage, plan_stages
 
 
 def ids(params) -> set[int]:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from transfer_cli import report
+from transfer_cli.runs import report
 from transfer_cli.cli import main
 
 FIGURES = {  # dir -> (strategy, seed, val acc per epoch, finished)

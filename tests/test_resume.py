@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, REPO, compose_train
 from helpers import comparable
-import transfer_cli.train as train_module
-from transfer_cli import checkpoint, trainer
+import transfer_cli.training.train as train_module
+from transfer_cli.runs import checkpoint
+from transfer_cli.training import trainer
 from transfer_cli.cli import main as cli_main
-from transfer_cli.runlog import read_metrics
-from transfer_cli.train import prepare, train
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import prepare, train
 
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16, ragged batch dropped
 

@@ -21,10 +21,14 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import REPO
-from transfer_cli import distributed, hydra_app, runlock, trainer
-from transfer_cli import train as train_module
+from transfer_cli.parallel import distributed
+from transfer_cli.commands import train as train_command
+from transfer_cli.config.compose import planned_dir
+from transfer_cli.runs import runlock
+from transfer_cli.training import trainer
+from transfer_cli.training import train as train_module
 from transfer_cli.cli import main
-from transfer_cli.runlog import read_metrics
+from transfer_cli.runs.runlog import read_metrics
 
 QUICK = ["experiment=smoke", "strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32",
          "trainer.epochs=3"]
@@ -160,8 +164,7 @@ def test_a_second_ctrl_c_is_one_line_and_exit_130(
 
 def test_a_bug_in_any_command_is_one_line_with_its_traceback_in_a_file(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from transfer_cli import report
-
+    from transfer_cli.runs import report
     def broken(argv: list[str]) -> int:
         raise KeyError("simulated")
 
@@ -257,10 +260,10 @@ def test_clock_made_names_are_unique_even_in_one_second(tmp_path: Path) -> None:
 
 
 def test_the_default_run_dir_comes_from_the_clock_and_a_chosen_one_does_not(tmp_path: Path) -> None:
-    planned, from_clock, sweep = hydra_app._planned_dir(QUICK, sweep=False)
+    planned, from_clock, sweep = planned_dir(QUICK, sweep=False)
     assert from_clock and not sweep and planned.parent == Path("outputs/runs")
-    assert hydra_app._planned_dir([*QUICK, f"hydra.run.dir={tmp_path}"], sweep=False) == (tmp_path, False, False)
-    planned, from_clock, sweep = hydra_app._planned_dir([*QUICK, "trainer.seed=1,2"], sweep=True)
+    assert planned_dir([*QUICK, f"hydra.run.dir={tmp_path}"], sweep=False) == (tmp_path, False, False)
+    planned, from_clock, sweep = planned_dir([*QUICK, "trainer.seed=1,2"], sweep=True)
     assert from_clock and sweep and planned.parent == Path("outputs/multirun")
 
 
@@ -269,14 +272,14 @@ def test_ranks_after_the_first_use_rank_0s_dir_and_create_nothing(
     monkeypatch.setattr(distributed, "is_main", lambda: False)
     monkeypatch.setattr(distributed, "broadcast_object", lambda value: "hydra.run.dir='rank 0s dir'")
     monkeypatch.chdir(tmp_path)
-    assert hydra_app._claim_dir(QUICK) == (["hydra.run.dir='rank 0s dir'"], None)
+    assert train_command._claim_dir(QUICK) == (["hydra.run.dir='rank 0s dir'"], None)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("path", ["/tmp/a b/c", "/tmp/it's", "/tmp/x\\", "/tmp/a,b=c[d]{e}", "/tmp/q\\'x", "C:\\r\\n",
                                   "a\\\\'\\"])
 def test_a_claimed_dir_reaches_hydra_unchanged(path: str) -> None:
-    override = OverridesParser.create().parse_override(f"hydra.run.dir={hydra_app._quoted(path)}")
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={train_command._quoted(path)}")
     assert override.value() == path
 
 

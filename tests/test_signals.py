@@ -23,13 +23,15 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import transfer_cli.train as train_module
+import transfer_cli.training.train as train_module
 from conftest import REPO, compose_train
 from helpers import comparable
-from transfer_cli import checkpoint, runlog, trainer
-from transfer_cli.errors import Interrupted, TransferError
-from transfer_cli.runlog import read_metrics
-from transfer_cli.train import train
+from transfer_cli.runs import checkpoint
+from transfer_cli.runs import runlog
+from transfer_cli.training import trainer
+from transfer_cli.core.errors import Interrupted, TransferError
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import train
 
 RUN = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
 STEPS_PER_EPOCH = 64 // 16  # smoke batch size 16
@@ -168,9 +170,9 @@ def test_a_torn_last_metrics_line_and_orphan_temp_files_do_not_stop_resume(
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["progress"]["epoch"] == 1
 
-    with caplog.at_level(logging.WARNING, logger="transfer_cli.runlog"):
+    with caplog.at_level(logging.WARNING, logger="transfer_cli.runs.runlog"):
         train(compose_train(RUN), tmp_path, resume=state)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "transfer_cli.runlog"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "transfer_cli.runs.runlog"]
     assert len(warnings) == 1 and str(tmp_path / "metrics.jsonl") in warnings[0] and "last line" in warnings[0]
     assert comparable(strict_json(tmp_path / "metrics.jsonl")) == uninterrupted
     assert not temp_files(tmp_path)
@@ -184,7 +186,7 @@ def test_only_a_damaged_last_line_counts_as_torn(tmp_path: Path, damage: bytes,
     metrics = tmp_path / "metrics.jsonl"
 
     metrics.write_bytes(b"\n".join([good[0], damage]))  # last line: dropped, with a warning
-    with caplog.at_level(logging.WARNING, logger="transfer_cli.runlog"):
+    with caplog.at_level(logging.WARNING, logger="transfer_cli.runs.runlog"):
         assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]
     assert f"{metrics}: dropped its last line (line 2" in caplog.text
 

@@ -20,14 +20,15 @@ from PIL import Image
 from conftest import compose_train
 from helpers import assert_same_metrics, run_metrics
 from test_report import parse_markdown, write_run
-from transfer_cli import checkpoint, trainer
+from transfer_cli.runs import checkpoint
+from transfer_cli.training import trainer
 from transfer_cli.cli import main
 from transfer_cli.data.datasets import load_splits
-from transfer_cli.evaluation import evaluate_run
-from transfer_cli.optim import build_scheduler
-from transfer_cli.rundir import load_run_config
-from transfer_cli.runlog import read_metrics
-from transfer_cli.train import train
+from transfer_cli.training.evaluation import evaluate_run
+from transfer_cli.training.optim import build_scheduler
+from transfer_cli.config.loading import load_run_config
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import train
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
 HEAD_ALL_HEAD = ["strategy=feature_extract", "trainer.epochs=null", "strategy.stages=[{name: probe, epochs: 1, "
@@ -57,7 +58,7 @@ def test_an_ema_on_cached_features_matches_the_uncached_run(tmp_path: Path, monk
 
     monkeypatch.setattr(trainer, "_same_backbone", same_backbone)
     overrides = [*TINY, *HEAD_ALL_HEAD, "trainer.ema_decay=0.8"]
-    with caplog.at_level(logging.INFO, logger="transfer_cli.feature_cache"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.feature_cache"):
         cached = train(compose_train(overrides), tmp_path / "cached")  # auto: an EMA no longer turns the cache off
     assert "cached train features" in caplog.text
     assert lagging == [False, True], "per cached epoch: the first stage's, then the third's"

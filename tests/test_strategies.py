@@ -6,9 +6,9 @@ import pytest
 from torch import nn
 
 from helpers import RESNET_GROUPS, batchnorms, load_strategy, params_of, stage, strategy_names, tiny_resnet
-from transfer_cli.config import StageConfig, StrategyConfig
-from transfer_cli.errors import TransferError
-from transfer_cli.strategies import apply_stage, frozen_batchnorms, plan_stages, scale_epochs
+from transfer_cli.config.schema import StageConfig, StrategyConfig
+from transfer_cli.core.errors import TransferError
+from transfer_cli.training.strategies import apply_stage, frozen_batchnorms, plan_stages, scale_epochs
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 
 from conftest import FAST, compose_train
 from helpers import run_metrics
-from transfer_cli.errors import TransferError
-from transfer_cli.runlog import read_metrics
-from transfer_cli.train import train
+from transfer_cli.core.errors import TransferError
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import train
 
 STRATEGIES = ["feature_extract", "fine_tune", "gradual", "discriminative", "discriminative_decay", "scratch", "lp_ft"]
 TORCHVISION = ["backbone=torchvision", "backbone.name=resnet18", "backbone.weights=null"]

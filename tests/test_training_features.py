@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import transfer_cli.train as train_module
+import transfer_cli.training.train as train_module
 from conftest import FAST, compose_train
-from transfer_cli import checkpoint
-from transfer_cli.errors import TransferError
-from transfer_cli.optim import NORM_TYPES
-from transfer_cli.runlog import read_metrics
-from transfer_cli.train import prepare, train
+from transfer_cli.runs import checkpoint
+from transfer_cli.core.errors import TransferError
+from transfer_cli.training.optim import NORM_TYPES
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import prepare, train
 
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16
 

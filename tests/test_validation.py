@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from transfer_cli import config as schema
-from transfer_cli.checks import RULE
+from transfer_cli.config import schema as schema
+from transfer_cli.config.checks import RULE
 from transfer_cli.cli import main
-from transfer_cli.errors import TransferError
-from transfer_cli.hydra_app import compose_config
-from transfer_cli.rundir import apply_overrides
+from transfer_cli.core.errors import TransferError
+from transfer_cli.config.compose import compose_config
+from transfer_cli.config.loading import apply_overrides
 
 # (overrides, the key the error line must start with)
 INVALID = [
@@ -199,14 +199,14 @@ def _choices(key: str) -> set[str]:
 
 
 def test_the_choices_named_in_messages_are_exactly_the_ones_the_code_takes() -> None:
-    from transfer_cli.backbones import BACKBONE_SOURCES
+    from transfer_cli.models.backbones import BACKBONE_SOURCES
     from transfer_cli.data.datasets import DATASETS
     from transfer_cli.data.folder import BAD_IMAGE_CHOICES
     from transfer_cli.data.image_cache import MODES
     from transfer_cli.data.transforms import INTERPOLATIONS
-    from transfer_cli.models import HEADS
-    from transfer_cli.optim import OPTIMIZERS, SCHEDULERS
-    from transfer_cli.strategies import DOMAINS
+    from transfer_cli.models.model import HEADS
+    from transfer_cli.training.optim import OPTIMIZERS, SCHEDULERS
+    from transfer_cli.training.strategies import DOMAINS
 
     assert _choices("backbone.source") == set(BACKBONE_SOURCES.names())
     assert _choices("head.kind") == set(HEADS.names())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from transfer_cli.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
+from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
 
 USAGE = """usage: transfer <command> [options] [key=value overrides]
 
@@ -33,43 +33,43 @@ examples:
 
 
 def _train(argv: list[str]) -> int:
-    from transfer_cli.hydra_app import run_train
+    from transfer_cli.commands.train import main as train_main
 
-    return run_train(argv)
+    return train_main(argv)
 
 
 def _resume(argv: list[str]) -> int:
-    from transfer_cli.resume import main as resume_main
+    from transfer_cli.commands.resume import main as resume_main
 
     return resume_main(argv)
 
 
 def _report(argv: list[str]) -> int:
-    from transfer_cli.report import run_report
+    from transfer_cli.runs.report import run_report
 
     return run_report(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from transfer_cli.evaluation import run_eval
+    from transfer_cli.training.evaluation import run_eval
 
     return run_eval(argv)
 
 
 def _predict(argv: list[str]) -> int:
-    from transfer_cli.predict import run_predict
+    from transfer_cli.commands.predict import run_predict
 
     return run_predict(argv)
 
 
 def _exercise(argv: list[str]) -> int:
-    from transfer_cli.exercises import run_exercise
+    from transfer_cli.lesson.exercise5 import run_exercise
 
     return run_exercise(argv)
 
 
 def _bench(argv: list[str]) -> int:
-    from transfer_cli.bench import run_bench
+    from transfer_cli.benchmarks.cpu import run_bench
 
     return run_bench(argv)
 
@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] in {"-V", "--version"}:
         from transfer_cli import __version__
-
         print(f"transfer {__version__}")
         return 0
     command = COMMANDS.get(argv[0])

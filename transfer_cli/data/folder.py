@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from transfer_cli.errors import TransferError
+from transfer_cli.core.errors import TransferError
 
 log = logging.getLogger(__name__)
 

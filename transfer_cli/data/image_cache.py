@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from transfer_cli.errors import TransferError
+from transfer_cli.core.errors import TransferError
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import torch
 from torchvision.transforms import v2
 
-from transfer_cli.config import AugmentConfig
-from transfer_cli.errors import TransferError
+from transfer_cli.config.schema import AugmentConfig
+from transfer_cli.core.errors import TransferError
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

@@ -11,9 +11,9 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from transfer_cli.backbones import PretrainedPreprocessing
-from transfer_cli.config import CROP_MODES, AugmentConfig, TransformsConfig
-from transfer_cli.errors import TransferError
+from transfer_cli.models.backbones import PretrainedPreprocessing
+from transfer_cli.config.schema import CROP_MODES, AugmentConfig, TransformsConfig
+from transfer_cli.core.errors import TransferError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,435 @@
+"""`transfer bench`: how fast our loop, the feature cache and the CLI are; writes outputs/bench/bench.json.
+
+Figures (targets are for a 2-core CPU; `--check` exits 1 when one is missed):
+
+- train_throughput_ratio: images/s of our StepRunner/train_one_epoch over the lesson's plain
+  loop, same model, batch, optimizer, lr and in-memory tensors, timed in alternating runs
+  (ours, ref, ref, ours, ...) after a warm-up; medians of each side.
+- feature_cache_speedup: wall time of a 10-epoch feature-extraction `train()` without the
+  feature cache over the same run with it (a fresh, empty cache, so it pays for the features;
+  the median of cached runs before and after the uncached one). The speedup grows with the
+  backbone's share of a run, so the images are as many as make one uncached epoch last about
+  `cache_epoch_seconds` on this machine (from a timed forward pass).
+- help_seconds: median wall time of `transfer --help`, which must not import torch.
+- peak_rss_mb: the OS's peak resident set (getrusage maxrss) of the `train()` processes.
+
+Every timed workload runs in a child process (`--child`), so each pays its imports before its
+clock starts and reports its own peak RSS. On CUDA, GPU images/s of torchvision resnet50 and
+efficientnet_b0 (AMP, channels_last) on synthetic tensors and on a JPEG folder are added;
+`transfer bench --gpu` measures only those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.benchmarks.gpu import gpu_figures
+from transfer_cli.config.compose import compose_config
+from transfer_cli.runs.runlog import write_json
+
+# figure -> (comparison, threshold): what `make bench` checks
+TARGETS: dict[str, tuple[str, float]] = {
+    "train_throughput_ratio": (">=", 1.0),
+    "feature_cache_speedup": (">=", 8.0),
+    "help_seconds": ("<", 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How much work each measurement does (FULL for `make bench`, QUICK for tests)."""
+
+    loop_backbone: str  # timm model, random init
+    loop_image_size: int
+    loop_images: int  # a multiple of loop_batch: both loops see every image
+    loop_batch: int
+    loop_epochs: int  # per timed run
+    loop_rounds: int  # timed (ours, reference) pairs
+    cache_backbone: str
+    cache_image_size: int
+    cache_batch: int
+    cache_epochs: int
+    cache_train: int  # images, unless cache_epoch_seconds sizes them
+    cache_val: int
+    cache_epoch_seconds: float | None  # size the data so one uncached epoch takes about this long here
+    cache_runs: int  # cached runs bracketing the uncached one (1 or 2)
+    help_runs: int
+
+
+# about 4 minutes on a busy 2-core CPU: the uncached 10-epoch run is most of it
+FULL = Workload(loop_backbone="resnet18", loop_image_size=64, loop_images=128, loop_batch=32, loop_epochs=1,
+                loop_rounds=4, cache_backbone="resnet18", cache_image_size=128, cache_batch=64, cache_epochs=10,
+                cache_train=512, cache_val=128, cache_epoch_seconds=11.0, cache_runs=2, help_runs=7)
+QUICK = Workload(loop_backbone="test_resnet", loop_image_size=32, loop_images=64, loop_batch=16, loop_epochs=1,
+                 loop_rounds=2, cache_backbone="test_resnet", cache_image_size=32, cache_batch=32, cache_epochs=2,
+                 cache_train=64, cache_val=32, cache_epoch_seconds=None, cache_runs=1, help_runs=3)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _smoke(backbone: str, image_size: int, train: int, val: int, batch: int) -> list[str]:
+    """experiment=smoke (synthetic images, random-init timm model, CPU) at another size."""
+    return ["experiment=smoke", f"backbone.name={backbone}", f"transforms.image_size={image_size}",
+            f"dataset.image_size={image_size}", f"dataset.train_size={train}", f"dataset.val_size={val}",
+            f"trainer.batch_size={batch}", "trainer.device=cpu", "trainer.num_workers=0"]
+
+
+# --------------------------------------------------------------------------- children: timed work
+
+
+def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """images/s of our loop and of the lesson's loop, alternating runs of `epochs` epochs each."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transfer_cli.data.loaders import TransformedDataset, make_loader
+    from transfer_cli.data.transforms import eval_transform
+    from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
+    from transfer_cli.training.optim import build_scheduler
+    from transfer_cli.training.strategies import apply_stage, hold_frozen_batchnorm
+    from transfer_cli.training.train import prepare
+
+    cfg = compose_config(spec["overrides"])
+    prepared = prepare(cfg, Path(spec["run_dir"]))
+    setup, model, stage = prepared.setup, prepared.model, prepared.stages[0]
+    # same architecture and initial weights, in the lesson's plain (contiguous) memory format
+    reference = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
+    data = TransformedDataset(prepared.splits.train, eval_transform(prepared.preprocessing))
+    images = torch.stack([data[i][0] for i in range(len(data))])  # the data, held in memory as tensors
+    labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    tensors, batch, device = TensorDataset(images, labels), cfg.trainer.batch_size, setup.runner.precision.device
+
+    apply_stage(model, stage, prepared.strategy.train_bn)  # what fit does on entering the stage
+    setup.optimizer.enter(stage)
+    scheduler = build_scheduler(setup.optimizer.optimizer, cfg.scheduler, 1)
+    loader = make_loader(tensors, batch, train=True, num_workers=0, seed=cfg.trainer.seed, pin_memory=False)
+    epochs_done = [0]
+
+    def ours() -> tuple[float, float]:
+        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for _ in range(spec["epochs"]):
+            model.model.train()
+            hold_frozen_batchnorm(model, stage)
+            loader.sampler.set_epoch(epochs_done[0])
+            tally = Tally(device, topk_for(setup.num_classes))
+            train_one_epoch(setup.runner, loader, scheduler, tally, check_every=setup.check_every)
+            seen, epochs_done[0] = seen + tally.count, epochs_done[0] + 1
+        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
+
+    # The lesson's loop, verbatim: same optimizer type and lr, plain DataLoader over the same tensors.
+    lr = max(stage.lrs.values())
+    optimizer = type(setup.optimizer.optimizer)(reference.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    reference_loader = DataLoader(tensors, batch_size=batch, shuffle=True)
+
+    def lesson() -> tuple[float, float]:
+        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for _ in range(spec["epochs"]):
+            reference.train()
+            running_loss, correct = 0.0, 0
+            for x, y in reference_loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad()
+                out = reference(x)
+                loss = criterion(out, y)
+                loss.backward()
+                optimizer.step()
+                running_loss += loss.item()
+                correct += (out.argmax(1) == y).sum().item()
+                seen += y.size(0)
+        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
+
+    ours(), lesson()  # warm-up: allocator, oneDNN primitives, optimizer state
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "reference": []}
+    for round_ in range(spec["rounds"]):  # ABBA order: drift in the machine's load hits both sides
+        for side in (("ours", "reference") if round_ % 2 == 0 else ("reference", "ours")):
+            runs[side].append(ours() if side == "ours" else lesson())
+    calibration = spec.get("calibrate")
+    return {"ours_runs": [wall for wall, _ in runs["ours"]], "reference_runs": [wall for wall, _ in runs["reference"]],
+            # images per CPU-second: a steadier view of the same runs when other work shares the cores
+            "ours_cpu_runs": [cpu for _, cpu in runs["ours"]], "reference_cpu_runs": [cpu for _, cpu in runs["reference"]],
+            "lr": lr,
+            "optimizer": type(optimizer).__name__, "images": len(tensors), "device": str(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available(), "peak_rss_mb": _peak_rss_mb(),
+            "forward_ms_per_image": forward_ms_per_image(**calibration) if calibration else None}
+
+
+def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
+    """Milliseconds per image of a random-init timm `backbone`'s inference forward on CPU, median of 3 batches."""
+    import timm
+    import torch
+
+    model = timm.create_model(backbone, pretrained=False).eval()
+    images = torch.randn(batch, 3, image_size, image_size)
+    times = []
+    with torch.inference_mode():
+        model(images)  # warm-up
+        for _ in range(3):
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / batch
+
+
+def train_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Wall and CPU seconds of one `transfer_cli.training.train.train` call, imports paid before the clock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (plot_curves imports it at the end of every run)
+    import timm  # noqa: F401  (backbones imports it when building the model)
+    import torchvision  # noqa: F401
+
+    from transfer_cli.training.train import train
+
+    cfg = compose_config(spec["overrides"])
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    summary = train(cfg, Path(spec["run_dir"]))
+    seconds = time.perf_counter() - start
+    cache = Path(cfg.trainer.cache_dir) if cfg.trainer.cache_dir else None
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "epochs_run": summary["epochs_run"],
+            "cache_files": len(list(cache.glob("*.pt"))) if cache and cache.is_dir() else 0,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+CHILDREN = {"loop": loop_throughput, "train": train_run}
+
+
+def child_env() -> dict[str, str]:
+    """The children's environment: OpenMP threads sleep rather than spin while they wait.
+
+    On a shared, oversubscribed CPU, torch's default (spinning) OpenMP threads lose their
+    core mid-barrier and one step can take 5-10x longer, at random; passive waiting keeps
+    timings stable. A value the user set is kept (and recorded in bench.json).
+    """
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+
+def _child(name: str, spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+    """Run CHILDREN[name](spec) in a fresh interpreter and return its result."""
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "transfer_cli.benchmarks.cpu", "--child", name, json.dumps(spec), str(out)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
+        if done.returncode != 0 or not out.is_file():
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"bench child '{name}' failed (exit {done.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------- the CPU figures
+
+
+def measure_loop(work: Workload, tmp: Path) -> dict[str, Any]:
+    """Our loop vs the lesson's; with cache_epoch_seconds, also times the feature-cache backbone's forward."""
+    overrides = _smoke(work.loop_backbone, work.loop_image_size, work.loop_images, work.loop_batch, work.loop_batch)
+    overrides += ["strategy=fine_tune", "optimizer=adam", "scheduler=constant", "trainer.cache_features=false"]
+    calibrate = ({"backbone": work.cache_backbone, "image_size": work.cache_image_size, "batch": work.cache_batch}
+                 if work.cache_epoch_seconds else None)
+    result = _child("loop", {"overrides": overrides, "run_dir": str(tmp / "loop"), "epochs": work.loop_epochs,
+                             "rounds": work.loop_rounds, "calibrate": calibrate})
+    ours, reference = statistics.median(result["ours_runs"]), statistics.median(result["reference_runs"])
+    paired = statistics.median(o / r for o, r in zip(result["ours_runs"], result["reference_runs"]))
+    cpu = statistics.median(result["ours_cpu_runs"]) / statistics.median(result["reference_cpu_runs"])
+    return {"train_throughput_ratio": ours / reference, "ours_images_per_s": ours,
+            "reference_images_per_s": reference,
+            "loop": {**result, "overrides": overrides, "paired_ratio_median": paired, "cpu_time_ratio": cpu}}
+
+
+def cache_split_sizes(work: Workload, forward_ms: float | None) -> tuple[int, int]:
+    """(train, val) images: fixed, or as many as one uncached epoch's forward passes take cache_epoch_seconds for.
+
+    The speedup grows with the backbone's share of a run, so a fixed image count would give a
+    smaller figure on a faster (or idler) machine and blow the time budget on a slower one.
+    """
+    if not work.cache_epoch_seconds or not forward_ms:
+        return work.cache_train, work.cache_val
+    per_epoch = work.cache_epoch_seconds * 1000 / forward_ms  # train + val images, val = train / 4
+    batches = min(max(round(0.8 * per_epoch / work.cache_batch), 2), 64)
+    return batches * work.cache_batch, batches * work.cache_batch // 4
+
+
+def measure_feature_cache(work: Workload, tmp: Path, forward_ms: float | None = None) -> dict[str, Any]:
+    """Cached runs (each with a fresh, empty cache) before and after the uncached one, for drift."""
+    train, val = cache_split_sizes(work, forward_ms)
+    base = _smoke(work.cache_backbone, work.cache_image_size, train, val, work.cache_batch)
+    base += ["strategy=feature_extract", "augment=none", f"trainer.epochs={work.cache_epochs}"]
+
+    def run(tag: str, mode: str) -> dict[str, Any]:
+        overrides = base + [f"trainer.cache_features={mode}", f"trainer.cache_dir={tmp / ('cache-' + tag)}"]
+        return _child("train", {"overrides": overrides, "run_dir": str(tmp / f"run-{tag}")})
+
+    cached = [run("cached-1", "auto")]
+    uncached = run("uncached", "false")
+    if work.cache_runs > 1:
+        cached.append(run("cached-2", "auto"))
+    cached_s = statistics.median(r["seconds"] for r in cached)
+    return {"feature_cache_speedup": uncached["seconds"] / cached_s, "uncached_seconds": uncached["seconds"],
+            "cached_seconds": cached_s,
+            "feature_cache": {"uncached": uncached, "cached": cached, "overrides": base, "train_images": train,
+                              "val_images": val, "forward_ms_per_image": forward_ms,
+                              "cpu_seconds_ratio": uncached["cpu_seconds"] / statistics.median(
+                                  r["cpu_seconds"] for r in cached)}}
+
+
+def measure_help(runs: int) -> dict[str, Any]:
+    """Median wall time of `transfer --help` in a fresh process, and whether it imports torch."""
+    script = Path(sys.executable).parent / "transfer"
+    command = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", "transfer_cli", "--help"]
+    subprocess.run(command, capture_output=True, check=True)  # warm the file cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return {"help_seconds": statistics.median(times), "help_runs": times, "help_command": " ".join(command),
+            "help_imports_torch": "torch" in imported_modules(["-m", "transfer_cli", "--help"])}
+
+
+def imported_modules(args: list[str]) -> set[str]:
+    """Every module `python <args>` imports (python -X importtime)."""
+    probe = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True)
+    return {line.rsplit("|", 1)[-1].strip() for line in probe.stderr.splitlines() if line.startswith("import time:")}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    checks = {}
+    for name, (op, threshold) in TARGETS.items():
+        value = report[name]
+        checks[name] = {"value": value, "target": f"{op} {threshold:g}",
+                        "met": value >= threshold if op == ">=" else value < threshold}
+    return checks
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The figures, their targets and pass/fail, as a text table."""
+    rows = [("figure", "value", "target", "status")]
+    targets = report.get("targets", {})
+
+    def add(name: str, value: str) -> None:
+        check = targets.get(name)
+        rows.append((name, value, check["target"] if check else "", ("pass" if check["met"] else "FAIL") if check else ""))
+
+    if "train_throughput_ratio" in report:
+        add("train_throughput_ratio", f"{report['train_throughput_ratio']:.3f}")
+        add("  ours images/s", f"{report['ours_images_per_s']:.1f}")
+        add("  reference images/s", f"{report['reference_images_per_s']:.1f}")
+        add("feature_cache_speedup", f"{report['feature_cache_speedup']:.2f}")
+        add("  uncached seconds", f"{report['uncached_seconds']:.1f}")
+        add("  cached seconds", f"{report['cached_seconds']:.1f}")
+        add("help_seconds", f"{report['help_seconds']:.3f}")
+        add("  help imports torch", str(report["help_imports_torch"]).lower())
+        add("peak_rss_mb", f"{report['peak_rss_mb']:.0f}")
+    gpu = report.get("gpu", {})
+    if not gpu.get("available"):
+        add("gpu", "unavailable")
+    if gpu.get("available"):
+        add("gpu", f"{gpu['device']}, batch {gpu['batch_size']}, {gpu['image_size']}px")
+    for model, figures in gpu.get("models", {}).items():
+        add(f"gpu {model} synthetic img/s", f"{figures['synthetic_images_per_s']:.0f}")
+        add(f"gpu {model} jpeg img/s", f"{figures['jpeg_images_per_s']:.0f}")
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+    if not gpu.get("available"):
+        lines.append(f"gpu: {gpu.get('reason', 'not measured')}")
+    return "\n".join(lines)
+
+
+def _machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "omp_wait_policy": child_env()["OMP_WAIT_POLICY"],
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def run_cpu(work: Workload, data_root: str | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    report: dict[str, Any] = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              "quick": work is QUICK, "machine": _machine(), "workload": asdict(work)}
+    report.update(measure_help(work.help_runs))
+    with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
+        report.update(measure_loop(work, Path(tmp)))
+        report.update(measure_feature_cache(work, Path(tmp), report["loop"]["forward_ms_per_image"]))
+    loop = report["loop"]
+    runs = [report["feature_cache"]["uncached"], *report["feature_cache"]["cached"]]
+    report["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)  # the train() children
+    report["machine"].update(device=loop["device"], torch=loop["torch"], torch_threads=loop["threads"],
+                             cuda_available=loop["cuda_available"])
+    report["gpu"] = (gpu_figures(data_root) if loop["cuda_available"] else
+                     {"available": False, "reason": f"no CUDA device (torch {loop['torch']}: "
+                                                    "torch.cuda.is_available() is False)"})
+    report["targets"] = _targets(report)
+    report["all_targets_met"] = all(check["met"] for check in report["targets"].values())
+    report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    report["total_seconds"] = time.perf_counter() - started
+    return report
+
+
+def run_bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="transfer bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small workload (tests): figures are not comparable")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU benchmark (needs CUDA)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--data-root", help="GPU: a JPEG folder of class subfolders instead of random JPEGs")
+    parser.add_argument("--out", default="outputs/bench", help="where bench.json (bench_gpu.json) goes")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        name, spec, out = args.child
+        write_json(Path(out), CHILDREN[name](json.loads(spec)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.gpu:
+        gpu = gpu_figures(args.data_root, **({"batch": 32, "warmup": 3, "steps": 5} if args.quick else {}))
+        if not gpu["available"]:
+            print(f"transfer bench --gpu: {gpu['reason']}: nothing to measure", file=sys.stderr)
+            return 1
+        write_json(out / "bench_gpu.json", gpu)
+        print(format_table({"gpu": gpu}))
+        print(f"wrote {out / 'bench_gpu.json'}")
+        return 0
+    report = run_cpu(QUICK if args.quick else FULL, args.data_root)
+    write_json(out / "bench.json", report)
+    print(format_table(report))
+    print(f"wrote {out / 'bench.json'} in {report['total_seconds']:.0f}s "
+          f"(load average {report['machine']['load_average'][0]:.1f} at start)")
+    return 1 if args.check and not report["all_targets_met"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_bench(sys.argv[1:]))

@@ -1,0 +1,180 @@
+"""`transfer predict RUN_DIR PATH...`: the top-k classes of new images, with a trained run's model.
+
+Images get the run's eval preprocessing, so a prediction sees an image exactly as the
+validation pass did. Unreadable files are skipped with a warning, as training skips them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from transfer_cli.data.folder import decode_problem, image_files, load_rgb
+from transfer_cli.data.loaders import TransformedDataset, make_loader
+from transfer_cli.data.transforms import eval_transform
+from transfer_cli.core.errors import TransferError, report_user_error
+from transfer_cli.training.evaluation import CommandParser
+from transfer_cli.runs.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
+from transfer_cli.training.train import resolve_device, resolve_precision
+
+OUT_SUFFIXES = (".csv", ".json")
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), most probable first
+
+
+class _ImageFiles(Dataset):
+    """(RGB image, index) per file, so predictions map back to their paths."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return load_rgb(self.paths[index]), index
+
+
+def find_images(paths: list[Path]) -> list[Path]:
+    """Image files named directly or found below folders, in the order given, each once."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(image_files(path))
+        elif path.is_file():
+            if path.suffix.lower() not in IMG_EXTENSIONS:
+                raise TransferError(f"{path} is not an image file (extensions: {' '.join(IMG_EXTENSIONS)})")
+            found.append(path)
+        else:
+            raise TransferError(f"{path} does not exist")
+    if not found:
+        raise TransferError(f"no images ({' '.join(IMG_EXTENSIONS)}) in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(found))
+
+
+def readable(images: list[Path]) -> list[Path]:
+    """`images` less the files that do not decode, each named in a warning on stderr."""
+    kept = []
+    for path in images:
+        problem = decode_problem(path)
+        if problem is None:
+            kept.append(path)
+        else:
+            print(f"transfer: warning: skipping unreadable image {path} ({problem})", file=sys.stderr)
+    if not kept:
+        raise TransferError(f"none of the {len(images)} image file(s) could be read")
+    return kept
+
+
+def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint: str = "best",
+                   device: str | None = None) -> list[Prediction]:
+    """Softmax top-k (at most the class count) per readable image below `paths`, in file order.
+
+    The model loads first, so a wrong run dir fails before thousands of images are decoded.
+    """
+    if top_k < 1:
+        raise TransferError(f"--top-k {top_k}: give at least 1")
+    cfg, model, classes = load_trained_model(run_dir, checkpoint)
+    images = readable(find_images(paths))
+    if device:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, device=device))  # validated like the config's own
+    torch_device = resolve_device(cfg.trainer.device)
+    precision, _ = resolve_precision(cfg.trainer, torch_device)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    model.model.to(torch_device, memory_format=memory_format)
+    dataset = TransformedDataset(_ImageFiles(images), eval_transform(preprocessing_of(cfg, model)))
+    loader = make_loader(dataset, cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
+                         num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
+                         pin_memory=torch_device.type == "cuda")
+    k = min(top_k, len(classes))
+    predictions = []
+    with torch.inference_mode():
+        for batch, indices in loader:
+            batch, indices = precision.to_device(batch, indices)
+            with precision.autocast():
+                logits = model.model(batch)
+            if not torch.isfinite(logits).all():
+                raise TransferError(f"the run's model gives non-finite outputs (NaN or inf) for {images[int(indices[0])]}: "
+                                    "its checkpoint holds damaged weights; evaluate another checkpoint")
+            probabilities, labels = logits.float().softmax(dim=1).topk(k, dim=1)
+            for index, probs, picks in zip(indices.tolist(), probabilities.tolist(), labels.tolist()):
+                predictions.append(Prediction(str(images[index]), [(classes[c], p) for c, p in zip(picks, probs)]))
+    return predictions
+
+
+def check_out(out: Path | None) -> None:
+    if out is not None and out.suffix.lower() not in OUT_SUFFIXES:
+        raise TransferError(f"--out {out}: the file must end in {' or '.join(OUT_SUFFIXES)} (that picks the format)")
+
+
+def render(predictions: list[Prediction], suffix: str) -> str:
+    """CSV (one row per image: path, class_1, probability_1, ...) or JSON (a list of {path, top})."""
+    if suffix == ".json":
+        rows = [{"path": p.path, "top": [{"class": c, "probability": prob} for c, prob in p.top]} for p in predictions]
+        return json.dumps(rows, indent=2, allow_nan=False) + "\n"
+    k = len(predictions[0].top)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", *(f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class", "probability"))])
+    for p in predictions:
+        writer.writerow([p.path, *(value for c, prob in p.top for value in (c, f"{prob:.6f}"))])
+    return buffer.getvalue()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temp file and rename, so a crash never leaves half a file."""
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise TransferError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+def format_table(predictions: list[Prediction]) -> str:
+    """One row per image, one `class probability` column per rank, aligned."""
+    rows = [[p.path, *(f"{c} {prob:.3f}" for c, prob in p.top)] for p in predictions]
+    header = ["image", *(f"top-{rank}" for rank in range(1, len(rows[0])))]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def run_predict(argv: list[str]) -> int:
+    """`transfer predict`: user mistakes become one line on stderr and exit code 2."""
+    parser = CommandParser(prog="transfer predict",
+                           description="Top-k classes, with softmax probabilities, for image files and folders "
+                                       "(searched recursively), using a trained run's checkpoint.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `transfer train` wrote")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="classes per image (default 5)")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write FILE.csv or FILE.json")
+    parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help="which checkpoint (default best)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's trainer.device)")
+    try:
+        args = parser.parse_args(argv)
+        check_out(args.out)
+        predictions = predict_images(args.run_dir, args.paths, args.top_k, args.checkpoint, args.device)
+        if args.out is not None:
+            write_atomic(args.out, render(predictions, args.out.suffix.lower()))
+    except TransferError as error:
+        return report_user_error(error)
+    print(format_table(predictions))
+    if args.out is not None:
+        print(f"wrote {len(predictions)} predictions to {args.out}", file=sys.stderr)
+    return 0

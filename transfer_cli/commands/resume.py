@@ -1,0 +1,96 @@
+"""`transfer resume RUN_DIR`: continue an interrupted run in place from checkpoints/last.pt."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from transfer_cli.core.errors import TransferError, report_user_error
+
+
+def _log_to(run_dir: Path) -> None:
+    """Console and the run's train.log, as Hydra sets up for `transfer train`."""
+    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def resume(run_dir_arg: str) -> int:
+    """Resume one run; a finished run is reported and left unchanged."""
+    from transfer_cli.runs.rundir import require_run_dir
+
+    run_dir = require_run_dir(run_dir_arg)  # before torch loads: a mistyped path fails at once
+
+    from transfer_cli.parallel import distributed
+
+    from transfer_cli.runs import runlock
+    distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
+    main = distributed.is_main()
+    if _finished(run_dir, main):
+        return 0
+    with runlock.hold_on_main(run_dir, "transfer resume"):  # one writer; a finished run is not even locked
+        return _continue(run_dir, main)
+
+
+def _finished(run_dir: Path, main: bool) -> bool:
+    """A run with a (readable) summary.json is finished; a damaged one is a one-line error, not 'finished'."""
+    from transfer_cli.runs.rundir import read_summary
+
+    if (run_dir / "summary.json").is_file():
+        read_summary(run_dir / "summary.json")
+        if main:
+            print(f"{run_dir} already finished (summary.json exists): nothing to resume")
+        return True
+    return False
+
+
+def _continue(run_dir: Path, main: bool) -> int:
+    """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
+    from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, bug_line
+    from transfer_cli.core.errors import Interrupted
+    from transfer_cli.runs.rundir import format_result
+    from transfer_cli.runs.rundir import resume_point, resume_position
+    from transfer_cli.training.train import train
+
+    if _finished(run_dir, main):  # the writer this one waited for finished it
+        return 0
+    cfg, state = resume_point(run_dir)
+    if main:
+        _log_to(run_dir)
+    logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(state))
+    again = f"; continue with: transfer resume {run_dir}"
+    try:
+        summary = train(cfg, run_dir, resume=state)
+    except Interrupted as stop:
+        if main:
+            print(f"transfer: {stop}{again}", file=sys.stderr)
+        return getattr(stop, "exit_code", INTERRUPT_EXIT)
+    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written stays the resume point
+        if main:
+            print(f"transfer: interrupted{again}", file=sys.stderr)
+        return INTERRUPT_EXIT
+    except TransferError:  # a mistake (changed data, say): one line from main()
+        raise
+    except Exception as error:  # noqa: BLE001 - a bug: one line, its traceback in the run's error.log
+        if main:
+            print(bug_line(error, run_dir / "error.log", again), file=sys.stderr)
+        return BUG_EXIT
+    if main:
+        print(f"run dir: {run_dir}")
+        print(format_result(summary))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="transfer resume", description=__doc__)
+    parser.add_argument("run_dir", help="the run directory `transfer train` printed")
+    args = parser.parse_args(argv)
+    try:
+        return resume(args.run_dir)
+    except TransferError as error:
+        return report_user_error(error)

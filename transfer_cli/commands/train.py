@@ -1,0 +1,267 @@
+"""`transfer train`: compose, claim the run directory, let Hydra run each job, say how they ended.
+
+A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
+finished run (summary.json) is skipped and reports its stored result, a job that had
+started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
+it, and a directory holding a run with another config is an error, never overwritten.
+
+A run directory belongs to one run (see runs/runlock.py): a single run's directory is
+resolved, checked and locked before Hydra writes anything in it, so a directory that holds
+a run is refused with every file left as it was, and a clock-made name (`${now:}`) taken by
+a run started in the same second gets a suffix. A sweep job locks its own directory. User
+mistakes (TransferError) become one line on stderr and exit code 2; a bug (any other
+exception) ends with one line naming it and a file with its traceback (exit 1); a run that
+saved no checkpoint leaves nothing behind, one that did stays resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.config.compose import (
+    SWEEP_FLAGS, HydraJob, composition_error, planned_dir, register_configs, run_hydra_main,
+)
+from transfer_cli.config.loading import load_run_config
+from transfer_cli.config.schema import to_plain
+from transfer_cli.core.errors import (
+    BUG_EXIT, INTERRUPT_EXIT, USER_ERROR_EXIT, Interrupted, TransferError, bug_line, report_user_error,
+)
+from transfer_cli.core.extras import missing_plugin
+from transfer_cli.parallel import distributed
+from transfer_cli.runs import runlock
+from transfer_cli.runs.loggers import flatten
+from transfer_cli.runs.rundir import format_result, read_summary, resume_point, resume_position
+
+HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
+
+
+def _discard_unstarted(run_dir: Path, keep: set[str]) -> None:
+    """Remove what a new run that saved no checkpoint wrote, keeping the entries in `keep` (what the
+    directory held before it); the directory goes too when nothing else is left. A run with
+    checkpoints/last.pt or summary.json is kept: it can be resumed or read."""
+    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "summary.json").is_file():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name not in keep:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only when empty
+
+
+def _entries_before(run_dir: Path) -> set[str]:
+    """What a job's directory held before this run (Hydra's own files and the lock are the run's)."""
+    names = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
+    return names - HYDRA_ONLY_FILES - {runlock.LOCK_NAME}
+
+
+def main(argv: list[str]) -> int:
+    """`transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
+    missing = missing_plugin(argv)
+    if missing:
+        return report_user_error(missing)
+    register_configs()
+    problem = composition_error(argv)
+    if problem:
+        return report_user_error(problem)
+    distributed.init_from_env()  # torchrun: before Hydra composes, so rank 0 picks the run dir for every rank
+    try:
+        where, lock = _claim_dir(argv)
+    except TransferError as error:
+        return report_user_error(error)
+    outcomes = _Outcomes()
+    launcher_pid = os.getpid()
+
+    def job(started: HydraJob) -> float | None:
+        distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
+        return _job(started, outcomes, worker=os.getpid() != launcher_pid)
+
+    with lock or contextlib.nullcontext():  # a single run's directory stays locked until Hydra is done with it
+        run_hydra_main([*argv, *where], job)
+    return outcomes.report()
+
+
+class _Outcomes:
+    """How the jobs of one `transfer train` ended, said on stderr once Hydra is done, and its exit code:
+    an interruption's (130, 143) before a bug's (1) before a user mistake's (2)."""
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self._say: list[Callable[[], object]] = []
+
+    def add(self, code: int, line: str) -> None:
+        self.codes.append(code)
+        self._say.append(lambda: print(line, file=sys.stderr))
+
+    def user_error(self, error: Exception) -> None:
+
+        self.codes.append(USER_ERROR_EXIT)
+        self._say.append(lambda: report_user_error(error))
+
+    def report(self) -> int:
+        for say in self._say:
+            say()
+        return sorted(self.codes, key=lambda code: (code in (1, 2), code))[0] if self.codes else 0
+
+
+def _claim_dir(argv: list[str]) -> tuple[list[str], Any]:
+    """Before Hydra writes anything, rank 0 picks the directory (see runlock.claim_new) and locks a single
+    run's; every rank gets the Hydra override that names it, and rank 0 the lock. Hydra's own flags
+    (--help, --cfg, ...) write no run: nothing to claim."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in SWEEP_FLAGS for flag in flags):
+        return [], None
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    claimed, lock = None, None
+    if distributed.is_main():
+        try:
+            claimed, lock = _claim_on_main(overrides, sweep=bool(flags))
+        except TransferError as error:
+            claimed = error
+    claimed = distributed.broadcast_object(claimed)
+    if isinstance(claimed, TransferError):
+        raise claimed
+    return ([claimed] if claimed else []), lock
+
+
+def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
+    """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
+    planned, from_clock, sweep = planned_dir(overrides, sweep)
+    if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
+        return (f"hydra.sweep.dir={_quoted(str(runlock.unused_dir(planned)))}" if from_clock else None), None
+    lock = runlock.claim_new(planned, from_clock, "transfer train")
+    return f"hydra.run.dir={_quoted(str(lock.run_dir))}", lock
+
+
+def _quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value: any path, spaces, commas and quotes included. In Hydra's
+    quoted strings a backslash is literal except in a run before a quote or the closing quote: such runs double."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+
+
+def _job(started: HydraJob, outcomes: _Outcomes, worker: bool) -> float | None:
+    """One job in its locked directory (a sweep job locks its own here); however it ends goes to `outcomes`.
+    A launcher's worker (`worker`) also fails where its launcher sees it."""
+    run_dir, sweep_job = started.run_dir, started.sweep_job
+    main = distributed.is_main()
+    finished = (run_dir / "summary.json").is_file() if main else None  # a re-run's skip reads only: no lock
+    locked = sweep_job and not distributed.broadcast_object(finished)
+    try:
+        with runlock.hold_on_main(run_dir, "a transfer train -m job") if locked else contextlib.nullcontext():
+            keep, new = _entries_before(run_dir), not (run_dir / "config.yaml").is_file()
+            discard = (lambda: _discard_unstarted(run_dir, keep)) if main and new else (lambda: None)
+            try:
+                return _train_job(started, discard)
+            except BaseException as error:  # noqa: BLE001 - each ending is settled in one place
+                _settle(error, run_dir, discard, outcomes, worker)
+                return None
+    except runlock.RunDirBusy as error:  # another process's run: left alone
+        outcomes.user_error(error)
+        if worker:
+            report_user_error(error)
+            raise
+        return None
+
+
+def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], outcomes: _Outcomes,
+            worker: bool) -> None:
+    """A job's failure as one line: a user mistake (2), an interruption (130, 143), a bug (1, its traceback in a
+    file); a new run without a checkpoint is discarded. Anything else (SystemExit) goes on up."""
+    if isinstance(error, Interrupted):
+        outcomes.add(getattr(error, "exit_code", INTERRUPT_EXIT),
+                     f"transfer: {error}; continue with: transfer resume {run_dir}")
+        return
+    if not isinstance(error, (Exception, KeyboardInterrupt)):
+        raise error
+    discard()
+    resumable = runlock.holds_run(run_dir) and not (run_dir / "summary.json").is_file()
+    then = f"; continue with: transfer resume {run_dir}" if resumable else ""
+    if isinstance(error, TransferError):
+        outcomes.user_error(error)
+        if worker:
+            report_user_error(error)
+            raise error
+    elif isinstance(error, KeyboardInterrupt):
+        outcomes.add(INTERRUPT_EXIT, f"transfer: interrupted{then or ' before the first checkpoint: nothing kept'}")
+    else:
+        line = bug_line(error, run_dir / "error.log" if runlock.holds_run(run_dir) else None, then)
+        outcomes.add(BUG_EXIT, line)
+        if worker:
+            print(line, file=sys.stderr)
+            raise error
+
+
+def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
+    """Train one job (a sweep re-run: skip a finished one, resume a partial one); its objective for a sweeper."""
+
+
+    run_dir, sweep_job = started.run_dir, started.sweep_job
+    main = distributed.is_main()
+    cfg = started.config()
+    resume = None
+    if sweep_job:
+        found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
+        if found["kind"] == "other":
+            raise TransferError(f"{run_dir} holds a run with another config ({found['differences'][0]}"
+                                f"{' and more' if len(found['differences']) > 1 else ''}): "
+                                "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
+        if found["kind"] == "done":
+            return _report_done(run_dir, found["summary"])
+        if found["kind"] == "partial":
+            cfg, resume = resume_point(run_dir)
+            logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
+    if resume is None and main:
+        started.save_config()
+    from transfer_cli.training.train import train  # torch: only a job that trains loads it
+
+    summary = train(cfg, run_dir, resume=resume)
+    if summary.get("dry_run"):
+        discard()
+        return None
+    print(f"run dir: {run_dir}")
+    print(format_result(summary))
+    return _objective(summary)
+
+
+def _objective(summary: dict[str, Any]) -> float | None:
+    """What a sweeper (Optuna: direction maximize) optimizes: the best validation top-1 accuracy, a float."""
+    value = summary.get("best_val_acc")
+    return float(value) if value is not None else None
+
+
+def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
+    """What a sweep job finds in its directory: nothing yet, a finished run, a partial one, or another run."""
+    if not (run_dir / "config.yaml").is_file():
+        return {"kind": "new"}
+
+    differences = _differences(to_plain(load_run_config(run_dir)), to_plain(cfg))
+    if differences:
+        return {"kind": "other", "differences": differences}
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return {"kind": "done", "summary": read_summary(summary)}
+    return {"kind": "partial"}
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    old, new = flatten(saved, sep="."), flatten(wanted, sep=".")
+    return [f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
+def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    status = summary.get("status", "finished")
+    print(f"run dir: {run_dir} ({status} before: skipped)")
+    if status != "finished":
+        return None
+    print(format_result(summary))
+    return _objective(summary)

@@ -1,0 +1,264 @@
+"""Typed schemas for every config node (compose.py stores them in Hydra's ConfigStore).
+
+`conf/train.yaml` names `train_schema` first in its defaults list, so each YAML file and
+override is merged onto these dataclasses: an unknown key or a wrong type fails when the
+config is composed, not in epoch 3. A field's allowed range sits in its metadata
+(`rule(...)`, see checks.py); building a TrainConfig checks them all, so a value out of
+range fails there too. Below the CLI the code receives these dataclasses (via
+`OmegaConf.to_object`), never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Optional
+
+from transfer_cli.config.checks import Items, Rule, above, at_least, between, check_tree, matches, one_of, ordered, rule
+
+FLAG = rule(one_of("auto", "true", "false", case=False))  # YAML may hand these over as True/False
+POSITIVE = rule(above(0))
+NON_NEGATIVE = rule(at_least(0))
+UNIT = between(0, 1)  # [0, 1): dropouts, betas, momentum, label smoothing, warmup share
+SHARE = between(0, 1, low_open=True, high_open=False)  # (0, 1]
+PROBABILITY = between(0, 1, high_open=False)  # [0, 1]
+BN_POLICIES = ("frozen_stats", "reestimate", "train")
+MISSING = "???"  # OmegaConf's marker for a value the config must give
+DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
+
+
+@dataclass
+class BackboneConfig:
+    """Which network to start from and where its weights come from."""
+
+    source: str = field(default=MISSING, metadata=rule(one_of("timm", "torchvision")))
+    name: str = MISSING  # timm name[.tag] or torchvision model name
+    weights: Optional[str] = "DEFAULT"  # torchvision weights enum member, DEFAULT or null
+    pretrained: bool = True
+    checkpoint: Optional[str] = None  # local state-dict file used instead of a download
+
+
+@dataclass
+class HeadConfig:
+    """The classifier that replaces the backbone's own."""
+
+    kind: str = field(default="linear", metadata=rule(one_of("linear", "mlp")))
+    dropout: float = field(default=0.0, metadata=rule(UNIT))  # linear: dropout before the layer
+    hidden: int = field(default=256, metadata=POSITIVE)  # mlp only
+    dropouts: list[float] = field(default_factory=lambda: [0.5, 0.3],  # mlp only: before each of its two layers
+                                  metadata=rule(Items(UNIT, (2,))))
+
+
+@dataclass
+class StageConfig:
+    """One stage of a strategy: which layer groups train, for how long, at which lr.
+
+    `train` holds group selectors: `head`, `last:N` (the N groups before the head, plus
+    the head), `all`, or group names. `lr` is one rate for every trained group, `lrs` a
+    per-group map (groups it leaves out are frozen), and `lr_decay` multiplies the rate by
+    this factor per group from the head towards the stem.
+    """
+
+    name: str = MISSING
+    epochs: int = field(default=MISSING, metadata=POSITIVE)
+    train: list[str] = field(default_factory=lambda: ["head"])
+    lr: Optional[float] = field(default=None, metadata=POSITIVE)
+    lrs: Optional[dict[str, float]] = field(default=None, metadata=rule(Items(above(0))))
+    lr_decay: Optional[float] = field(default=None, metadata=rule(SHARE))
+    bn: Optional[str] = field(default=None, metadata=rule(one_of(*BN_POLICIES)))  # null: the strategy's
+
+
+@dataclass
+class SizeRule:
+    """One row of a data-size table: below `below` training images (null: any), use `strategy`."""
+
+    below: Optional[int] = field(default=None, metadata=POSITIVE)
+    strategy: str = MISSING
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+    description: str = ""
+    pretrained: bool = True  # false: random init whatever the backbone says (scratch)
+    lr: float = field(default=1e-3, metadata=POSITIVE)  # default rate of stages that name none
+    train_bn: bool = False  # frozen groups keep BatchNorm affine params trainable (stats stay frozen)
+    # BatchNorm running stats: frozen_stats (eval mode everywhere; affine params train with their group),
+    # reestimate (re-estimated once on the training images before the first stage, then frozen),
+    # train (batch stats and running updates in trained groups). docs/batchnorm.md has the evidence.
+    # BatchNorm in trained groups; null: frozen_stats from pretrained weights, train from random init
+    bn: Optional[str] = field(default=None, metadata=rule(one_of(*BN_POLICIES)))
+    stages: list[StageConfig] = field(default_factory=list)
+    by_train_size: Optional[list[SizeRule]] = None  # choose another strategy by data size (auto)
+
+
+@dataclass
+class DatasetConfig:
+    """Where images come from. Fields a dataset kind does not use are ignored by it."""
+
+    name: str = field(default=MISSING, metadata=rule(one_of(*DATASET_NAMES)))
+    root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
+    download: bool = True
+    train_split: str = "train"
+    val_split: str = "val"
+    # folder without train/ and val/: share held out, stratified
+    val_fraction: float = field(default=0.2, metadata=rule(between(0, 1, low_open=True)))
+    # skip (warn, count in summary.json) | error
+    on_bad_image: str = field(default="skip", metadata=rule(one_of("skip", "error")))
+    # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
+    # from trainer.seed, so a seed sweep varies training alone (a run saved without it used trainer.seed)
+    split_seed: int = field(default=42, metadata=rule(Rule(lambda v: -2**63 <= v < 2**63, "must be a 64-bit integer")))
+    # stratified, seeded subset of the training split
+    train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
+    val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
+    # keep decoded, resized images in memory: auto (if within budget) | true | false
+    cache_images: str = field(default="auto", metadata=FLAG)
+    cache_budget_mb: float = field(default=2048.0, metadata=NON_NEGATIVE)
+    # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
+    domain: str = field(default="near", metadata=rule(one_of("near", "far")))
+    # synthetic only
+    num_classes: int = field(default=4, metadata=rule(at_least(2)))
+    train_size: int = field(default=256, metadata=POSITIVE)
+    val_size: int = field(default=128, metadata=POSITIVE)
+    image_size: int = field(default=64, metadata=POSITIVE)
+
+
+CROP_MODES = ("center", "squash", "border")  # timm's, see TransformsConfig
+
+
+@dataclass
+class TransformsConfig:
+    """Preprocessing; null fields follow the backbone's pretrained config. mean and std take one
+    value per RGB channel, or one for all three. crop_mode is timm's: center (short side to
+    image_size/crop_pct, centre crop), squash (both sides, aspect not kept) or border (long
+    side, padded with the mean colour); crop_pct > 1 leaves a border (timm's volo_*_448: 1.15),
+    and below 1.5 the image still fills two thirds of each side."""
+
+    image_size: Optional[int] = field(default=None, metadata=POSITIVE)  # square; null: the weights' (maybe not square)
+    crop_pct: Optional[float] = field(default=None, metadata=rule(between(0, 1.5, low_open=True)))
+    crop_mode: Optional[str] = field(default=None, metadata=rule(one_of(*CROP_MODES)))
+    interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
+    mean: Optional[list[float]] = field(default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
+    std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, as data; `none` leaves train = eval preprocessing."""
+
+    name: str = MISSING
+    random_resized_crop: Optional[list[float]] = field(  # scale range, e.g. [0.08, 1.0]
+        default=None, metadata=rule(Items(SHARE, (2,), Rule(ordered, "must be [smallest, largest] scale"))))
+    hflip: float = field(default=0.0, metadata=rule(PROBABILITY))
+    rotation: float = field(default=0.0, metadata=rule(between(0, 180, high_open=False)))  # degrees
+    color_jitter: Optional[list[float]] = field(  # brightness, contrast, saturation (>= 0), hue (<= 0.5)
+        default=None, metadata=rule(Items(at_least(0), (1, 2, 3, 4),
+                                          Rule(lambda v: len(v) < 4 or v[3] <= 0.5, "its hue (4th) must be <= 0.5"))))
+    translate: Optional[list[float]] = field(  # largest shift as a share of width, height
+        default=None, metadata=rule(Items(PROBABILITY, (2,))))
+    # > 0: MixUp on training batches (torchvision transforms.v2.MixUp)
+    mixup_alpha: float = field(default=0.0, metadata=NON_NEGATIVE)
+    # > 0: CutMix; with both, each batch picks one at random
+    cutmix_alpha: float = field(default=0.0, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = field(default=MISSING, metadata=rule(one_of("adam", "adamw", "sgd")))
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    momentum: float = field(default=0.9, metadata=rule(UNIT))  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=rule(Items(UNIT, (2,))))
+    # multiplies every stage lr (quick runs on random-init models)
+    lr_scale: float = field(default=1.0, metadata=POSITIVE)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = field(default=MISSING, metadata=rule(one_of("onecycle", "cosine", "constant")))
+    warmup_pct: float = field(default=0.1, metadata=rule(UNIT))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    # epochs without improvement before stopping; null: never stop early
+    patience: Optional[int] = field(default=None, metadata=POSITIVE)
+    monitor: str = "val/acc1"  # any val/* metric; loss-like metrics are minimized, the rest maximized
+    min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
+
+
+@dataclass
+class TrainerConfig:
+    # null: the strategy's stage epochs; N: stages scaled to N
+    epochs: Optional[int] = field(default=None, metadata=POSITIVE)
+    batch_size: int = field(default=32, metadata=POSITIVE)
+    eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)
+    device: str = field(default="auto", metadata=rule(matches(r"auto|cpu|cuda(:\d+)?|mps",
+                                                              "must be one of auto, cpu, cuda, cuda:N, mps")))
+    amp: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA) | true | false
+    channels_last: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA and CPU) | true | false
+    seed: int = 42  # any integer
+    num_workers: int = field(default=4, metadata=NON_NEGATIVE)
+    grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm
+    label_smoothing: float = field(default=0.0, metadata=rule(UNIT))
+    # e.g. 0.999: evaluate and checkpoint an EMA of the weights
+    ema_decay: Optional[float] = field(default=None, metadata=rule(between(0, 1, low_open=True)))
+    compile: bool = False  # torch.compile the model
+    # also checkpoint mid-epoch (long epochs)
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE)
+    # steps between host syncs that check the loss is finite (every step on CPU)
+    log_every: int = field(default=50, metadata=POSITIVE)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # auto (where exact) | true (one centre view even with augmentation) | false
+    cache_features: str = field(default="auto", metadata=FLAG)
+    cache_dir: Optional[str] = None  # feature cache; default ~/.cache/transfer/features (TRANSFER_CACHE)
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    log_dir: Optional[str] = None  # null: <run dir>/tensorboard
+
+
+@dataclass
+class MLflowLoggerConfig:
+    tracking_uri: Optional[str] = None  # null: a local file store, outputs/mlruns (MLFLOW_TRACKING_URI wins)
+    experiment: str = "transfer"
+    run_name: Optional[str] = None  # null: the run directory's path
+
+
+@dataclass
+class LoggerConfig:
+    """Extra metric sinks (metrics.jsonl and summary.json are always written): `logger=tensorboard`, `logger=mlflow`."""
+
+    tensorboard: Optional[TensorBoardLoggerConfig] = None
+    mlflow: Optional[MLflowLoggerConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    backbone: BackboneConfig = MISSING
+    head: HeadConfig = field(default_factory=HeadConfig)
+    strategy: StrategyConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    transforms: TransformsConfig = field(default_factory=TransformsConfig)
+    augment: AugmentConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    dry_run: bool = False  # validate everything and print the plan without training
+
+    def __post_init__(self) -> None:
+        """Every value in its range, checked whenever a config is built (composition, `OmegaConf.to_object`,
+        a run dir's config.yaml, `transfer eval` overrides): a bad one is one line naming the key."""
+        check_tree(self)
+
+
+def to_plain(cfg: Any) -> Any:
+    """A dataclass config as plain dicts and lists (for JSON and checkpoints)."""
+    if is_dataclass(cfg):
+        return {spec.name: to_plain(getattr(cfg, spec.name)) for spec in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_plain(value) for value in cfg]
+    if isinstance(cfg, dict):
+        return {key: to_plain(value) for key, value in cfg.items()}
+    return cfg

@@ -1,0 +1,64 @@
+"""The exceptions the CLI turns into exit codes (user mistakes: one line, exit 2; Ctrl-C: 130; SIGTERM: 143)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+USER_ERROR_EXIT = 2
+BUG_EXIT = 1
+INTERRUPT_EXIT = 130
+
+
+class TransferError(Exception):
+    """A problem the user can fix: bad config, missing data, unavailable weights."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: a resumable checkpoint was saved; the CLI exits with `exit_code`.
+
+    130 for Ctrl-C (SIGINT), 143 for SIGTERM (what SLURM and Kubernetes send before
+    preemption): the codes a shell reports for a process those signals killed.
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return type(self), (str(self), self.exit_code)  # launchers pickle it across processes: keep the code
+
+
+def report_user_error(problem: object) -> int:
+    """Print `problem` as the CLI's one-line error on stderr; returns the exit code for it."""
+    print(f"transfer: error: {problem}", file=sys.stderr)
+    return USER_ERROR_EXIT
+
+
+def bug_line(error: BaseException, log: Path | None, then: str = "") -> str:
+    """The one line a bug ends with; its full traceback goes to `log` (a temp file when None or unwritable).
+
+    `then` says what to do next (e.g. the resume command of a run that keeps its checkpoints).
+    """
+    text = f"command: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(error))
+    if log is not None:
+        try:
+            log.write_text(text, encoding="utf-8")
+        except OSError:  # the run dir is gone or full: the traceback still goes somewhere
+            log = None
+    if log is None:
+        with tempfile.NamedTemporaryFile("w", prefix="transfer-error-", suffix=".log", delete=False,
+                                         encoding="utf-8") as file:
+            file.write(text)
+        log = Path(file.name)
+    message = str(error).strip().splitlines()
+    what = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+    return f"transfer: internal error ({what}); full traceback in {log}{then}"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

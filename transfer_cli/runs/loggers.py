@@ -1,0 +1,173 @@
+"""Metric sinks besides metrics.jsonl and summary.json: TensorBoard and MLflow (optional extras).
+
+A logger has three methods: `log_params(config)` once at the start (the resolved config as
+nested dicts), `log_metrics(record, step)` after every epoch (the metrics.jsonl record;
+numbers only, nested keys joined with '/', e.g. `lr/head`) and `close(status)` at the end.
+Only rank 0 of a DDP run logs. `logger=tensorboard`, `logger=mlflow` or
+`logger=[tensorboard,mlflow]` choose them; the packages come with `pip install -e ".[tensorboard]"`
+and `pip install -e ".[mlflow]"`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from transfer_cli.core.extras import install_hint, installed
+from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig, TensorBoardLoggerConfig
+from transfer_cli.core.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+MLFLOW_DEFAULT_STORE = Path("outputs") / "mlruns"
+MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+
+
+class Logger(Protocol):
+    def log_params(self, config: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+def flatten(tree: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Leaves of nested dicts under joined keys: {'lr': {'head': 0.1}} -> {'lr/head': 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name, sep))
+        else:
+            flat[name] = value
+    return flat
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a (nested) record; strings, lists, None and the epoch (the step) are left out."""
+    return {key: float(value) for key, value in flatten(record).items()
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)}
+
+
+class Loggers:
+    """Fans each call out to every configured logger."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.loggers = loggers
+
+    def log_params(self, config: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_params(config)
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(record, step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for logger in self.loggers:
+            try:
+                logger.close(status)
+            except Exception as error:  # noqa: BLE001 - closing a sink must not hide the run's own outcome
+                log.warning("closing %s failed: %s", type(logger).__name__, error)
+
+
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_available(cfg: LoggerConfig) -> None:
+    """A one-line error before any training when a chosen logger's package is missing."""
+    for name, (module, extra) in PACKAGES.items():
+        if getattr(cfg, name) is not None and not installed(module):
+            raise TransferError(f"logger={name} needs the {module} package: {install_hint(extra)}")
+
+
+def build(cfg: LoggerConfig, run_dir: Path) -> Loggers:
+    check_available(cfg)
+    chosen: list[Logger] = []
+    if cfg.tensorboard is not None:
+        chosen.append(TensorBoardLogger(cfg.tensorboard, run_dir))
+    if cfg.mlflow is not None:
+        chosen.append(MLflowLogger(cfg.mlflow, run_dir))
+    return Loggers(chosen)
+
+
+class TensorBoardLogger:
+    """Scalars per epoch (`train/loss`, `val/acc1`, `lr/head`, ...) and the config as text."""
+
+    def __init__(self, cfg: TensorBoardLoggerConfig, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(cfg.log_dir).expanduser() if cfg.log_dir else run_dir / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def log_params(self, config: dict[str, Any]) -> None:
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, default=str) + "\n```", 0)
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None:
+        for key, value in scalars(record).items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.writer.close()
+
+
+class MLflowLogger:
+    """One MLflow run per run directory; a resumed run continues the same MLflow run.
+
+    Uses MlflowClient (no global active run), so sweeps in one process never mix runs.
+    """
+
+    def __init__(self, cfg: MLflowLoggerConfig, run_dir: Path) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or MLFLOW_DEFAULT_STORE.resolve().as_uri()
+        if "://" not in uri or uri.startswith("file:"):
+            # MLflow 3 keeps its file store in maintenance mode and asks for this opt-in; a database
+            # store needs none: logger.mlflow.tracking_uri=sqlite:///outputs/mlflow.db
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        self.tracking_uri = uri
+        id_file = run_dir / MLFLOW_RUN_ID_FILE
+        self.run_id = self._existing_run(id_file.read_text().strip()) if id_file.is_file() else None
+        if self.run_id is None:
+            experiment = self.client.get_experiment_by_name(cfg.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
+            run = self.client.create_run(experiment_id, run_name=cfg.run_name or str(run_dir),
+                                         tags={"run_dir": str(run_dir.resolve())})
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id + "\n", encoding="utf-8")
+        else:
+            self.client.update_run(self.run_id, status="RUNNING")
+
+    def _existing_run(self, run_id: str) -> str | None:
+        try:
+            return self.client.get_run(run_id).info.run_id
+        except Exception:  # noqa: BLE001 - deleted run or another store: start a new one
+            return None
+
+    def log_params(self, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(key, str(value)[:500]) for key, value in flatten(config, sep=".").items()]
+        existing = self.client.get_run(self.run_id).data.params
+        params = [p for p in params if p.key not in existing]  # a resumed run keeps the params it has
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start:start + 100])
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, value, now, step) for key, value in scalars(record).items()]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,159 @@
+"""Reading a finished or interrupted run directory back: its config, checkpoints and summary.
+
+Every reader turns a damaged file into one TransferError line naming the file and what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transfer_cli.config.loading import load_run_config
+from transfer_cli.config.schema import TrainConfig
+from transfer_cli.core.errors import TransferError, first_line
+
+if TYPE_CHECKING:
+    from transfer_cli.data.transforms import Preprocessing
+    from transfer_cli.models.model import TransferModel
+
+
+def require_run_dir(path: str | Path) -> Path:
+    """`path` as a run directory (one with config.yaml), or a one-line error saying what is wrong."""
+    run_dir = Path(path).expanduser()
+    if not run_dir.is_dir():
+        raise TransferError(f"run directory '{path}' does not exist: give the directory `transfer train` printed")
+    if not (run_dir / "config.yaml").is_file():
+        raise TransferError(f"'{path}' is not a run directory (no config.yaml): give the directory `transfer train` printed")
+    return run_dir
+
+
+def resume_point(run_dir: Path) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The saved config and checkpoints/last.pt (None: none saved yet), as resume and a sweep re-run load them."""
+    return load_run_config(run_dir), load_last_checkpoint(run_dir)
+
+
+def resume_position(state: dict[str, Any] | None) -> str:
+    """Where a resumed run continues, for its log."""
+    if state is None:
+        return "the start (no checkpoint yet)"
+    return f"epoch {state['progress']['epoch']} step {state['progress']['step']}"
+
+
+def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """checkpoints/last.pt, the state a resume continues from (None: the run saved none yet), or a
+    one-line error where the file is damaged or is not a resumable `transfer train` checkpoint."""
+    file = run_dir / "checkpoints" / "last.pt"
+    if not file.is_file():
+        return None
+    payload = _load_checkpoint_file(file)
+    progress = payload.get("progress")
+    missing = [key for key in RESUME_KEYS if key not in payload]
+    if missing or not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in ("epoch", "step")):
+        what = f"no {', '.join(missing)}" if missing else "no progress (epoch, step)"
+        raise TransferError(f"{file} is not a resumable `transfer train` checkpoint ({what}): "
+                            "move it aside to restart the run from its first epoch")
+    return payload
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A run's summary.json, or one line saying the file is torn or not a summary."""
+    import json
+
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TransferError(f"{path} is not valid JSON ({first_line(error)}): was its write cut short?") from error
+    if not isinstance(summary, dict):
+        raise TransferError(f"{path} is not a run summary (a JSON object): it holds a {type(summary).__name__}")
+    return summary
+
+
+def _load_checkpoint_file(file: Path) -> dict[str, Any]:
+    """A checkpoint's payload (a dict), or a one-line error for a truncated, foreign or unsafe file."""
+    from transfer_cli.runs import checkpoint as checkpoints
+    try:
+        payload = checkpoints.load(file)
+    except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: the same user-facing problem
+        raise TransferError(f"cannot read checkpoint {file}: {torch_file_problem(file, error)}") from error
+    if not isinstance(payload, dict):
+        raise TransferError(f"{file} is not a `transfer train` checkpoint: it holds a {type(payload).__name__}")
+    return payload
+
+
+def torch_file_problem(file: Path, error: Exception) -> str:
+    """Why `torch.load(file, weights_only=True)` failed, in words (its own messages run to many lines)."""
+    import pickle
+    import zipfile
+
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain containers, which are not loaded (weights_only)"
+    if not zipfile.is_zipfile(file):
+        return "not a whole PyTorch file (cut short, or another kind of file)"
+    return f"{type(error).__name__}: {first_line(error)[:160]}"
+
+
+CHECKPOINTS = ("best", "last")
+RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")
+
+
+def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig, TransferModel, list[str]]:
+    """The run's config, its network holding the checkpoint's weights (in eval mode, on the CPU), and its class names.
+
+    The network is built with pretrained=False: the checkpoint replaces every weight, so
+    nothing is downloaded and a `backbone.checkpoint` file used to start the run may be gone.
+    """
+    from dataclasses import replace
+
+    from transfer_cli.runs.checkpoint import misfit
+    from transfer_cli.models.model import build_model
+
+    path = require_run_dir(run_dir)
+    cfg = load_run_config(path)
+    file = path / "checkpoints" / f"{checkpoint}.pt"
+    state, classes = _read_checkpoint(file, checkpoint)
+    model = build_model(replace(cfg.backbone, checkpoint=None), cfg.head, len(classes), pretrained=False)
+    problem = misfit(model.model.state_dict(), state)
+    if problem:
+        raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, "
+                            f"{len(classes)} classes): {problem}; was it saved by another run, or by a version "
+                            "before torchvision classifiers were replaced whole? Retrain it")
+    model.model.load_state_dict(state, strict=True)
+    model.model.eval()
+    return cfg, model, classes
+
+
+def preprocessing_of(cfg: TrainConfig, model: TransferModel) -> Preprocessing:
+    """The preprocessing the run trained with: the architecture's own plus the run's `transforms.*`.
+
+    pretrained=False only silences the mean/std warning, which the run already gave.
+    """
+    from transfer_cli.data.transforms import resolve_preprocessing
+
+    return resolve_preprocessing(model.preprocessing, cfg.transforms, pretrained=False)
+
+
+def _read_checkpoint(file: Path, checkpoint: str) -> tuple[dict[str, Any], list[str]]:
+    """The model state dict and class names of a checkpoint, or a one-line error."""
+    if checkpoint not in CHECKPOINTS:
+        raise TransferError(f"checkpoint={checkpoint}: use {' or '.join(CHECKPOINTS)}")
+    if not file.is_file():
+        raise TransferError(f"{file} does not exist: the run saved no checkpoint (did it finish an epoch?)")
+    payload = _load_checkpoint_file(file)
+    if not isinstance(payload.get("model"), dict) or not payload.get("classes"):
+        raise TransferError(f"{file} is not a `transfer train` checkpoint (it needs 'model' and 'classes')")
+    state = payload["model"]
+    if isinstance(payload.get("ema"), dict):  # trainer.ema_decay: the averaged weights are the ones validated
+        ema = payload["ema"]
+        state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
+    return state, [str(name) for name in payload["classes"]]
+
+
+def format_result(summary: dict) -> str:
+    """The final figures `transfer train` and `transfer resume` print."""
+    text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
+            f"final val acc {summary['final_val_acc']:.4f}, {summary['epochs_run']} epochs, "
+            f"{summary['wall_time_s']:.1f}s")
+    if summary.get("stop_reason") not in (None, "completed all stages"):
+        text += f"; stopped: {summary['stop_reason']}"
+    return text

@@ -1,0 +1,175 @@
+"""One run directory, one run, one writer.
+
+A process that writes a run directory (`transfer train`, `transfer resume`, a sweep job)
+holds an advisory lock, `fcntl.flock` on `<run dir>/.lock`, for as long as it writes; a
+second writer fails in one line naming the directory and the holder. The kernel drops the
+lock when its holder exits however it exits (SIGKILL included), so a stale file never
+blocks a resume. The file is never deleted while its run lives: deleting a locked file lets
+a newcomer lock a fresh inode beside the old holder. Locking a directory neither creates nor
+changes any file but `.lock`; refusing one changes nothing.
+
+A new run gets a directory that holds no run: a name the user chose that holds one is
+refused (pointing to `transfer resume` or a new directory), and a name made from the clock
+(`${now:...}`) gets a suffix when it is taken, so runs started in the same second differ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.parallel import distributed
+from transfer_cli.core.errors import TransferError
+
+LOCK_NAME = ".lock"
+RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")  # any of them: the directory holds a run
+MAX_SUFFIX = 10_000
+
+
+class RunDirBusy(TransferError):
+    """Another process is writing the run directory (it is left alone: never discarded)."""
+
+
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep its parent's lock alive after a SIGKILL of
+    the parent: close its copies (never LOCK_UN, which would unlock the parent too)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+class RunLock:
+    """An exclusive flock on a run directory's `.lock`, released on `release()` or process exit."""
+
+    def __init__(self, run_dir: Path, fd: int) -> None:
+        self.run_dir, self._fd = run_dir, fd
+        _HELD.add(fd)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            _HELD.discard(self._fd)
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = -1
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def acquire(run_dir: Path, command: str) -> RunLock:
+    """Lock `run_dir` (made if missing) for this process, or raise RunDirBusy naming the holder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"{run_dir} is being written by {holder}: wait for it to end, "
+                             "or give another directory") from None
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # the file was removed (a discarded run) between open and lock: lock the new one
+    stamp = _dt.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"`{command}` (pid {os.getpid()} on {socket.gethostname()}, since {stamp})\n".encode())
+    return RunLock(run_dir, fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who is writing `run_dir` now, or None; creates nothing."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # also drops the shared lock, if it was taken
+    return None
+
+
+def holds_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def refuse_if_run(run_dir: Path) -> None:
+    """One line when `run_dir` holds a run (a new run must never write into it); reads only."""
+    if not holds_run(run_dir):
+        return
+    busy = holder(run_dir)
+    if busy:
+        raise RunDirBusy(f"{run_dir} is being written by {busy}: give another directory")
+    if (run_dir / "summary.json").is_file():
+        raise TransferError(f"{run_dir} already holds a finished run: give a new hydra.run.dir "
+                            "(or none: each run gets its own under outputs/runs/)")
+    raise TransferError(f"{run_dir} holds an interrupted run: continue it with `transfer resume {run_dir}`, "
+                        "or give a new hydra.run.dir")
+
+
+def unused_dir(run_dir: Path) -> Path:
+    """`run_dir`, or `run_dir`_2, _3, ... when taken: made here (mkdir is atomic), so no other process gets it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, MAX_SUFFIX):
+        candidate = run_dir if n == 1 else run_dir.with_name(f"{run_dir.name}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise TransferError(f"{run_dir} and {MAX_SUFFIX - 2} numbered variants exist: clean up {run_dir.parent}")
+
+
+def claim_new(run_dir: Path, from_clock: bool, command: str) -> RunLock:
+    """Lock a directory for a new run: a clock-made name gets a suffix when taken, a chosen one that
+    holds a run is refused."""
+    if from_clock:
+        run_dir = unused_dir(run_dir)
+    else:
+        refuse_if_run(run_dir)  # before anything is written, the lock file included
+    lock = acquire(run_dir, command)
+    try:
+        refuse_if_run(run_dir)  # another writer may have started and ended in between
+    except TransferError:
+        lock.release()
+        raise
+    return lock
+
+
+def hold_on_main(run_dir: Path, command: str) -> contextlib.AbstractContextManager[Any]:
+    """Rank 0 locks `run_dir` (the rank that writes); every rank learns whether it could."""
+    lock, problem = None, None
+    if distributed.is_main():
+        try:
+            lock = acquire(run_dir, command)
+        except RunDirBusy as error:
+            problem = str(error)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise RunDirBusy(problem)
+    return lock if lock is not None else contextlib.nullcontext()

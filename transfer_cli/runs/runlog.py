@@ -1,0 +1,168 @@
+"""The run directory: metrics.jsonl, summary.json and curves.png.
+
+JSON has no NaN or Infinity: every writer here refuses a non-finite number instead of
+writing a file strict parsers reject (a metric that can be undefined is written as null
+by whoever computes it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.core.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+# The temp files the writers below leave behind when killed between writing and renaming.
+TEMP_PATTERNS = ("*.json.tmp", "*.jsonl.tmp")
+
+
+def _dumps(payload: Any, path: Path, **options: Any) -> str:
+    """`json.dumps` that refuses NaN and infinities, naming the file and the key that holds one."""
+    try:
+        return json.dumps(payload, allow_nan=False, **options)
+    except ValueError as error:
+        raise ValueError(f"refusing to write {path}: {_nonfinite_key(payload) or 'a value'} is not a finite "
+                         f"number, which JSON cannot hold") from error
+
+
+def _nonfinite_key(value: Any, where: str = "") -> str | None:
+    """The first key path (a/b/0) holding NaN or an infinity, None when there is none."""
+    if isinstance(value, float):
+        return where if not math.isfinite(value) else None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _nonfinite_key(item, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one epoch's record as a JSON line, flushed so a crash keeps it."""
+    path = run_dir / "metrics.jsonl"
+    line = _dumps(record, path) + "\n"
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(line)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `records` atomically (resume drops epochs past its checkpoint)."""
+    path = run_dir / "metrics.jsonl"
+    _write_atomic(path, "".join(_dumps(record, path) + "\n" for record in records))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The epoch records of metrics.jsonl.
+
+    A damaged last line is what a crash or a full disk during `append_metrics` leaves: it is
+    dropped with a warning (that epoch was never checkpointed, so resume trains it again). A
+    damaged line before the last one is not explained by a crash: a TransferError naming it.
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        record = _parse_record(line)
+        if record is not None:
+            records.append(record)
+        elif position == len(lines) - 1:
+            log.warning("%s: dropped its last line (line %d, %d bytes), cut short by a crash or a full disk "
+                        "while it was written; that epoch was not checkpointed", path, number, len(line))
+        else:
+            raise TransferError(f"{path} line {number} is damaged (not a JSON epoch record of finite numbers): "
+                                "repair that line or start a new run")
+    return records
+
+
+def _parse_record(line: bytes) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a record, or None when it is not a whole one."""
+    try:
+        record = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+    except ValueError:  # UnicodeDecodeError, JSONDecodeError and a bare NaN alike
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    _write_atomic(path, _dumps(payload, path, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """`path` holds its old content or all of `text`, never part of it; a failed write leaves no temp file.
+
+    A kill between writing and renaming still leaves `<name>.tmp`: `remove_temp_files` clears it on resume.
+    """
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def remove_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temp files of writes a kill interrupted (the finished files are intact); returns them."""
+    found = [path for pattern in TEMP_PATTERNS for path in run_dir.glob(pattern)]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def stage_boundaries(records: list[dict[str, Any]]) -> list[float]:
+    """Epoch positions (between epochs) where the stage changes."""
+    return [
+        (previous["epoch"] + current["epoch"]) / 2
+        for previous, current in zip(records, records[1:])
+        if previous["stage"] != current["stage"]
+    ]
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Loss and accuracy per epoch, stage boundaries as dashed vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for split, style in (("train", "-o"), ("val", "-s")):
+        loss_ax.plot(epochs, [r[f"{split}/loss"] for r in records], style, label=split, markersize=3)
+        acc_ax.plot(epochs, [r[f"{split}/acc1"] for r in records], style, label=split, markersize=3)
+    for axis, label in ((loss_ax, "loss"), (acc_ax, "top-1 accuracy")):
+        for boundary in stage_boundaries(records):
+            axis.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    acc_ax.set_ylim(0, 1)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

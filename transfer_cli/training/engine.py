@@ -1,0 +1,215 @@
+"""One training epoch and one evaluation pass; `fit` in trainer.py owns the rest.
+
+Metrics accumulate on the device and are read at the end of an epoch; the only host sync
+inside the loop is the finite-loss check every `check_every` steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from transfer_cli.parallel import distributed
+from transfer_cli.core.errors import TransferError
+
+
+class NonFiniteLoss(TransferError):
+    """The loss became NaN or inf: training stops and keeps the last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the forward pass runs: autocast dtype (None = fp32) and memory format."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
+        return images, labels.to(self.device, non_blocking=True)
+
+
+class Tally:
+    """Running sums of loss and top-k hits, kept on the device; resumable mid-epoch."""
+
+    def __init__(self, device: torch.device, topk: tuple[int, ...]) -> None:
+        self.topk = topk
+        self.loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.hits = torch.zeros(len(topk), device=device, dtype=torch.float64)
+        self.nonfinite = torch.zeros((), device=device, dtype=torch.int64)
+        self.count = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.size(0)
+        loss = loss.detach()
+        self.nonfinite += (~torch.isfinite(loss)).long()
+        self.loss += loss.double() * n
+        top = logits.detach().float().topk(max(self.topk), dim=1).indices
+        correct = top.eq(labels[:, None])
+        self.hits += torch.stack([correct[:, :k].any(dim=1).sum() for k in self.topk]).double()
+        self.count += n
+
+    def result(self, prefix: str) -> dict[str, float]:
+        n = max(self.count, 1)
+        metrics = {f"{prefix}/loss": self.loss.item() / n}
+        for k, hits in zip(self.topk, self.hits.tolist()):
+            metrics[f"{prefix}/acc{k}"] = hits / n
+        return metrics
+
+    def reduced(self) -> "Tally":
+        """The sums over every process of a DDP run (all must call it); this tally itself in one process."""
+        if not distributed.active():
+            return self
+        count = torch.tensor([float(self.count)], device=self.loss.device, dtype=torch.float64)
+        packed = distributed.all_reduce_sum(torch.cat([self.loss.reshape(1), self.hits, count]))
+        total = Tally(self.loss.device, self.topk)
+        total.loss, total.hits, total.count = packed[0], packed[1:-1], int(packed[-1].item())
+        return total
+
+    def any_nonfinite(self) -> bool:
+        """A non-finite loss so far, on any process (a host sync; under DDP a collective)."""
+        if not distributed.active():
+            return bool(self.nonfinite.item())
+        return bool(distributed.all_reduce_sum(self.nonfinite.clone()).item())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.cpu(), "hits": self.hits.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss = state["loss"].to(self.loss.device)
+        self.hits = state["hits"].to(self.hits.device)
+        self.count = int(state["count"])
+
+
+def topk_for(num_classes: int) -> tuple[int, ...]:
+    return (1, 5) if num_classes >= 5 else (1,)
+
+
+@dataclass
+class StepRunner:
+    """One optimizer step: forward under autocast, backward (scaled), clip, step, EMA."""
+
+    model: nn.Module  # what runs forward (compiled or not)
+    optimizer: Optimizer
+    loss_fn: nn.Module
+    precision: Precision
+    scaler: torch.amp.GradScaler | None = None
+    grad_clip: float | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    # what the EMA averages: the whole network, also where `model` is its compiled or DDP wrapper,
+    # or its head alone on cached features (the frozen rest still enters the average, as uncached)
+    averaged: nn.Module | None = None
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ema is not None and self.averaged is None:
+            raise ValueError("StepRunner: an EMA needs `averaged`, the whole network it averages")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally) -> None:
+        targets = labels
+        if self.mix is not None:
+            images, targets = self.mix(images, labels)
+        with self.precision.autocast():
+            logits = self.model(images)
+            loss = self.loss_fn(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if self.grad_clip is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            nn.utils.clip_grad_norm_(params, self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.averaged)
+        tally.add(loss, logits, labels)
+
+
+def train_one_epoch(
+    runner: StepRunner,
+    loader: DataLoader,
+    scheduler: LRScheduler,
+    tally: Tally,
+    *,
+    start_step: int = 0,
+    on_step: Callable[[int], None] = lambda step: None,
+    check_every: int = 1,
+    description: str = "train",
+) -> dict[str, float]:
+    """Train over `loader` (already positioned at `start_step`), stepping `scheduler` per batch.
+
+    `on_step(step)` runs after every step (mid-epoch checkpoints, interrupts). The caller
+    sets train mode and holds frozen BatchNorm in eval mode before calling.
+    """
+    start = time.perf_counter()
+    counted = tally.count
+    step = start_step
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=None):
+        images, labels = runner.precision.to_device(images, labels)
+        runner(images, labels, tally)
+        scheduler.step()
+        step += 1
+        if step % check_every == 0 and tally.any_nonfinite():
+            raise NonFiniteLoss(f"non-finite loss at step {step}")
+        on_step(step)
+    if tally.any_nonfinite():
+        raise NonFiniteLoss(f"non-finite loss at or before step {step}")
+    total = tally.reduced()  # DDP: every process's images
+    metrics = total.result("train")
+    seconds = time.perf_counter() - start
+    images = (tally.count - counted) * distributed.world_size()  # every process runs the same steps and batch
+    metrics["train/seconds"] = seconds
+    metrics["train/images_per_s"] = images / seconds if seconds > 0 else 0.0
+    return metrics
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision: Precision,
+             num_classes: int, prefix: str = "val", on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Loss and top-1 (and top-5 with 5+ classes) over `loader`, in eval mode.
+
+    `on_batch()` runs after every batch (an interrupt can stop a long pass). A NaN or infinite
+    loss on any batch raises NonFiniteLoss: such a model's figures are not numbers to record.
+    """
+    was_training = model.training
+    model.eval()
+    tally = Tally(precision.device, topk_for(num_classes))
+    start = time.perf_counter()
+    try:
+        for images, labels in tqdm(loader, desc=prefix, leave=False, disable=None):
+            images, labels = precision.to_device(images, labels)
+            with precision.autocast():
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            tally.add(loss, logits, labels)
+            on_batch()
+    finally:
+        model.train(was_training)
+    if tally.any_nonfinite():  # DDP: a collective, and every process gets the same answer
+        raise NonFiniteLoss(f"non-finite {prefix} loss")
+    metrics = tally.reduced().result(prefix)  # DDP: each process saw its shard
+    metrics[f"{prefix}/seconds"] = time.perf_counter() - start
+    return metrics

@@ -1,0 +1,259 @@
+"""`transfer eval RUN_DIR [key=value ...]`: score a run's checkpoint on one split, class by class.
+
+The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy,
+macro-F1 and the confusion matrix say which classes it mixes up. Results are written to
+RUN_DIR/eval/<split>/ so each split keeps its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from transfer_cli.runs import runlog
+from transfer_cli.config.schema import DatasetConfig, TrainConfig
+from transfer_cli.data.datasets import check_classes, load_splits
+from transfer_cli.data.folder import folder_layout
+from transfer_cli.data.loaders import TransformedDataset, make_loader
+from transfer_cli.data.transforms import Preprocessing, eval_transform
+from transfer_cli.training.engine import Precision, topk_for
+from transfer_cli.core.errors import TransferError, report_user_error
+from transfer_cli.config.loading import apply_overrides, load_run_config
+from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, require_run_dir
+from transfer_cli.training.train import resolve_device, resolve_precision
+
+# Only these groups change what eval does; the network itself comes from the checkpoint.
+EVAL_GROUPS = ("dataset", "transforms", "trainer")
+SHOWN_CLASSES = 10  # longer class lists print only the worst ones (all are in metrics.json)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose mistakes are a TransferError, so they print as one `transfer: error:` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TransferError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+@dataclass
+class Counts:
+    """What one pass over a split adds up: enough to derive every metric."""
+
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    topk_hits: dict[int, int]
+    loss_sum: float
+
+
+@torch.inference_mode()
+def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision, num_classes: int) -> Counts:
+    """Confusion matrix, top-k hits and summed cross-entropy over `loader`, in eval mode.
+
+    Top-1 is the first of the top-k indices, as in engine.evaluate, so ties break alike.
+    """
+    model.eval()
+    topk = topk_for(num_classes)
+    device = precision.device
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    hits = torch.zeros(len(topk), dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=None):
+        images, labels = precision.to_device(images, labels)
+        with precision.autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").double()
+        top = logits.topk(max(topk), dim=1).indices
+        correct = top.eq(labels[:, None])
+        hits += torch.stack([correct[:, :k].any(dim=1).sum() for k in topk])
+        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
+    return Counts(confusion.view(num_classes, num_classes).tolist(), dict(zip(topk, hits.tolist())), loss.item())
+
+
+def summarize(counts: Counts, classes: list[str]) -> dict[str, Any]:
+    """Top-k, mean cross-entropy (no label smoothing), per-class accuracy (recall), precision and F1, and macro-F1.
+
+    Macro-F1 averages F1 over the classes that occur as a label or a prediction (as
+    scikit-learn does); a class with no support has accuracy None.
+    """
+    confusion = counts.confusion
+    total = sum(map(sum, confusion))
+    if total == 0:
+        raise TransferError("the split holds no images")
+    per_class: dict[str, dict[str, Any]] = {}
+    f1s = []
+    for i, name in enumerate(classes):
+        hit, support, predicted = confusion[i][i], sum(confusion[i]), sum(row[i] for row in confusion)
+        f1 = 2 * hit / (support + predicted) if support + predicted else None
+        if f1 is not None:
+            f1s.append(f1)
+        per_class[name] = {"support": support, "accuracy": hit / support if support else None,
+                           "precision": hit / predicted if predicted else None, "f1": f1}
+    return {
+        "images": total,
+        "num_classes": len(classes),
+        **{f"acc{k}": hits / total for k, hits in counts.topk_hits.items()},
+        "macro_f1": sum(f1s) / len(f1s),
+        "loss": counts.loss_sum / total,
+        "per_class": per_class,
+    }
+
+
+def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run's checkpoint on the split its (overridden) config names; write eval/<split>/."""
+    run_dir = require_run_dir(run_dir)
+    checkpoint, cfg = _eval_config(run_dir, overrides)
+    _, model, classes = load_trained_model(run_dir, checkpoint)
+    device = resolve_device(cfg.trainer.device)
+    precision, _ = resolve_precision(cfg.trainer, device)
+    model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
+    loader = _split_loader(cfg, classes, preprocessing_of(cfg, model), pin_memory=device.type == "cuda")
+    counts = count_predictions(model.model, loader, precision, len(classes))
+    split = cfg.dataset.val_split
+    metrics = {"split": split, "checkpoint": checkpoint, "device": str(device),
+               "overrides": [o for o in overrides if not o.startswith("checkpoint=")], **summarize(counts, classes)}
+    out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split)
+    write_results(out, metrics, counts.confusion, classes)
+    return metrics, out
+
+
+def _eval_config(run_dir: Path, overrides: list[str]) -> tuple[str, TrainConfig]:
+    """The checkpoint name and the run's config with the overrides applied, checked before any model is built."""
+    checkpoint = "best"
+    config_overrides = []
+    for item in overrides:
+        key, has_value, value = item.partition("=")
+        if not has_value:
+            raise TransferError(f"'{item}' is not a key=value override (e.g. checkpoint=last)")
+        if key == "checkpoint":
+            checkpoint = value
+        elif key.split(".")[0] not in EVAL_GROUPS:
+            raise TransferError(f"override '{item}': eval takes checkpoint=best|last and "
+                                f"{', '.join(g + '.*' for g in EVAL_GROUPS)} keys; the model comes from the run")
+        else:
+            config_overrides.append(item)
+    trained = load_run_config(run_dir)
+    cfg = apply_overrides(trained, config_overrides)
+    _check_split(cfg.dataset, trained.dataset)
+    return checkpoint, cfg
+
+
+def _check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
+    """A changed dataset.val_split must name a split that exists, not silently fall back to the trained one."""
+    if dataset.val_split == trained.val_split:
+        return
+    if dataset.name == "synthetic":
+        raise TransferError("dataset=synthetic has a single held-out split: dataset.val_split does not apply")
+    if dataset.name == "folder":
+        layout = folder_layout(Path(dataset.root or ".").expanduser(), dataset.train_split, dataset.val_split)
+        if layout.val is None:
+            raise TransferError(f"dataset.val_split={dataset.val_split}: {dataset.root} needs both "
+                                f"{dataset.train_split}/ and {dataset.val_split}/ class folders")
+
+
+def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preprocessing, pin_memory: bool) -> DataLoader:
+    """The split named by dataset.val_split with the eval transform, batched as training evaluated it."""
+    try:
+        splits = load_splits(cfg.dataset)
+    except ValueError as error:  # torchvision's answer to a split name it does not know
+        raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
+    check_classes(splits.classes, classes, "evaluate on data with the same class folders")
+    return make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
+                       cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
+                       num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin_memory)
+
+
+def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:
+    """metrics.json, confusion_matrix.json and confusion_matrix.png, each written atomically.
+
+    The matrix has its own file because it grows with the square of the class count.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        runlog.write_json(out / "metrics.json", metrics)
+        runlog.write_json(out / "confusion_matrix.json",
+                          {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion})
+        plot_confusion(confusion, classes, out / "confusion_matrix.png",
+                       title=f"{metrics['split']} split, {metrics['checkpoint']}.pt: top-1 {metrics['acc1']:.3f}")
+    except OSError as error:
+        raise TransferError(f"cannot write the results into {out}: {error.strerror or error}") from error
+
+
+def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    """Counts coloured by share of their true class, so rare classes show as clearly as common ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    shares = torch.tensor(confusion, dtype=torch.float64)
+    shares = (shares / shares.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
+    side = min(max(4.0, 0.3 * n + 2.5), 40.0)
+    figure, axis = plt.subplots(figsize=(side + 1, side))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    font = 9 if n <= 20 else 7  # cells are about 0.3 inch whatever n is
+    axis.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    axis.set_yticks(range(n), classes, fontsize=font)
+    cells = [(row, column) for row in range(n) for column in range(n) if confusion[row][column]] if n <= 20 else []
+    for row, column in cells:
+        axis.text(column, row, str(confusion[row][column]), ha="center", va="center", fontsize=font,
+                  color="white" if shares[row, column] > 0.5 else "black")
+    axis.set(xlabel="predicted class", ylabel="true class", title=title)
+    figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class")
+    figure.tight_layout()
+    temp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temp, dpi=100, format="png")
+    plt.close(figure)
+    os.replace(temp, path)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Overall figures, then per-class rows (the worst SHOWN_CLASSES when there are more)."""
+    top5 = f"  top-5 {metrics['acc5']:.4f}" if "acc5" in metrics else ""
+    lines = [f"{metrics['split']} split, {metrics['images']} images, {metrics['checkpoint']}.pt: "
+             f"top-1 {metrics['acc1']:.4f}{top5}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}"]
+    rows = list(metrics["per_class"].items())
+    if len(rows) > SHOWN_CLASSES:
+        rows = sorted(rows, key=lambda row: -1.0 if row[1]["accuracy"] is None else row[1]["accuracy"])[:SHOWN_CLASSES]
+        lines.append(f"the {SHOWN_CLASSES} classes with the lowest accuracy "
+                     f"(all {len(metrics['per_class'])} in metrics.json):")
+    width = max(len("class"), *(len(name) for name, _ in rows))
+    lines.append(f"{'class':<{width}}  {'support':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
+    for name, row in rows:
+        lines.append(f"{name:<{width}}  {row['support']:>7}  {_fmt(row['accuracy']):>8}  "
+                     f"{_fmt(row['precision']):>9}  {_fmt(row['f1']):>6}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def run_eval(argv: list[str]) -> int:
+    """`transfer eval`: user mistakes become one line on stderr and exit code 2."""
+    parser = CommandParser(
+        prog="transfer eval",
+        description="Evaluate a run's checkpoint on a split: top-1, top-5, per-class accuracy, macro-F1 and the "
+                    "confusion matrix, written to RUN_DIR/eval/<split>/.")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `transfer train` wrote")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="checkpoint=best|last (default best), dataset.val_split=test (the split to evaluate), "
+                             "trainer.device=cpu, or any other dataset.*, transforms.* or trainer.* key")
+    try:
+        args = parser.parse_args(argv)
+        metrics, out = evaluate_run(args.run_dir, args.overrides)
+    except TransferError as error:
+        return report_user_error(error)
+    print(format_table(metrics))
+    print(f"wrote metrics.json, confusion_matrix.json and confusion_matrix.png to {out}", file=sys.stderr)
+    return 0

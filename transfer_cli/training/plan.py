@@ -1,0 +1,92 @@
+"""The pre-flight plan: what a run will do, checked before any training (and saved as plan.json)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from transfer_cli.models.backbones import weights_location
+from transfer_cli.config.schema import TrainConfig
+from transfer_cli.core.errors import TransferError
+
+if TYPE_CHECKING:
+    from transfer_cli.training.train import Prepared
+
+
+def _check_coverage(prepared: "Prepared") -> dict[str, int]:
+    """Parameters per group; every parameter must belong to exactly one group."""
+    owners: dict[str, list[str]] = {}
+    for group in prepared.model.groups:
+        for name in group.params:
+            owners.setdefault(name, []).append(group.name)
+    params = dict(prepared.model.model.named_parameters())
+    orphans = sorted(set(params) - set(owners))
+    doubles = sorted(name for name, groups in owners.items() if len(groups) > 1)
+    if orphans or doubles:
+        raise TransferError(f"layer groups do not partition the parameters (in no group: {orphans[:5]}, "
+                            f"in two: {doubles[:5]}): fix the backbone's group matcher")
+    return {g.name: sum(params[n].numel() for n in g.params) for g in prepared.model.groups}
+
+
+def _out_features(head: Any) -> int | None:
+    linears = [m for m in head.modules() if hasattr(m, "out_features")]
+    return linears[-1].out_features if linears else None
+
+
+def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
+    """Backbone and weights origin, data vs head, normalization vs the weights', and every stage."""
+    sizes = _check_coverage(prepared)
+    model, pre = prepared.model, prepared.preprocessing
+    head = model.model.get_submodule(model.head_path)
+    total = sum(sizes.values())
+    stages = []
+    for stage in prepared.stages:
+        trainable = sum(sizes[g] for g in stage.lrs)
+        stages.append({"name": stage.name, "epochs": stage.epochs, "bn": stage.bn, "trainable_params": trainable,
+                       "frozen_params": total - trainable,
+                       "groups": [{"name": g, "lr": lr, "params": sizes[g]} for g, lr in stage.lrs.items()]})
+    weights = model.preprocessing
+    return {
+        "backbone": {"source": cfg.backbone.source, "name": cfg.backbone.name,
+                     "weights": weights_location(cfg.backbone, prepared.strategy.pretrained, model.model)},
+        "strategy": {"name": prepared.strategy.name, "choice": prepared.strategy_choice or None},
+        "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
+                 "head_outputs": _out_features(head),
+                 "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val)},
+        "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
+                          "weights_std": list(weights.std),
+                          "matches_weights": pre.mean == weights.mean and pre.std == weights.std},
+        "input": {"image_size": pre.image_size, "resize_size": pre.resize_size, "interpolation": pre.interpolation,
+                  "crop_mode": pre.crop_mode},
+        "layer_groups": sizes,
+        "stages": stages,
+        # dataset.split_seed picks the images (split, subsets), trainer.seed the training (init, order, augmentation)
+        "seeds": {"split": cfg.dataset.split_seed, "training": cfg.trainer.seed},
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as the few lines a person reads before a long run."""
+    w, d, n = plan["backbone"]["weights"], plan["data"], plan["normalization"]
+    where = w["from"] + (f" (cache {w['cache']}: {'present' if w.get('present') else 'missing'}"
+                         f"{', offline' if w.get('offline') else ''})" if "cache" in w else "")
+    lines = [
+        f"strategy  {plan['strategy']['name']}" + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
+        f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
+        f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
+        f"{d['train_images']} train / {d['val_images']} val images",
+        f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
+        f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
+        f"mean {n['mean']} std {n['std']} ({'matches the weights' if n['matches_weights'] else 'DIFFERS from the weights: ' + str(n['weights_mean']) + ' / ' + str(n['weights_std'])})",
+        f"seeds     split {plan['seeds']['split']} (dataset.split_seed), training {plan['seeds']['training']} (trainer.seed)",
+        "groups    " + ", ".join(f"{g} {p:,}" for g, p in plan["layer_groups"].items()),
+    ]
+    for i, stage in enumerate(plan["stages"], 1):
+        groups = ", ".join(f"{g['name']}@{g['lr']:g}" for g in stage["groups"])
+        lines.append(f"stage {i}   {stage['name']}: {stage['epochs']} epochs, trains {groups}; "
+                     f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params; bn {stage['bn']}")
+    return "\n".join(lines)
+
+
+def _pixels(size: int | list[int] | tuple[int, int]) -> str:
+    """224px, or 1024x768px where the weights' input is not square (height x width)."""
+    return f"{size}px" if isinstance(size, int) else f"{size[0]}x{size[1]}px"
