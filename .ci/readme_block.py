@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+
 args = [arg for arg in sys.argv[1:] if arg != "--first"]
 heading = args[0]
 text = Path(__file__).resolve().parent.parent.joinpath("README.md").read_text(encoding="utf-8")

@@ -16,6 +16,7 @@ from transfer_cli.config.compose import register_configs
 from transfer_cli.config.loading import config_dir
 from transfer_cli.config.schema import TrainConfig
 
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Small, quick runs: the smoke experiment shrunk further.

@@ -26,6 +26,7 @@ from transfer_cli.models.model import TransferModel, build_model
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.strategies import Stage
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
@@ -122,8 +123,8 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.synthetic import SyntheticImages
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
-    from transfer_cli.training.engine import Precision
     from transfer_cli.training.optim import StagedOptimizer
+    from transfer_cli.training.runtime import Precision
     from transfer_cli.training.trainer import FitSetup
 
     preprocessing = resolve_preprocessing(model.preprocessing, TransformsConfig(image_size=image_size, crop_pct=1.0),

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, compose_train
-from transfer_cli.core.errors import TransferError
 from transfer_cli.config.loading import load_strategy
+from transfer_cli.core.errors import TransferError
 from transfer_cli.training.strategies import choose_by_size
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
 
 
 @pytest.mark.parametrize(

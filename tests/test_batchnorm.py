@@ -17,19 +17,27 @@ from timm.layers import DropPath
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from conftest import FAST, compose_train
-from helpers import (
-    RESNET_GROUPS, batchnorms, build, make_fit_setup, run_metrics, snapshot_params, tiny_resnet, tv_backbone,
-)
-from transfer_cli.runs import checkpoint
-from transfer_cli.training import train as train_module
-from transfer_cli.training import trainer
 from transfer_cli.config.schema import HeadConfig, StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
-from transfer_cli.training.feature_cache import backbone_is_deterministic
 from transfer_cli.models.model import HEAD
+from transfer_cli.runs import checkpoint
+from transfer_cli.training import assemble, trainer
+from transfer_cli.training.feature_cache import backbone_is_deterministic
 from transfer_cli.training.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+from helpers import (
+    RESNET_GROUPS,
+    batchnorms,
+    build,
+    make_fit_setup,
+    run_metrics,
+    snapshot_params,
+    tiny_resnet,
+    tv_backbone,
+)
+
 
 EVERYTHING = {name: 1e-2 for name in RESNET_GROUPS}
 
@@ -251,7 +259,7 @@ def test_the_feature_cache_applies_to_a_backbone_with_drop_path_and_matches_the_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("TRANSFER_CACHE", str(cache))
-    monkeypatch.setattr(train_module, "build_model", with_drop_path(train_module.build_model))
+    monkeypatch.setattr(assemble, "build_model", with_drop_path(assemble.build_model))
     overrides = FAST + ["strategy=feature_extract"]
     train(compose_train(overrides), tmp_path / "cached")
     assert len(list(cache.glob("*.pt"))) == 2, "trainer.cache_features=auto cached both splits"

@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
 from transfer_cli.benchmarks import cpu as bench
 from transfer_cli.benchmarks import gpu as bench_gpu
+
+from conftest import REPO
+
+
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -96,7 +99,9 @@ def test_quick_bench_reports_gpu_unavailable(quick: tuple[dict, str]) -> None:
 
 @pytest.mark.skipif(not NO_CUDA, reason="CUDA is present: the GPU benchmark would run")
 def test_gpu_bench_without_cuda_says_so_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert bench.run_bench(["--gpu", "--out", str(tmp_path)]) == 1
+    from transfer_cli.cli import main
+
+    assert main(["bench", "--gpu", "--out", str(tmp_path)]) == 1
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "bench_gpu.json").exists()
 

@@ -18,10 +18,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from conftest import compose_train
-from helpers import assert_same_metrics, run_metrics
 from transfer_cli.data.datasets import DATASETS, RawSplits
 from transfer_cli.training.train import train
+
+from conftest import compose_train
+from helpers import assert_same_metrics, run_metrics
+
 
 CLASSES = ("ants", "bees")
 PER_CLASS = {"train": 5, "val": 3}

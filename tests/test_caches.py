@@ -9,16 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, compose_train
-from helpers import run_metrics
-from transfer_cli.models.backbones import PretrainedPreprocessing
 from transfer_cli.config.schema import DatasetConfig
 from transfer_cli.data.datasets import load_splits
 from transfer_cli.data.image_cache import DecodedImages, maybe_cache
 from transfer_cli.data.transforms import Preprocessing, cache_resize, eval_transform
+from transfer_cli.models.backbones import PretrainedPreprocessing
 from transfer_cli.training.train import train
 
-
+from conftest import FAST, compose_train
+from helpers import run_metrics
 
 
 def test_cached_feature_extraction_matches_the_uncached_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from transfer_cli.cli import main
+
+from conftest import REPO
+
 
 SMALL = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=3"]
 

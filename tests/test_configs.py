@@ -6,8 +6,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import REPO, compose_train
 from transfer_cli.config.schema import TrainConfig
+
+from conftest import REPO, compose_train
+
 
 GROUP_OPTIONS = sorted(
     (path.parent.name, path.stem)

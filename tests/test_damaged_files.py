@@ -16,10 +16,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_train
 from transfer_cli.cli import main
 from transfer_cli.config.compose import compose_config
 from transfer_cli.training.train import train
+
+from conftest import compose_train
+
 
 TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
         "trainer.batch_size=32"]

@@ -9,14 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import build, timm_backbone, tv_backbone
-from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD, PretrainedPreprocessing
 from transfer_cli.config.schema import AugmentConfig, DatasetConfig, TransformsConfig
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.datasets import load_splits
 from transfer_cli.data.splits import stratified_split, stratified_subset
 from transfer_cli.data.synthetic import SyntheticImages
 from transfer_cli.data.transforms import Preprocessing, eval_transform, resolve_preprocessing, train_transform
-from transfer_cli.core.errors import TransferError
+from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD, PretrainedPreprocessing
+
+from helpers import build, timm_backbone, tv_backbone
+
 
 TRANSFORMS_LOGGER = "transfer_cli.data.transforms"
 

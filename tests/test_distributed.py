@@ -18,14 +18,16 @@ from typing import Any
 
 import pytest
 
+from transfer_cli.core.errors import TransferError
+from transfer_cli.data.loaders import EpochSampler, ShardSampler, make_loader, steps_per_epoch
+from transfer_cli.parallel import distributed
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.engine import Tally
+from transfer_cli.training.train import train
+
 from conftest import FAST, REPO, compose_train
 from helpers import comparable
-from transfer_cli.parallel import distributed
-from transfer_cli.data.loaders import EpochSampler, ShardSampler, make_loader, steps_per_epoch
-from transfer_cli.training.engine import Tally
-from transfer_cli.core.errors import TransferError
-from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 DDP = FAST + ["trainer.epochs=6", "trainer.device=cpu"]  # global batch 16: 8 per process

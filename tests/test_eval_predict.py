@@ -15,16 +15,18 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import REPO, compose_train
-from transfer_cli.runs import checkpoint
-from transfer_cli.runs import runlog
+from transfer_cli.cli import main as transfer_main
+from transfer_cli.commands.predict import predict_images
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.synthetic import SyntheticImages
-from transfer_cli.training.engine import Precision
-from transfer_cli.training.evaluation import Counts, count_predictions, evaluate_run, run_eval, summarize
-from transfer_cli.commands.predict import predict_images, run_predict
+from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.runs.rundir import load_trained_model
+from transfer_cli.training.evaluation import Counts, count_predictions, evaluate_run, summarize
+from transfer_cli.training.runtime import Precision
 from transfer_cli.training.train import train
+
+from conftest import REPO, compose_train
+
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=3"]  # 3: one per stage
 
@@ -94,7 +96,7 @@ def test_confusion_matrix_agrees_with_per_class_accuracy_and_macro_f1(run: Path)
 
 
 def test_eval_writes_its_files_atomically_and_prints_a_table(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_eval([str(run), "trainer.device=cpu", "trainer.eval_batch_size=7"]) == 0
+    assert transfer_main(["eval", str(run), "trainer.device=cpu", "trainer.eval_batch_size=7"]) == 0
     out = run / "eval" / "val"
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json"]
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
@@ -171,7 +173,7 @@ def test_eval_mistakes_are_one_line_errors(run: Path, tmp_path: Path, capsys: py
     places = {"run": run, "missing": tmp_path / "nope"}
     if "{foreign}" in args:
         places["foreign"] = foreign_checkpoint_run(run, tmp_path)
-    assert run_eval([arg.format(**places) for arg in args]) == 2
+    assert transfer_main(["eval", *(arg.format(**places) for arg in args)]) == 2
     assert message in one_line_error(capsys)
 
 
@@ -195,7 +197,7 @@ def test_predict_writes_csv_or_json(run: Path, val_folder: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "nested" / f"predictions{suffix}"
     first = val_folder / "class_0" / "000.png"
-    assert run_predict([str(run), str(val_folder / "class_1"), str(first), "--top-k", "2", "--out", str(out)]) == 0
+    assert transfer_main(["predict", str(run), str(val_folder / "class_1"), str(first), "--top-k", "2", "--out", str(out)]) == 0
     if suffix == ".csv":
         rows = list(csv.DictReader(out.open()))
         assert list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2"]
@@ -213,7 +215,7 @@ def test_predict_skips_unreadable_images_with_a_warning(run: Path, tmp_path: Pat
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     folder = Path(shutil.copytree(val_folder / "class_2", tmp_path / "mixed"))
     (folder / "broken.png").write_bytes(b"not a png")
-    assert run_predict([str(run), str(folder)]) == 0
+    assert transfer_main(["predict", str(run), str(folder)]) == 0
     captured = capsys.readouterr()
     assert "skipping unreadable image" in captured.err and "broken.png" in captured.err
     assert len(captured.out.splitlines()) == 9
@@ -237,7 +239,7 @@ def test_predict_mistakes_are_one_line_errors(run: Path, val_folder: Path, tmp_p
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
     places = {"run": run, "missing": tmp_path / "nope", "images": val_folder, "tmp": tmp_path}
-    assert run_predict([arg.format(**places) for arg in args]) == 2
+    assert transfer_main(["predict", *(arg.format(**places) for arg in args)]) == 2
     assert message in one_line_error(capsys)
     assert not (tmp_path / "p.txt").exists()
 

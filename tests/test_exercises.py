@@ -22,14 +22,16 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, compose_train
-from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from transfer_cli.config.schema import BackboneConfig, HeadConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.lesson.exercise5 import sample_indices
 from transfer_cli.lesson.imagenet_classes import imagenet_index
+from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from transfer_cli.models.model import build_model
 from transfer_cli.training.strategies import plan_stages
+
+from conftest import REPO, compose_train
+
 
 EXPERIMENTS = REPO / "conf" / "experiment"
 LESSON_DISCRIMINATIVE = {"layer1": 1e-5, "layer2": 3e-5, "layer3": 1e-4, "layer4": 3e-4, "head": 1e-3}
@@ -302,7 +304,7 @@ def write_folder(root: Path, model: torch.nn.Module, count: int = 12) -> dict[st
     predicts most under ImageNet normalization, so the three normalizations score differently."""
     generator = np.random.default_rng(0)
     images = []
-    for i in range(count):
+    for _ in range(count):
         colour = generator.uniform(0, 255, size=3)
         noise = generator.normal(0, 40, size=(32, 32, 3))
         images.append(np.clip(colour + noise, 0, 255).astype(np.uint8))
@@ -375,6 +377,7 @@ def test_exercise5_seeds_draw_other_subsets_and_report_mean_and_std(tmp_path: Pa
     """--seeds 0,1,2: each seed's numbers equal a separate run with that dataset.split_seed, and the
     table shows their mean ± sample std (the subsets differ, so the numbers do too)."""
     import timm
+
     from transfer_cli.cli import main
 
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ import importlib.util
 import pytest
 
 from transfer_cli.core import extras
+
+
 def no_hydra_plugins(name: str, *args: object) -> object:
     """find_spec as it behaves in a venv without any Hydra plugin: a dotted name's parent is missing."""
     if name.startswith("hydra_plugins"):

@@ -6,6 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from transfer_cli.config.schema import HeadConfig
+from transfer_cli.training.engine import evaluate
+from transfer_cli.training.strategies import Stage
+from transfer_cli.training.trainer import fit
+
 from helpers import (
     RESNET_GROUPS,
     batchnorms,
@@ -17,10 +22,7 @@ from helpers import (
     stage,
     tiny_resnet,
 )
-from transfer_cli.config.schema import HeadConfig
-from transfer_cli.training.engine import evaluate
-from transfer_cli.training.strategies import Stage
-from transfer_cli.training.trainer import fit
+
 
 HEAD_ONLY = {"head": 5e-2}
 

@@ -37,6 +37,7 @@ from PIL import Image
 
 from transfer_cli.cli import main
 
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RECORDING = os.environ.get("TRANSFER_RECORD_GOLDEN") == "1"
 REL, ABS = 1e-4, 1e-6

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from transfer_cli.config.schema import DatasetConfig
-from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.datasets import RawSplits, load_splits
+
+from conftest import REPO
+
 
 SIZE = (16, 16)
 

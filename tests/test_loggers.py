@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, compose_train
-from transfer_cli.runs import loggers
 from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.runs import loggers
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+
 
 QUICK = FAST + ["strategy=feature_extract", "trainer.epochs=2"]
 

@@ -10,9 +10,11 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import RESNET_GROUPS, build, group_names, load_conf, timm_backbone, tv_backbone
 from transfer_cli.config.schema import BackboneConfig, HeadConfig
 from transfer_cli.core.errors import TransferError
+
+from helpers import RESNET_GROUPS, build, group_names, load_conf, timm_backbone, tv_backbone
+
 
 ALL_BACKBONES = [
     ("timm", "test_resnet"),

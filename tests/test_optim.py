@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import RESNET_GROUPS, load_optimizer, load_scheduler, load_strategy, params_of, stage, tiny_resnet
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.training.optim import NORM_TYPES, StagedOptimizer, build_scheduler
 from transfer_cli.training.strategies import apply_stage, plan_stages
+
+from helpers import RESNET_GROUPS, load_optimizer, load_scheduler, load_strategy, params_of, stage, tiny_resnet
 
 
 def ids(params) -> set[int]:

@@ -16,11 +16,14 @@ import torch
 from torch import nn
 
 import transfer_cli.training.train as train_module
-from conftest import FAST, REPO, compose_train
-from transfer_cli.training import plan as plan_module
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import LayerGroup
+from transfer_cli.training import assemble
+from transfer_cli.training import plan as plan_module
 from transfer_cli.training.train import train
+
+from conftest import FAST, REPO, compose_train
+
 
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
@@ -159,7 +162,7 @@ def test_coverage_rejects_groups_that_do_not_partition_the_parameters(groups: di
 @pytest.mark.parametrize("fault", ["orphan", "double"])
 def test_a_run_with_broken_layer_groups_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               fault: str) -> None:
-    real = train_module.build_model
+    real = assemble.build_model
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         model = real(*args, **kwargs)
@@ -172,7 +175,7 @@ def test_a_run_with_broken_layer_groups_fails_before_training(tmp_path: Path, mo
         model.groups = list(groups.values())
         return model
 
-    monkeypatch.setattr(train_module, "build_model", broken)
+    monkeypatch.setattr(assemble, "build_model", broken)
     with pytest.raises(TransferError, match="do not partition") as raised:
         train(compose_train(FAST + ["strategy=gradual"]), tmp_path)
     assert ("in no group: ['layer1." if fault == "orphan" else "in two: ['layer2.") in str(raised.value)

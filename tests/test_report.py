@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
-from transfer_cli.runs import report
 from transfer_cli.cli import main
+from transfer_cli.runs import report
+
+from conftest import REPO
+
 
 FIGURES = {  # dir -> (strategy, seed, val acc per epoch, finished)
     "0": ("feature_extract", 0, [0.5, 0.6], True),

@@ -15,14 +15,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from transfer_cli.cli import main as cli_main
+from transfer_cli.runs import checkpoint
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import assemble, trainer
+from transfer_cli.training.assemble import prepare
+from transfer_cli.training.train import train
+
 from conftest import FAST, REPO, compose_train
 from helpers import comparable
-import transfer_cli.training.train as train_module
-from transfer_cli.runs import checkpoint
-from transfer_cli.training import trainer
-from transfer_cli.cli import main as cli_main
-from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import prepare, train
+
 
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16, ragged batch dropped
 
@@ -288,7 +290,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], 
     """One gradual run (head | layer4 + head | all, 6 steps an epoch): at each restore point, the checkpoint
     it wrote and its live optimizer's groups and head Adam state at that moment."""
     runners: list[Any] = []
-    real_runner, real_save = train_module._runner, checkpoint.save_atomic
+    real_runner, real_save = assemble._runner, checkpoint.save_atomic
     seen: dict[tuple[int, int], dict[str, Any]] = {}
 
     def keep_runner(*args: Any, **kwargs: Any) -> Any:
@@ -308,7 +310,7 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], 
     run_dir = tmp_path_factory.mktemp("gradual")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRANSFER_CACHE", str(run_dir / "feature-cache"))
-        patch.setattr(train_module, "_runner", keep_runner)
+        patch.setattr(assemble, "_runner", keep_runner)
         patch.setattr(checkpoint, "save_atomic", save_and_observe)
         train(compose_train(GRADUAL_STEPS), run_dir / "original")
     return seen

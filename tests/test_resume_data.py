@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import FAST, compose_train
-from transfer_cli.runs import checkpoint
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
+from transfer_cli.runs import checkpoint
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+
 
 COLOURS = {"ants": (200, 30, 30), "bees": (30, 200, 30), "wasps": (30, 30, 200)}
 

@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 import torch
+from test_resume import Crash, crash_after, finish, start_train, transfer, wait_for_lines
+
+from transfer_cli.data.loaders import TransformedDataset, make_loader
+from transfer_cli.runs import checkpoint, runlock
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training.train import train
 
 from conftest import compose_train
 from helpers import comparable
-from test_resume import Crash, crash_after, finish, start_train, transfer, wait_for_lines
-from transfer_cli.runs import checkpoint
-from transfer_cli.runs import runlock
-from transfer_cli.data.loaders import TransformedDataset, make_loader
-from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+
 
 # The acceptance case: every parameter trains, random crops and flips run in two persistent workers.
 ACCEPTANCE = ["experiment=smoke", "strategy=fine_tune", "augment=basic", "trainer.num_workers=2", "trainer.epochs=5"]

@@ -20,15 +20,17 @@ from typing import Any
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import REPO
-from transfer_cli.parallel import distributed
+from transfer_cli.cli import main
 from transfer_cli.commands import train as train_command
 from transfer_cli.config.compose import planned_dir
+from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
-from transfer_cli.training import trainer
-from transfer_cli.training import train as train_module
-from transfer_cli.cli import main
 from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import train as train_module
+from transfer_cli.training import trainer
+
+from conftest import REPO
+
 
 QUICK = ["experiment=smoke", "strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32",
          "trainer.epochs=3"]
@@ -164,11 +166,12 @@ def test_a_second_ctrl_c_is_one_line_and_exit_130(
 
 def test_a_bug_in_any_command_is_one_line_with_its_traceback_in_a_file(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    from transfer_cli.runs import report
+    from transfer_cli.commands import report
+
     def broken(argv: list[str]) -> int:
         raise KeyError("simulated")
 
-    monkeypatch.setattr(report, "run_report", broken)
+    monkeypatch.setattr(report, "main", broken)
     assert main(["report", "somewhere"]) == 1
     line = one_line(capsys.readouterr().err)
     assert "(KeyError: 'simulated')" in line

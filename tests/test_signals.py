@@ -24,14 +24,15 @@ import pytest
 import torch
 
 import transfer_cli.training.train as train_module
+from transfer_cli.core.errors import Interrupted, TransferError
+from transfer_cli.runs import checkpoint, runlog
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import assemble, trainer
+from transfer_cli.training.train import train
+
 from conftest import REPO, compose_train
 from helpers import comparable
-from transfer_cli.runs import checkpoint
-from transfer_cli.runs import runlog
-from transfer_cli.training import trainer
-from transfer_cli.core.errors import Interrupted, TransferError
-from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+
 
 RUN = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
 STEPS_PER_EPOCH = 64 // 16  # smoke batch size 16
@@ -212,7 +213,7 @@ def test_resume_refuses_a_history_that_lacks_the_checkpointed_epochs(tmp_path: P
 def test_a_non_finite_val_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model gives NaN on validation images from epoch 2 on (training itself stays finite)."""
-    real_runner = train_module._runner
+    real_runner = assemble._runner
     train_forwards = []
 
     def runner_with_nan_validation(*args: Any, **kwargs: Any) -> Any:
@@ -227,7 +228,7 @@ def test_a_non_finite_val_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         runner.model.register_forward_hook(nan_when_validating)
         return runner
 
-    monkeypatch.setattr(train_module, "_runner", runner_with_nan_validation)
+    monkeypatch.setattr(assemble, "_runner", runner_with_nan_validation)
     with pytest.raises(TransferError, match=r"^non-finite val loss after epoch 2: training stopped; "
                                             r"checkpoints/last.pt keeps epoch 1\. "):
         train(compose_train(RUN), tmp_path)  # fine_tune: no head-only stage on cached features, one model

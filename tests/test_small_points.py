@@ -16,19 +16,21 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from PIL import Image
+from test_report import parse_markdown, write_run
+
+from transfer_cli.cli import main
+from transfer_cli.config.loading import load_run_config
+from transfer_cli.data.datasets import load_splits
+from transfer_cli.runs import checkpoint
+from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import trainer
+from transfer_cli.training.evaluation import evaluate_run
+from transfer_cli.training.optim import build_scheduler
+from transfer_cli.training.train import train
 
 from conftest import compose_train
 from helpers import assert_same_metrics, run_metrics
-from test_report import parse_markdown, write_run
-from transfer_cli.runs import checkpoint
-from transfer_cli.training import trainer
-from transfer_cli.cli import main
-from transfer_cli.data.datasets import load_splits
-from transfer_cli.training.evaluation import evaluate_run
-from transfer_cli.training.optim import build_scheduler
-from transfer_cli.config.loading import load_run_config
-from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
 HEAD_ALL_HEAD = ["strategy=feature_extract", "trainer.epochs=null", "strategy.stages=[{name: probe, epochs: 1, "

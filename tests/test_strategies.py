@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from helpers import RESNET_GROUPS, batchnorms, load_strategy, params_of, stage, strategy_names, tiny_resnet
 from transfer_cli.config.schema import StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.training.strategies import apply_stage, frozen_batchnorms, plan_stages, scale_epochs
+
+from helpers import RESNET_GROUPS, batchnorms, load_strategy, params_of, stage, strategy_names, tiny_resnet
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,16 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from conftest import FAST, REPO, compose_train
-from helpers import comparable
-from transfer_cli.training import trainer
 from transfer_cli.commands.train import main as run_train
 from transfer_cli.config.loading import config_dir
 from transfer_cli.core.extras import installed
 from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import trainer
 from transfer_cli.training.train import train
+
+from conftest import FAST, REPO, compose_train
+from helpers import comparable
+
 
 QUICK = FAST + ["strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32"]  # head-only: cached features
 SWEEP = QUICK + ["trainer.seed=1,2"]

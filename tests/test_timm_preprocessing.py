@@ -24,10 +24,9 @@ from timm.data import create_transform, resolve_data_config
 from timm.models import get_pretrained_cfg
 from torchvision.models import get_model_weights
 
-from conftest import FAST, compose_train
-from helpers import build, timm_backbone, tv_backbone
-from transfer_cli.models.backbones import timm_preprocessing
+from transfer_cli.config.compose import compose_config
 from transfer_cli.config.schema import AugmentConfig, TransformsConfig
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.image_cache import DecodedImages
 from transfer_cli.data.transforms import (
     Preprocessing,
@@ -36,9 +35,12 @@ from transfer_cli.data.transforms import (
     resolve_preprocessing,
     train_transform,
 )
-from transfer_cli.core.errors import TransferError
-from transfer_cli.config.compose import compose_config
+from transfer_cli.models.backbones import timm_preprocessing
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+from helpers import build, timm_backbone, tv_backbone
+
 
 LEVELS = 1e-3
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_train
-from helpers import run_metrics
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+from helpers import run_metrics
+
 
 STRATEGIES = ["feature_extract", "fine_tune", "gradual", "discriminative", "discriminative_decay", "scratch", "lp_ft"]
 TORCHVISION = ["backbone=torchvision", "backbone.name=resnet18", "backbone.weights=null"]

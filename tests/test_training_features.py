@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import transfer_cli.training.train as train_module
-from conftest import FAST, compose_train
-from transfer_cli.runs import checkpoint
 from transfer_cli.core.errors import TransferError
-from transfer_cli.training.optim import NORM_TYPES
+from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import prepare, train
+from transfer_cli.training import assemble
+from transfer_cli.training.assemble import prepare
+from transfer_cli.training.optim import NORM_TYPES
+from transfer_cli.training.train import train
+
+from conftest import FAST, compose_train
+
 
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16
 
@@ -40,7 +43,7 @@ class Runners(list):
 @pytest.fixture
 def runners(monkeypatch: pytest.MonkeyPatch) -> Runners:
     built = Runners()
-    real = train_module._runner
+    real = assemble._runner
 
     def keep(*args: Any, **kwargs: Any) -> Any:
         runner = real(*args, **kwargs)
@@ -49,7 +52,7 @@ def runners(monkeypatch: pytest.MonkeyPatch) -> Runners:
         built.append(runner)
         return runner
 
-    monkeypatch.setattr(train_module, "_runner", keep)
+    monkeypatch.setattr(assemble, "_runner", keep)
     return built
 
 

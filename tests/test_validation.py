@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from transfer_cli.cli import main
 from transfer_cli.config import schema as schema
 from transfer_cli.config.checks import RULE
-from transfer_cli.cli import main
-from transfer_cli.core.errors import TransferError
 from transfer_cli.config.compose import compose_config
 from transfer_cli.config.loading import apply_overrides
+from transfer_cli.core.errors import TransferError
+
 
 # (overrides, the key the error line must start with)
 INVALID = [
@@ -199,11 +200,11 @@ def _choices(key: str) -> set[str]:
 
 
 def test_the_choices_named_in_messages_are_exactly_the_ones_the_code_takes() -> None:
-    from transfer_cli.models.backbones import BACKBONE_SOURCES
     from transfer_cli.data.datasets import DATASETS
     from transfer_cli.data.folder import BAD_IMAGE_CHOICES
     from transfer_cli.data.image_cache import MODES
     from transfer_cli.data.transforms import INTERPOLATIONS
+    from transfer_cli.models.backbones import BACKBONE_SOURCES
     from transfer_cli.models.model import HEADS
     from transfer_cli.training.optim import OPTIMIZERS, SCHEDULERS
     from transfer_cli.training.strategies import DOMAINS

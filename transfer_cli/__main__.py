@@ -2,5 +2,6 @@
 
 from transfer_cli.cli import main
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

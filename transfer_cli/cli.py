@@ -1,14 +1,17 @@
-"""`transfer <command> [overrides]`: a thin dispatcher that imports heavy modules lazily.
+"""`transfer <command> [overrides]`: dispatch to a command, and the one place errors become exit codes.
 
-`transfer --help` must stay fast, so nothing here imports torch at module level.
+`transfer --help` must stay fast, so nothing here imports torch at module level: a command's
+module is imported when it runs. A user mistake (TransferError) is one line and exit 2, a
+Ctrl-C outside training 130, anything else a bug: one line naming it and exit 1.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from collections.abc import Callable
 
 from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
+
 
 USAGE = """usage: transfer <command> [options] [key=value overrides]
 
@@ -32,52 +35,9 @@ examples:
 """
 
 
-def _train(argv: list[str]) -> int:
-    from transfer_cli.commands.train import main as train_main
-
-    return train_main(argv)
-
-
-def _resume(argv: list[str]) -> int:
-    from transfer_cli.commands.resume import main as resume_main
-
-    return resume_main(argv)
-
-
-def _report(argv: list[str]) -> int:
-    from transfer_cli.runs.report import run_report
-
-    return run_report(argv)
-
-
-def _eval(argv: list[str]) -> int:
-    from transfer_cli.training.evaluation import run_eval
-
-    return run_eval(argv)
-
-
-def _predict(argv: list[str]) -> int:
-    from transfer_cli.commands.predict import run_predict
-
-    return run_predict(argv)
-
-
-def _exercise(argv: list[str]) -> int:
-    from transfer_cli.lesson.exercise5 import run_exercise
-
-    return run_exercise(argv)
-
-
-def _bench(argv: list[str]) -> int:
-    from transfer_cli.benchmarks.cpu import run_bench
-
-    return run_bench(argv)
-
-
-COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "train": _train, "report": _report, "resume": _resume, "eval": _eval, "predict": _predict,
-    "exercise": _exercise, "bench": _bench,
-}
+# each command is transfer_cli.commands.<module>.main(argv) -> exit code, imported only when it runs
+COMMANDS = {"train": "train", "report": "report", "resume": "resume", "eval": "eval", "predict": "predict",
+            "exercise": "exercise", "bench": "bench"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfer: unknown command '{argv[0]}'{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     try:
-        return command(argv[1:])
+        return importlib.import_module(f"transfer_cli.commands.{command}").main(argv[1:])
     except TransferError as error:
         return report_user_error(error)
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training

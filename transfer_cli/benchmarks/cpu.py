@@ -13,7 +13,7 @@ Figures (targets are for a 2-core CPU; `--check` exits 1 when one is missed):
 - help_seconds: median wall time of `transfer --help`, which must not import torch.
 - peak_rss_mb: the OS's peak resident set (getrusage maxrss) of the `train()` processes.
 
-Every timed workload runs in a child process (`--child`), so each pays its imports before its
+Every timed workload runs in a child process (benchmarks/children.py), so each pays its imports before its
 clock starts and reports its own peak RSS. On CUDA, GPU images/s of torchvision resnet50 and
 efficientnet_b0 (AMP, channels_last) on synthetic tensors and on a JPEG folder are added;
 `transfer bench --gpu` measures only those.
@@ -21,7 +21,6 @@ efficientnet_b0 (AMP, channels_last) on synthetic tensors and on a JPEG folder a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.benchmarks.gpu import gpu_figures
-from transfer_cli.config.compose import compose_config
-from transfer_cli.runs.runlog import write_json
+
 
 # figure -> (comparison, threshold): what `make bench` checks
 TARGETS: dict[str, tuple[str, float]] = {
@@ -80,150 +78,11 @@ QUICK = Workload(loop_backbone="test_resnet", loop_image_size=32, loop_images=64
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-
-
-def _cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _smoke(backbone: str, image_size: int, train: int, val: int, batch: int) -> list[str]:
     """experiment=smoke (synthetic images, random-init timm model, CPU) at another size."""
     return ["experiment=smoke", f"backbone.name={backbone}", f"transforms.image_size={image_size}",
             f"dataset.image_size={image_size}", f"dataset.train_size={train}", f"dataset.val_size={val}",
             f"trainer.batch_size={batch}", "trainer.device=cpu", "trainer.num_workers=0"]
-
-
-# --------------------------------------------------------------------------- children: timed work
-
-
-def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
-    """images/s of our loop and of the lesson's loop, alternating runs of `epochs` epochs each."""
-    import copy
-
-    import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from transfer_cli.data.loaders import TransformedDataset, make_loader
-    from transfer_cli.data.transforms import eval_transform
-    from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
-    from transfer_cli.training.optim import build_scheduler
-    from transfer_cli.training.strategies import apply_stage, hold_frozen_batchnorm
-    from transfer_cli.training.train import prepare
-
-    cfg = compose_config(spec["overrides"])
-    prepared = prepare(cfg, Path(spec["run_dir"]))
-    setup, model, stage = prepared.setup, prepared.model, prepared.stages[0]
-    # same architecture and initial weights, in the lesson's plain (contiguous) memory format
-    reference = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
-    data = TransformedDataset(prepared.splits.train, eval_transform(prepared.preprocessing))
-    images = torch.stack([data[i][0] for i in range(len(data))])  # the data, held in memory as tensors
-    labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
-    tensors, batch, device = TensorDataset(images, labels), cfg.trainer.batch_size, setup.runner.precision.device
-
-    apply_stage(model, stage, prepared.strategy.train_bn)  # what fit does on entering the stage
-    setup.optimizer.enter(stage)
-    scheduler = build_scheduler(setup.optimizer.optimizer, cfg.scheduler, 1)
-    loader = make_loader(tensors, batch, train=True, num_workers=0, seed=cfg.trainer.seed, pin_memory=False)
-    epochs_done = [0]
-
-    def ours() -> tuple[float, float]:
-        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
-        for _ in range(spec["epochs"]):
-            model.model.train()
-            hold_frozen_batchnorm(model, stage)
-            loader.sampler.set_epoch(epochs_done[0])
-            tally = Tally(device, topk_for(setup.num_classes))
-            train_one_epoch(setup.runner, loader, scheduler, tally, check_every=setup.check_every)
-            seen, epochs_done[0] = seen + tally.count, epochs_done[0] + 1
-        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
-
-    # The lesson's loop, verbatim: same optimizer type and lr, plain DataLoader over the same tensors.
-    lr = max(stage.lrs.values())
-    optimizer = type(setup.optimizer.optimizer)(reference.parameters(), lr=lr)
-    criterion = nn.CrossEntropyLoss()
-    reference_loader = DataLoader(tensors, batch_size=batch, shuffle=True)
-
-    def lesson() -> tuple[float, float]:
-        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
-        for _ in range(spec["epochs"]):
-            reference.train()
-            running_loss, correct = 0.0, 0
-            for x, y in reference_loader:
-                x, y = x.to(device), y.to(device)
-                optimizer.zero_grad()
-                out = reference(x)
-                loss = criterion(out, y)
-                loss.backward()
-                optimizer.step()
-                running_loss += loss.item()
-                correct += (out.argmax(1) == y).sum().item()
-                seen += y.size(0)
-        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
-
-    ours(), lesson()  # warm-up: allocator, oneDNN primitives, optimizer state
-    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "reference": []}
-    for round_ in range(spec["rounds"]):  # ABBA order: drift in the machine's load hits both sides
-        for side in (("ours", "reference") if round_ % 2 == 0 else ("reference", "ours")):
-            runs[side].append(ours() if side == "ours" else lesson())
-    calibration = spec.get("calibrate")
-    return {"ours_runs": [wall for wall, _ in runs["ours"]], "reference_runs": [wall for wall, _ in runs["reference"]],
-            # images per CPU-second: a steadier view of the same runs when other work shares the cores
-            "ours_cpu_runs": [cpu for _, cpu in runs["ours"]], "reference_cpu_runs": [cpu for _, cpu in runs["reference"]],
-            "lr": lr,
-            "optimizer": type(optimizer).__name__, "images": len(tensors), "device": str(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda_available": torch.cuda.is_available(), "peak_rss_mb": _peak_rss_mb(),
-            "forward_ms_per_image": forward_ms_per_image(**calibration) if calibration else None}
-
-
-def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
-    """Milliseconds per image of a random-init timm `backbone`'s inference forward on CPU, median of 3 batches."""
-    import timm
-    import torch
-
-    model = timm.create_model(backbone, pretrained=False).eval()
-    images = torch.randn(batch, 3, image_size, image_size)
-    times = []
-    with torch.inference_mode():
-        model(images)  # warm-up
-        for _ in range(3):
-            start = time.perf_counter()
-            model(images)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / batch
-
-
-def train_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Wall and CPU seconds of one `transfer_cli.training.train.train` call, imports paid before the clock."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  (plot_curves imports it at the end of every run)
-    import timm  # noqa: F401  (backbones imports it when building the model)
-    import torchvision  # noqa: F401
-
-    from transfer_cli.training.train import train
-
-    cfg = compose_config(spec["overrides"])
-    cpu, start = _cpu_seconds(), time.perf_counter()
-    summary = train(cfg, Path(spec["run_dir"]))
-    seconds = time.perf_counter() - start
-    cache = Path(cfg.trainer.cache_dir) if cfg.trainer.cache_dir else None
-    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "epochs_run": summary["epochs_run"],
-            "cache_files": len(list(cache.glob("*.pt"))) if cache and cache.is_dir() else 0,
-            "peak_rss_mb": _peak_rss_mb()}
-
-
-CHILDREN = {"loop": loop_throughput, "train": train_run}
 
 
 def child_env() -> dict[str, str]:
@@ -240,7 +99,7 @@ def _child(name: str, spec: dict[str, Any], timeout: float = 600) -> dict[str, A
     """Run CHILDREN[name](spec) in a fresh interpreter and return its result."""
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "transfer_cli.benchmarks.cpu", "--child", name, json.dumps(spec), str(out)]
+        command = [sys.executable, "-m", "transfer_cli.benchmarks.children", "--child", name, json.dumps(spec), str(out)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
         if done.returncode != 0 or not out.is_file():
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
@@ -397,39 +256,3 @@ def run_cpu(work: Workload, data_root: str | None) -> dict[str, Any]:
     report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     report["total_seconds"] = time.perf_counter() - started
     return report
-
-
-def run_bench(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="transfer bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small workload (tests): figures are not comparable")
-    parser.add_argument("--gpu", action="store_true", help="only the GPU benchmark (needs CUDA)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
-    parser.add_argument("--data-root", help="GPU: a JPEG folder of class subfolders instead of random JPEGs")
-    parser.add_argument("--out", default="outputs/bench", help="where bench.json (bench_gpu.json) goes")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        name, spec, out = args.child
-        write_json(Path(out), CHILDREN[name](json.loads(spec)))
-        return 0
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.gpu:
-        gpu = gpu_figures(args.data_root, **({"batch": 32, "warmup": 3, "steps": 5} if args.quick else {}))
-        if not gpu["available"]:
-            print(f"transfer bench --gpu: {gpu['reason']}: nothing to measure", file=sys.stderr)
-            return 1
-        write_json(out / "bench_gpu.json", gpu)
-        print(format_table({"gpu": gpu}))
-        print(f"wrote {out / 'bench_gpu.json'}")
-        return 0
-    report = run_cpu(QUICK if args.quick else FULL, args.data_root)
-    write_json(out / "bench.json", report)
-    print(format_table(report))
-    print(f"wrote {out / 'bench.json'} in {report['total_seconds']:.0f}s "
-          f"(load average {report['machine']['load_average'][0]:.1f} at start)")
-    return 1 if args.check and not report["all_targets_met"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(run_bench(sys.argv[1:]))

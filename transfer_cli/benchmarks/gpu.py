@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 from transfer_cli.config.compose import compose_config
 
+
 GPU_MODELS = ("resnet50", "efficientnet_b0")
 
 
@@ -67,9 +68,9 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int) -> dict[str, An
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
+    from transfer_cli.training.assemble import prepare
     from transfer_cli.training.engine import Tally
     from transfer_cli.training.strategies import apply_stage
-    from transfer_cli.training.train import prepare
 
     prepared = prepare(cfg, run_dir)
     setup, stage, batch = prepared.setup, prepared.stages[0], cfg.trainer.batch_size

@@ -19,13 +19,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from transfer_cli.core.args import CommandParser
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.folder import decode_problem, image_files, load_rgb
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import eval_transform
-from transfer_cli.core.errors import TransferError, report_user_error
-from transfer_cli.training.evaluation import CommandParser
 from transfer_cli.runs.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
-from transfer_cli.training.train import resolve_device, resolve_precision
+from transfer_cli.training.runtime import resolve_device, resolve_precision
+
 
 OUT_SUFFIXES = (".csv", ".json")
 
@@ -155,8 +156,7 @@ def format_table(predictions: list[Prediction]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
-def run_predict(argv: list[str]) -> int:
-    """`transfer predict`: user mistakes become one line on stderr and exit code 2."""
+def main(argv: list[str]) -> int:
     parser = CommandParser(prog="transfer predict",
                            description="Top-k classes, with softmax probabilities, for image files and folders "
                                        "(searched recursively), using a trained run's checkpoint.")
@@ -166,14 +166,11 @@ def run_predict(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, metavar="FILE", help="also write FILE.csv or FILE.json")
     parser.add_argument("--checkpoint", choices=CHECKPOINTS, default="best", help="which checkpoint (default best)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (default: the run's trainer.device)")
-    try:
-        args = parser.parse_args(argv)
-        check_out(args.out)
-        predictions = predict_images(args.run_dir, args.paths, args.top_k, args.checkpoint, args.device)
-        if args.out is not None:
-            write_atomic(args.out, render(predictions, args.out.suffix.lower()))
-    except TransferError as error:
-        return report_user_error(error)
+    args = parser.parse_args(argv)
+    check_out(args.out)
+    predictions = predict_images(args.run_dir, args.paths, args.top_k, args.checkpoint, args.device)
+    if args.out is not None:
+        write_atomic(args.out, render(predictions, args.out.suffix.lower()))
     print(format_table(predictions))
     if args.out is not None:
         print(f"wrote {len(predictions)} predictions to {args.out}", file=sys.stderr)

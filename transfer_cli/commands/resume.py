@@ -27,7 +27,6 @@ def resume(run_dir_arg: str) -> int:
     run_dir = require_run_dir(run_dir_arg)  # before torch loads: a mistyped path fails at once
 
     from transfer_cli.parallel import distributed
-
     from transfer_cli.runs import runlock
     distributed.init_from_env()  # `torchrun ... -m transfer_cli resume RUN_DIR` continues a DDP run
     main = distributed.is_main()
@@ -51,10 +50,8 @@ def _finished(run_dir: Path, main: bool) -> bool:
 
 def _continue(run_dir: Path, main: bool) -> int:
     """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
-    from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, bug_line
-    from transfer_cli.core.errors import Interrupted
-    from transfer_cli.runs.rundir import format_result
-    from transfer_cli.runs.rundir import resume_point, resume_position
+    from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, Interrupted, bug_line
+    from transfer_cli.runs.rundir import format_result, resume_point, resume_position
     from transfer_cli.training.train import train
 
     if _finished(run_dir, main):  # the writer this one waited for finished it

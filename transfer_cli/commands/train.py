@@ -27,18 +27,30 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.config.compose import (
-    SWEEP_FLAGS, HydraJob, composition_error, planned_dir, register_configs, run_hydra_main,
+    SWEEP_FLAGS,
+    HydraJob,
+    composition_error,
+    planned_dir,
+    register_configs,
+    run_hydra_main,
 )
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.config.schema import to_plain
 from transfer_cli.core.errors import (
-    BUG_EXIT, INTERRUPT_EXIT, USER_ERROR_EXIT, Interrupted, TransferError, bug_line, report_user_error,
+    BUG_EXIT,
+    INTERRUPT_EXIT,
+    USER_ERROR_EXIT,
+    Interrupted,
+    TransferError,
+    bug_line,
+    report_user_error,
 )
 from transfer_cli.core.extras import missing_plugin
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.loggers import flatten
 from transfer_cli.runs.rundir import format_result, read_summary, resume_point, resume_position
+
 
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
 

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 
 from transfer_cli.parallel import distributed
 
+
 CONSOLE_ONLY_LOGGING = {
     "version": 1,
     "formatters": {"simple": {"format": "[%(asctime)s][rank %(process)d][%(levelname)s] - %(message)s"}},

@@ -17,6 +17,7 @@ from typing import Any
 
 from transfer_cli.core.errors import TransferError
 
+
 RULE = "rule"
 MISSING = "???"  # omegaconf.MISSING: a required value not given yet (composition reports it)
 

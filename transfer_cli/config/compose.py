@@ -31,6 +31,7 @@ from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.extras import installed
 
+
 SWEEP_FLAGS = {"-m", "--multirun"}
 
 

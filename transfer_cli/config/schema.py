@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from transfer_cli.config.checks import Items, Rule, above, at_least, between, check_tree, matches, one_of, ordered, rule
 
+
 FLAG = rule(one_of("auto", "true", "false", case=False))  # YAML may hand these over as True/False
 POSITIVE = rule(above(0))
 NON_NEGATIVE = rule(at_least(0))

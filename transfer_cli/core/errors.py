@@ -7,6 +7,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
+
 USER_ERROR_EXIT = 2
 BUG_EXIT = 1
 INTERRUPT_EXIT = 130
@@ -62,3 +63,17 @@ def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its class name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def torch_file_problem(file: Path, error: Exception) -> str:
+    """Why `torch.load(file, weights_only=True)` failed, in words (its own messages run to many lines)."""
+    import pickle
+    import zipfile
+
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(error, pickle.UnpicklingError):
+        return "it holds objects other than tensors and plain containers, which are not loaded (weights_only)"
+    if not zipfile.is_zipfile(file):
+        return "not a whole PyTorch file (cut short, or another kind of file)"
+    return f"{type(error).__name__}: {first_line(error)[:160]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
+
 # A `transfer train` override (key=value prefix) -> (module it needs, extra that installs it).
 PLUGIN_OVERRIDES = {
     "hparams_search=": ("hydra_plugins.hydra_optuna_sweeper", "search"),

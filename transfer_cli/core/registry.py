@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 
 from transfer_cli.core.errors import TransferError
 
+
 T = TypeVar("T")
 
 

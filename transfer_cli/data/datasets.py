@@ -15,11 +15,12 @@ from pathlib import Path
 from torch.utils.data import Dataset, Subset
 
 from transfer_cli.config.schema import DatasetConfig
+from transfer_cli.core.errors import TransferError
+from transfer_cli.core.registry import Registry
 from transfer_cli.data.folder import ImageFolderDataset, class_folders, folder_layout
 from transfer_cli.data.splits import stratified_split, stratified_subset
 from transfer_cli.data.synthetic import SyntheticImages
-from transfer_cli.core.errors import TransferError
-from transfer_cli.core.registry import Registry
+
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.errors import TransferError
 
+
 log = logging.getLogger(__name__)
 
 BAD_IMAGE_CHOICES = ("skip", "error")

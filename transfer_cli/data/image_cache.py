@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from transfer_cli.core.errors import TransferError
 
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "true", "false")

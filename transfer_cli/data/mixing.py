@@ -10,6 +10,7 @@ from torchvision.transforms import v2
 from transfer_cli.config.schema import AugmentConfig
 from transfer_cli.core.errors import TransferError
 
+
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

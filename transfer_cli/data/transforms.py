@@ -11,9 +11,10 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from transfer_cli.models.backbones import PretrainedPreprocessing
 from transfer_cli.config.schema import CROP_MODES, AugmentConfig, TransformsConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.models.backbones import PretrainedPreprocessing
+
 
 log = logging.getLogger(__name__)
 

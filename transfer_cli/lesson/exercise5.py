@@ -23,10 +23,8 @@ network receives them under each normalization) into --out.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import statistics
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -34,13 +32,16 @@ from typing import Any
 
 import torch
 
-from transfer_cli.core.errors import TransferError, report_user_error
 from transfer_cli.lesson.imagenet_classes import imagenet_class_name, imagenet_index
 from transfer_cli.lesson.normalizations import (
-    DEFAULT_NORMS, NORMALIZATIONS, Normalization, NormResult, evaluate_normalizations, resolve_normalizations,
+    Normalization,
+    NormResult,
+    evaluate_normalizations,
+    resolve_normalizations,
     same_values,
 )
 from transfer_cli.runs.runlog import write_json
+
 
 DEFAULT_EXPERIMENT = "exercise5"
 DEFAULT_OUT = Path("outputs/exercises/ex5")
@@ -202,11 +203,11 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
                       seeds: list[int] | None = None) -> str:
     """Exercise 5 end to end; returns the markdown table. `seeds`: one evaluation subset per
     dataset.split_seed (default: the config's own), the table then shows mean ± std over them."""
-    from transfer_cli.models.backbones import build_raw_backbone
     from transfer_cli.data.datasets import load_splits
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing
-    from transfer_cli.training.train import resolve_device, resolve_precision
+    from transfer_cli.models.backbones import build_raw_backbone
+    from transfer_cli.training.runtime import resolve_device, resolve_precision
 
     started = time.perf_counter()
     cfg = compose_config(overrides)
@@ -256,51 +257,3 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     return table
 
 
-USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2] [key=value ...]
-
-Lesson exercise 5: score a pretrained network with its own 1000-way ImageNet head on a small
-evaluation set under several input normalizations; writes results.md, results.csv,
-results.json and normalization.png into DIR (default outputs/exercises/ex5). --seeds draws one
-evaluation subset per dataset.split_seed and reports mean ± std over them.
-Overrides compose on experiment=exercise5 (EfficientNet-B0, 100 Imagenette val images):
-  transfer exercise normalization backbone=tf_efficientnet_lite0 dataset=folder dataset.root=DIR
-Folder classes are ImageNet classes named by index (310), WordNet id or name (ant, ants).
-The other exercises are experiment configs: see docs/exercises.md and `make help`."""
-
-
-def parse_seeds(text: str) -> list[int]:
-    """`--seeds 0,1,2` -> [0, 1, 2]; each once, in order."""
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise TransferError(f"--seeds {text!r}: give comma-separated integers, e.g. --seeds 0,1,2") from None
-    return list(dict.fromkeys(seeds))
-
-
-def run_exercise(argv: list[str]) -> int:
-    """`transfer exercise`: user mistakes become one line on stderr and exit code 2."""
-    if not argv or argv[0] in {"-h", "--help", "help"}:
-        print(USAGE)
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in {"normalization", "5"}:
-        return report_user_error(f"unknown exercise '{name}': `transfer exercise normalization` (exercise 5) is the "
-                                 "one with its own command; exercises 1-4 run as `make exercise1` .. `make exercise4`")
-    parser = argparse.ArgumentParser(prog="transfer exercise normalization", usage=USAGE.splitlines()[0][7:])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
-    parser.add_argument("--norms", default=",".join(DEFAULT_NORMS),
-                        help=f"comma-separated, from {', '.join([*NORMALIZATIONS, 'weights'])}")
-    parser.add_argument("--samples", type=int, default=4, help="sample images in normalization.png (0: no figure)")
-    parser.add_argument("--seeds", default="", help="comma-separated dataset.split_seed values, one evaluation "
-                        "subset each (mean ± std over them; default: the config's split_seed)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(rest)
-    try:
-        seeds = parse_seeds(args.seeds)
-        table = run_normalization(args.overrides, args.out, [k for k in args.norms.split(",") if k],
-                                  max(args.samples, 0), seeds)
-    except TransferError as error:
-        return report_user_error(error)
-    print(table)
-    print(f"wrote results.md, results.csv, results.json and normalization.png to {args.out}", file=sys.stderr)
-    return 0

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from transfer_cli.core.errors import TransferError
 
+
 NUM_IMAGENET_CLASSES = 1000
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from transfer_cli.core.errors import TransferError
 from transfer_cli.lesson.imagenet_classes import NUM_IMAGENET_CLASSES
+from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+
 
 # key -> (label, mean, std); `weights` is resolved from the backbone
 NORMALIZATIONS: dict[str, tuple[str, tuple[float, ...], tuple[float, ...]]] = {

@@ -22,6 +22,7 @@ from transfer_cli.config.schema import BackboneConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry, unknown_name_error
 
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -269,7 +270,7 @@ def _torchvision_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
 
 def _load_state_dict_file(model: nn.Module, file: Path) -> None:
     """Load local weights, skipping tensors whose shape differs (a classifier for other classes)."""
-    from transfer_cli.runs.rundir import torch_file_problem
+    from transfer_cli.core.errors import torch_file_problem
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)

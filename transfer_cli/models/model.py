@@ -14,10 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from transfer_cli.models.backbones import PretrainedPreprocessing, build_raw_backbone
 from transfer_cli.config.schema import BackboneConfig, HeadConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry
+from transfer_cli.models.backbones import PretrainedPreprocessing, build_raw_backbone
+
 
 HEAD = "head"
 

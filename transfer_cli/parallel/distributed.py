@@ -47,6 +47,7 @@ import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+
 if TYPE_CHECKING:
     import torch
     from torch import nn

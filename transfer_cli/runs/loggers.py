@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from transfer_cli.core.extras import install_hint, installed
 from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig, TensorBoardLoggerConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.extras import install_hint, installed
+
 
 log = logging.getLogger(__name__)
 

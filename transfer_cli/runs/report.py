@@ -6,13 +6,11 @@ Hydra; matplotlib is imported only to draw val_acc.png.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import re
 import statistics
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import runlog
-from transfer_cli.core.errors import TransferError, report_user_error
 from transfer_cli.runs.rundir import read_summary
+
 
 SEED = "trainer.seed"
 # Keys that name a config group's choice: their siblings follow from the choice.
@@ -325,21 +324,3 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     return table, [f"note: {repeats}"] * bool(repeats) + [f"skipped an unreadable run: {line}" for line in unreadable]
 
 
-def run_report(argv: list[str]) -> int:
-    """`transfer report`: user mistakes become one line on stderr and exit code 2."""
-    parser = argparse.ArgumentParser(
-        prog="transfer report",
-        description="Compare the runs below DIRs: one row per run (seeds of the same config share a row, "
-                    "mean ± sample std), written as results.md, results.csv and val_acc.png.")
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dirs, sweep dirs or any folder above them")
-    parser.add_argument("--out", type=Path, metavar="OUTDIR", help="where to write the report (default: the first DIR)")
-    args = parser.parse_args(argv)
-    try:
-        table, notes = build_report(args.dirs, args.out or args.dirs[0])
-    except TransferError as error:
-        return report_user_error(error)
-    print(table)
-    for line in notes:
-        print(f"transfer: {line}", file=sys.stderr)
-    print(f"wrote results.md, results.csv and val_acc.png to {args.out or args.dirs[0]}", file=sys.stderr)
-    return 0

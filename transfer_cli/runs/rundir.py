@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.config.schema import TrainConfig
-from transfer_cli.core.errors import TransferError, first_line
+from transfer_cli.core.errors import TransferError, first_line, torch_file_problem
+
 
 if TYPE_CHECKING:
     from transfer_cli.data.transforms import Preprocessing
@@ -79,20 +80,6 @@ def _load_checkpoint_file(file: Path) -> dict[str, Any]:
     return payload
 
 
-def torch_file_problem(file: Path, error: Exception) -> str:
-    """Why `torch.load(file, weights_only=True)` failed, in words (its own messages run to many lines)."""
-    import pickle
-    import zipfile
-
-    if file.stat().st_size == 0:
-        return "the file is empty"
-    if isinstance(error, pickle.UnpicklingError):
-        return "it holds objects other than tensors and plain containers, which are not loaded (weights_only)"
-    if not zipfile.is_zipfile(file):
-        return "not a whole PyTorch file (cut short, or another kind of file)"
-    return f"{type(error).__name__}: {first_line(error)[:160]}"
-
-
 CHECKPOINTS = ("best", "last")
 RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")
 
@@ -105,8 +92,8 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[T
     """
     from dataclasses import replace
 
-    from transfer_cli.runs.checkpoint import misfit
     from transfer_cli.models.model import build_model
+    from transfer_cli.runs.checkpoint import misfit
 
     path = require_run_dir(run_dir)
     cfg = load_run_config(path)

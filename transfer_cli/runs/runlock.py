@@ -23,8 +23,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.parallel import distributed
 from transfer_cli.core.errors import TransferError
+from transfer_cli.parallel import distributed
+
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")  # any of them: the directory holds a run

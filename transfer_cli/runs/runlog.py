@@ -16,6 +16,7 @@ from typing import Any
 
 from transfer_cli.core.errors import TransferError
 
+
 log = logging.getLogger(__name__)
 
 # The temp files the writers below leave behind when killed between writing and renaming.

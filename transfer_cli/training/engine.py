@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,31 +18,13 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from transfer_cli.parallel import distributed
 from transfer_cli.core.errors import TransferError
+from transfer_cli.parallel import distributed
+from transfer_cli.training.runtime import Precision
 
 
 class NonFiniteLoss(TransferError):
     """The loss became NaN or inf: training stops and keeps the last good checkpoint."""
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the forward pass runs: autocast dtype (None = fp32) and memory format."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
-        return images, labels.to(self.device, non_blocking=True)
 
 
 class Tally:

@@ -1,4 +1,4 @@
-"""`transfer eval RUN_DIR [key=value ...]`: score a run's checkpoint on one split, class by class.
+"""Scoring a run's checkpoint on one split, class by class (`transfer eval`).
 
 The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy,
 macro-F1 and the confusion matrix say which classes it mixes up. Results are written to
@@ -7,13 +7,11 @@ RUN_DIR/eval/<split>/ so each split keeps its own.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,28 +19,22 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from transfer_cli.runs import runlog
+from transfer_cli.config.loading import apply_overrides, load_run_config
 from transfer_cli.config.schema import DatasetConfig, TrainConfig
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.datasets import check_classes, load_splits
 from transfer_cli.data.folder import folder_layout
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform
-from transfer_cli.training.engine import Precision, topk_for
-from transfer_cli.core.errors import TransferError, report_user_error
-from transfer_cli.config.loading import apply_overrides, load_run_config
+from transfer_cli.runs import runlog
 from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, require_run_dir
-from transfer_cli.training.train import resolve_device, resolve_precision
+from transfer_cli.training.engine import topk_for
+from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision
+
 
 # Only these groups change what eval does; the network itself comes from the checkpoint.
 EVAL_GROUPS = ("dataset", "transforms", "trainer")
 SHOWN_CLASSES = 10  # longer class lists print only the worst ones (all are in metrics.json)
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse whose mistakes are a TransferError, so they print as one `transfer: error:` line."""
-
-    def error(self, message: str) -> NoReturn:
-        raise TransferError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 @dataclass
@@ -239,21 +231,3 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def run_eval(argv: list[str]) -> int:
-    """`transfer eval`: user mistakes become one line on stderr and exit code 2."""
-    parser = CommandParser(
-        prog="transfer eval",
-        description="Evaluate a run's checkpoint on a split: top-1, top-5, per-class accuracy, macro-F1 and the "
-                    "confusion matrix, written to RUN_DIR/eval/<split>/.")
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `transfer train` wrote")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="checkpoint=best|last (default best), dataset.val_split=test (the split to evaluate), "
-                             "trainer.device=cpu, or any other dataset.*, transforms.* or trainer.* key")
-    try:
-        args = parser.parse_args(argv)
-        metrics, out = evaluate_run(args.run_dir, args.overrides)
-    except TransferError as error:
-        return report_user_error(error)
-    print(format_table(metrics))
-    print(f"wrote metrics.json, confusion_matrix.json and confusion_matrix.png to {out}", file=sys.stderr)
-    return 0

@@ -26,12 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 
-from transfer_cli.runs import checkpoint
 from transfer_cli.data.folder import ImageFolderDataset
 from transfer_cli.data.loaders import EpochSampler, TransformedDataset
-from transfer_cli.training.engine import Precision
 from transfer_cli.models.model import HEAD, TransferModel
+from transfer_cli.runs import checkpoint
+from transfer_cli.training.runtime import Precision
 from transfer_cli.training.strategies import Stage, frozen_modules
+
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
-from transfer_cli.models.model import TransferModel
 from transfer_cli.core.registry import Registry
+from transfer_cli.models.model import TransferModel
 from transfer_cli.training.strategies import Stage, frozen_batchnorms
+
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 

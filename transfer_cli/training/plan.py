@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from transfer_cli.models.backbones import weights_location
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.models.backbones import weights_location
+
 
 if TYPE_CHECKING:
-    from transfer_cli.training.train import Prepared
+    from transfer_cli.training.assemble import Prepared
 
 
 def _check_coverage(prepared: "Prepared") -> dict[str, int]:

@@ -13,19 +13,18 @@ on entering the stage, on the training images (docs/batchnorm.md has the evidenc
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from transfer_cli.data.apportion import apportion
 from transfer_cli.config.loading import load_strategy, strategy_file
 from transfer_cli.config.schema import StageConfig, StrategyConfig
-from transfer_cli.training.engine import Precision
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.apportion import apportion
 from transfer_cli.models.model import HEAD, LayerGroup, TransferModel
+from transfer_cli.training.runtime import Precision
 
 
 @dataclass(frozen=True)

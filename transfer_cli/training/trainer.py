@@ -7,70 +7,32 @@ checkpoint and resumed ends with the same metrics as one never interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer_cli.runs import checkpoint
-
-from transfer_cli.parallel import distributed
-
-from transfer_cli.runs import runlog
 from transfer_cli.config.schema import EarlyStoppingConfig, SchedulerConfig
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.loaders import steps_per_epoch
-from transfer_cli.core.errors import Interrupted, TransferError
-from transfer_cli.training.feature_cache import CachedSplits
-from transfer_cli.training.engine import NonFiniteLoss, Precision, StepRunner, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.models.model import TransferModel
+from transfer_cli.parallel import distributed
+from transfer_cli.runs import checkpoint, runlog
+from transfer_cli.training.engine import NonFiniteLoss, StepRunner, Tally, evaluate, topk_for, train_one_epoch
+from transfer_cli.training.feature_cache import CachedSplits
+from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.optim import StagedOptimizer, build_scheduler
+from transfer_cli.training.progress import FitResult, Progress
+from transfer_cli.training.runtime import Precision
 from transfer_cli.training.strategies import Stage, apply_stage, hold_frozen_batchnorm, reestimate_batchnorm
 
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint."""
-
-    stage: int = 0
-    epoch: int = 0  # epochs completed
-    step: int = 0  # steps completed in the epoch in progress
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    best_monitor: float | None = None
-    bad_epochs: int = 0
-    stop_reason: str | None = None
-    params_trainable: dict[str, int] = field(default_factory=dict)
-    epoch_lrs: dict[str, float] = field(default_factory=dict)  # lrs at the first step of the epoch in progress
-    step_lrs: dict[str, float] | None = None  # lrs of the last step completed (None: unknown, a resumed old checkpoint)
-    # per stage entered: each group's highest lr at any of its steps (None: unknown, a resumed old checkpoint)
-    peak_lrs: list[dict[str, float] | None] = field(default_factory=list)
-
-    @classmethod
-    def restored(cls, saved: dict[str, Any]) -> "Progress":
-        """A checkpoint's progress; one saved before lrs were noted per step has no peaks for the stages it began."""
-        progress = cls(**saved)
-        if "peak_lrs" not in saved:
-            progress.peak_lrs = [None] * (progress.stage + 1)
-        return progress
-
-    def step_ran(self, lrs: dict[str, float]) -> None:
-        """Note the lrs a step of the current stage ran with: the epoch's last so far, and the stage's peaks."""
-        self.step_lrs = lrs
-        self.peak_lrs.extend({} for _ in range(self.stage + 1 - len(self.peak_lrs)))
-        peak = self.peak_lrs[self.stage]
-        if peak is not None:
-            for group, lr in lrs.items():
-                peak[group] = max(peak.get(group, lr), lr)
 
 
 @dataclass
@@ -96,84 +58,11 @@ class FitSetup:
     logger: Any = None  # loggers.Loggers: TensorBoard, MLflow (rank 0); metrics.jsonl is written regardless
 
 
-@dataclass
-class FitResult:
-    records: list[dict[str, Any]]
-    progress: Progress
-    error: str | None = None  # why training stopped abnormally (non-finite loss)
-
-
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # what a shell reports for a process these killed
-
-
-class _InterruptFlag:
-    """Ctrl-C or SIGTERM asks the loop to checkpoint and stop after the current step.
-
-    SIGTERM is what SLURM and Kubernetes send before preempting a job (SIGKILL follows after a
-    grace period), so it gets Ctrl-C's treatment instead of killing the run between checkpoints.
-    A second signal is immediate: Ctrl-C raises KeyboardInterrupt, SIGTERM terminates at once.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def __enter__(self) -> "_InterruptFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in _EXIT_CODES}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        self.signum = signum
-        again = "Ctrl-C" if signum == signal.SIGINT else "a second SIGTERM"
-        log.warning("%s: saving a resumable checkpoint after this step (%s aborts at once)",
-                    signal.Signals(signum).name, again)
-
-    def stopped(self, where: str) -> Interrupted:
-        """What ends the run once its checkpoint is saved; under DDP a rank may stop for another's signal."""
-        what = "terminated by SIGTERM" if self.signum == signal.SIGTERM else "interrupted"
-        return Interrupted(f"{what} {where}", exit_code=_EXIT_CODES.get(self.signum, 130))
-
-    def __exit__(self, *exc: Any) -> None:
-        for signum, previous in self._previous.items():
-            if previous is not None:  # None: a handler Python did not install, which it cannot restore
-                signal.signal(signum, previous)
-
-
-@contextlib.contextmanager
-def sigterm_stops(where: str) -> Iterator[None]:
-    """SIGTERM while a run is built (decoding images, downloading weights: minutes, before the loop's
-    own handler is up) ends it at once with a line and exit 143, not silently; there is no checkpoint
-    to save yet, and `transfer resume` starts it from the beginning."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> NoReturn:
-        raise Interrupted(f"terminated by SIGTERM {where}", exit_code=_EXIT_CODES[signal.SIGTERM])
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _stop_requested(setup: FitSetup, interrupt: _InterruptFlag) -> bool:
+def _stop_requested(setup: FitSetup, interrupt: InterruptFlag) -> bool:
     """Ctrl-C or SIGTERM seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
     return distributed.any_true(interrupt.requested, setup.runner.precision.device)
 
@@ -280,7 +169,7 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
     if distributed.is_main():
         _remove_temp_files(setup.run_dir)
     first = progress.stage
-    with _InterruptFlag() as interrupt:
+    with InterruptFlag() as interrupt:
         for index in range(first, len(setup.stages)):
             if index != first or scheduler is None:
                 progress.stage = index
@@ -318,7 +207,7 @@ def _remove_temp_files(run_dir: Path) -> None:
 
 
 def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None,
-           interrupt: _InterruptFlag) -> dict[str, Any]:
+           interrupt: InterruptFlag) -> dict[str, Any]:
     """Train one epoch (or its rest), evaluate, record, checkpoint, update early stopping."""
     start = time.perf_counter()
     stage = setup.stages[progress.stage]
@@ -426,7 +315,7 @@ def _same_backbone(model: TransferModel, other: nn.Module) -> bool:
 
 
 def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: DataLoader, precision: Precision,
-              interrupt: _InterruptFlag, stop: Callable[[], NoReturn], kept: str) -> dict[str, float]:
+              interrupt: InterruptFlag, stop: Callable[[], NoReturn], kept: str) -> dict[str, float]:
     """The epoch's val pass. A stop request before or during it checkpoints the trained steps, so a long
     pass never delays a preempted job (resume re-runs only the pass); under DDP the ranks' val shards
     differ in length, so there they agree on stopping before the pass only. A non-finite val loss stops

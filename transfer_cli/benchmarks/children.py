@@ -1,0 +1,163 @@
+"""The timed work of `transfer bench`, each run in a fresh interpreter so it pays its own imports
+before its clock starts and reports its own peak RSS:
+`python -m transfer_cli.benchmarks.children --child NAME SPEC_JSON OUT_JSON`."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transfer_cli.config.compose import compose_config
+from transfer_cli.runs.runlog import write_json
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """images/s of our loop and of the lesson's loop, alternating runs of `epochs` epochs each."""
+    import copy
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from transfer_cli.data.loaders import TransformedDataset, make_loader
+    from transfer_cli.data.transforms import eval_transform
+    from transfer_cli.training.assemble import prepare
+    from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
+    from transfer_cli.training.optim import build_scheduler
+    from transfer_cli.training.strategies import apply_stage, hold_frozen_batchnorm
+
+    cfg = compose_config(spec["overrides"])
+    prepared = prepare(cfg, Path(spec["run_dir"]))
+    setup, model, stage = prepared.setup, prepared.model, prepared.stages[0]
+    # same architecture and initial weights, in the lesson's plain (contiguous) memory format
+    reference = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
+    data = TransformedDataset(prepared.splits.train, eval_transform(prepared.preprocessing))
+    images = torch.stack([data[i][0] for i in range(len(data))])  # the data, held in memory as tensors
+    labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    tensors, batch, device = TensorDataset(images, labels), cfg.trainer.batch_size, setup.runner.precision.device
+
+    apply_stage(model, stage, prepared.strategy.train_bn)  # what fit does on entering the stage
+    setup.optimizer.enter(stage)
+    scheduler = build_scheduler(setup.optimizer.optimizer, cfg.scheduler, 1)
+    loader = make_loader(tensors, batch, train=True, num_workers=0, seed=cfg.trainer.seed, pin_memory=False)
+    epochs_done = [0]
+
+    def ours() -> tuple[float, float]:
+        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for _ in range(spec["epochs"]):
+            model.model.train()
+            hold_frozen_batchnorm(model, stage)
+            loader.sampler.set_epoch(epochs_done[0])
+            tally = Tally(device, topk_for(setup.num_classes))
+            train_one_epoch(setup.runner, loader, scheduler, tally, check_every=setup.check_every)
+            seen, epochs_done[0] = seen + tally.count, epochs_done[0] + 1
+        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
+
+    # The lesson's loop, verbatim: same optimizer type and lr, plain DataLoader over the same tensors.
+    lr = max(stage.lrs.values())
+    optimizer = type(setup.optimizer.optimizer)(reference.parameters(), lr=lr)
+    criterion = nn.CrossEntropyLoss()
+    reference_loader = DataLoader(tensors, batch_size=batch, shuffle=True)
+
+    def lesson() -> tuple[float, float]:
+        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for _ in range(spec["epochs"]):
+            reference.train()
+            running_loss, correct = 0.0, 0
+            for x, y in reference_loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad()
+                out = reference(x)
+                loss = criterion(out, y)
+                loss.backward()
+                optimizer.step()
+                running_loss += loss.item()
+                correct += (out.argmax(1) == y).sum().item()
+                seen += y.size(0)
+        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
+
+    ours(), lesson()  # warm-up: allocator, oneDNN primitives, optimizer state
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "reference": []}
+    for round_ in range(spec["rounds"]):  # ABBA order: drift in the machine's load hits both sides
+        for side in (("ours", "reference") if round_ % 2 == 0 else ("reference", "ours")):
+            runs[side].append(ours() if side == "ours" else lesson())
+    calibration = spec.get("calibrate")
+    return {"ours_runs": [wall for wall, _ in runs["ours"]], "reference_runs": [wall for wall, _ in runs["reference"]],
+            # images per CPU-second: a steadier view of the same runs when other work shares the cores
+            "ours_cpu_runs": [cpu for _, cpu in runs["ours"]], "reference_cpu_runs": [cpu for _, cpu in runs["reference"]],
+            "lr": lr,
+            "optimizer": type(optimizer).__name__, "images": len(tensors), "device": str(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available(), "peak_rss_mb": _peak_rss_mb(),
+            "forward_ms_per_image": forward_ms_per_image(**calibration) if calibration else None}
+
+
+def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
+    """Milliseconds per image of a random-init timm `backbone`'s inference forward on CPU, median of 3 batches."""
+    import timm
+    import torch
+
+    model = timm.create_model(backbone, pretrained=False).eval()
+    images = torch.randn(batch, 3, image_size, image_size)
+    times = []
+    with torch.inference_mode():
+        model(images)  # warm-up
+        for _ in range(3):
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times) / batch
+
+
+def train_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Wall and CPU seconds of one `transfer_cli.training.train.train` call, imports paid before the clock."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401  (plot_curves imports it at the end of every run)
+    import timm  # noqa: F401  (backbones imports it when building the model)
+    import torchvision  # noqa: F401
+
+    from transfer_cli.training.train import train
+
+    cfg = compose_config(spec["overrides"])
+    cpu, start = _cpu_seconds(), time.perf_counter()
+    summary = train(cfg, Path(spec["run_dir"]))
+    seconds = time.perf_counter() - start
+    cache = Path(cfg.trainer.cache_dir) if cfg.trainer.cache_dir else None
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "epochs_run": summary["epochs_run"],
+            "cache_files": len(list(cache.glob("*.pt"))) if cache and cache.is_dir() else 0,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+CHILDREN = {"loop": loop_throughput, "train": train_run}
+
+
+def run_child(argv: list[str]) -> int:
+    """`python -m transfer_cli.benchmarks.cpu --child NAME SPEC OUT`: one measurement in a fresh process."""
+    name, spec, out = argv[argv.index("--child") + 1:][:3]
+    write_json(Path(out), CHILDREN[name](json.loads(spec)))
+    return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(run_child(sys.argv[1:]))
