@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast train smoke clean bench bench-gpu
+.PHONY: help setup test test-fast lint train smoke clean bench bench-gpu
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -19,6 +19,9 @@ test: ## the full test suite (what CI runs)
 
 test-fast: ## the suite without tests marked slow (edit-run loop)
 	$(BIN)/pytest -m "not slow"
+
+lint: ## ruff check . (line length 120, pyflakes, pycodestyle, import order, bugbear)
+	$(BIN)/ruff check .
 
 train: ## transfer train with ARGS="key=value ..." overrides
 	$(BIN)/transfer train $(ARGS)
@@ -49,19 +52,16 @@ ASSETS ?= ../shared/assets
 QUICK ?=
 TRANSFER := $(BIN)/transfer
 ifneq ($(filter 1 true yes,$(QUICK)),)
-EX_ENV := HF_HOME=$(ASSETS)/hf-home HF_HUB_OFFLINE=1
-EX_FAST := trainer.num_workers=0
-EX_SEEDS := trainer.seed=0,1,2
-EX_DATA := backbone=tf_efficientnet_lite0 dataset=folder dataset.root=$(ASSETS)/data/hymenoptera $(EX_FAST)
-EX1_ARGS := $(EX_DATA) $(EX_SEEDS) dataset.train_subset=100 trainer.epochs=3
-EX2_ARGS := $(EX_DATA) $(EX_SEEDS) dataset.train_subset=100 trainer.epochs=4
+# each exercise's quick settings are a config: conf/quick/exerciseN.yaml
+EX_ENV := HF_HOME=$(ASSETS)/hf-home HF_HUB_OFFLINE=1 TRANSFER_ASSETS=$(ASSETS)
+EX1_ARGS := quick=exercise1
+EX2_ARGS := quick=exercise2
 EX3_EXPERIMENTS := exercise3_lite0,exercise3_lite0_uniform
-EX3_ARGS := $(EX_DATA) $(EX_SEEDS) dataset.train_subset=100 trainer.epochs=2
-EX4_ARGS := backbone=timm backbone.name=tf_efficientnet_lite0.in1k dataset.train_subset=64 dataset.val_subset=64 \
-  trainer.batch_size=16 trainer.epochs=2 $(EX_FAST) $(EX_SEEDS)
+EX3_ARGS := quick=exercise3
+EX4_ARGS := quick=exercise4
 EX4_NEAR ?= dataset=folder dataset.root=$(ASSETS)/data/hymenoptera
 EX4_FAR ?= dataset=folder dataset.root=$(ASSETS)/data/eurosat5
-EX5_ARGS := --seeds 0,1,2 $(EX_DATA)
+EX5_ARGS := --seeds 0,1,2 quick=exercise5
 else
 EX_ENV :=
 EX3_EXPERIMENTS := exercise3,exercise3_uniform

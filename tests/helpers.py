@@ -118,14 +118,14 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
                    optimizer: OptimizerConfig | None = None, scheduler: SchedulerConfig | None = None,
                    num_classes: int = 3, image_size: int = 32, train_size: int = 48, val_size: int = 24,
                    batch_size: int = 16, seed: int = 0):
-    """A FitSetup built the way transfer_cli/train.py builds one, on synthetic data, on CPU."""
+    """A FitSetup built the way training/assemble.py builds one, on synthetic data, on CPU."""
     from transfer_cli.config.schema import AugmentConfig, TransformsConfig
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.synthetic import SyntheticImages
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
     from transfer_cli.training.optim import StagedOptimizer
     from transfer_cli.training.runtime import Precision
-    from transfer_cli.training.trainer import FitSetup
+    from transfer_cli.training.stages import FitSetup
 
     preprocessing = resolve_preprocessing(model.preprocessing, TransformsConfig(image_size=image_size, crop_pct=1.0),
                                           model.pretrained)
@@ -183,4 +183,5 @@ def assert_same_metrics(a: Path, b: Path) -> None:
     for one, other in zip(first, second):
         assert one.keys() == other.keys()
         for key, value in one.items():
-            assert value == (pytest.approx(other[key], rel=1e-5, abs=1e-7) if isinstance(value, float) else other[key]), key
+            expected = pytest.approx(other[key], rel=1e-5, abs=1e-7) if isinstance(value, float) else other[key]
+            assert value == expected, key

@@ -109,7 +109,7 @@ def test_the_training_loop_and_predict_load_no_hydra(module: str) -> None:
 
 def test_predict_loads_neither_the_trainer_nor_the_optimizer() -> None:
     code = ("import sys, transfer_cli.commands.predict; "
-            "print(sorted(m for m in sys.modules if m in {'transfer_cli.training.trainer', 'transfer_cli.training.optim'}))")
+            "print(sorted(set(sys.modules) & {'transfer_cli.training.trainer', 'transfer_cli.training.optim'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 

@@ -23,6 +23,8 @@ from transfer_cli.models.model import HEAD
 from transfer_cli.runs import checkpoint
 from transfer_cli.training import assemble, trainer
 from transfer_cli.training.feature_cache import backbone_is_deterministic
+from transfer_cli.training.progress import Progress
+from transfer_cli.training.stages import enter_stage
 from transfer_cli.training.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
 from transfer_cli.training.train import train
 
@@ -149,7 +151,7 @@ def test_reestimate_sets_the_stats_to_the_training_images_then_holds_them(tmp_pa
     hook.remove()
     expected = torch.cat(inputs).mean(dim=(0, 2, 3))
     rng = torch.get_rng_state()
-    trainer._enter_stage(setup, trainer.Progress(), 0)
+    enter_stage(setup, Progress(), 0)
     assert torch.equal(torch.get_rng_state(), rng), "re-estimation leaves the global RNG where it was"
     assert first.momentum == momentum
     torch.testing.assert_close(first.running_mean, expected, rtol=1e-5, atol=1e-6)
@@ -182,7 +184,7 @@ def test_reestimate_is_not_repeated_when_a_run_resumes_mid_stage(tmp_path: Path,
             train(compose_train(overrides), tmp_path / "crashed")
     state = checkpoint.load(tmp_path / "crashed" / "checkpoints" / "last.pt")
     assert (state["progress"]["stage"], state["progress"]["step"]) == (1, 4)
-    with caplog.at_level(logging.INFO, logger="transfer_cli.training.trainer"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.stages"):
         train(compose_train(overrides), tmp_path / "crashed", resume=state)
     assert caplog.text.count("re-estimated the running stats") == 1, "only on entering the last stage afresh"
     assert run_metrics(tmp_path / "crashed") == run_metrics(tmp_path / "whole")

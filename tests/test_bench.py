@@ -48,7 +48,8 @@ def test_quick_bench_writes_every_figure(quick: tuple[dict, str]) -> None:
 @pytest.mark.slow
 def test_ratios_are_the_raw_figures_divided(quick: tuple[dict, str]) -> None:
     report, _ = quick
-    assert report["train_throughput_ratio"] == pytest.approx(report["ours_images_per_s"] / report["reference_images_per_s"])
+    assert report["train_throughput_ratio"] == pytest.approx(report["ours_images_per_s"]
+                                                             / report["reference_images_per_s"])
     assert report["feature_cache_speedup"] == pytest.approx(report["uncached_seconds"] / report["cached_seconds"])
     loop = report["loop"]
     assert len(loop["ours_runs"]) == len(loop["reference_runs"]) == report["workload"]["loop_rounds"]

@@ -82,4 +82,5 @@ def test_image_cache_respects_its_budget(tmp_path: Path) -> None:
     pre = Preprocessing(**vars(PretrainedPreprocessing(24, 0.875, "bilinear", (0.5,) * 3, (0.5,) * 3)))
     kept = maybe_cache(splits.val, "auto", 1e-9, cache_resize(pre), pre.resize_size, "val", workers=1)
     assert kept is splits.val
-    assert isinstance(maybe_cache(splits.val, "true", 1e-9, cache_resize(pre), pre.resize_size, "val", 1), DecodedImages)
+    assert isinstance(maybe_cache(splits.val, "true", 1e-9, cache_resize(pre), pre.resize_size, "val", 1),
+                      DecodedImages)

@@ -58,7 +58,8 @@ def test_train_writes_a_complete_run_dir(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = transfer("train", *SMALL, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png",
+                 "checkpoints/best.pt", "checkpoints/last.pt"):
         assert (run_dir / name).is_file(), name
     assert f"run dir: {run_dir}" in result.stdout and "best val acc" in result.stdout
     assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == 3

@@ -31,7 +31,8 @@ def test_every_config_file_composes(group: str, option: str) -> None:
 
 def test_defaults_are_the_lessons_flower_project() -> None:
     cfg = compose_train([])
-    assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == ("torchvision", "efficientnet_b0", "IMAGENET1K_V1")
+    assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == (
+        "torchvision", "efficientnet_b0", "IMAGENET1K_V1")
     assert cfg.dataset.name == "flowers102" and cfg.strategy.name == "gradual"
     assert [s.epochs for s in cfg.strategy.stages] == [5, 5, 10]
 

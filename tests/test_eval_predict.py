@@ -100,7 +100,8 @@ def test_eval_writes_its_files_atomically_and_prints_a_table(run: Path, capsys: 
     out = run / "eval" / "val"
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json"]
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "metrics.json").read_text())["overrides"] == ["trainer.device=cpu", "trainer.eval_batch_size=7"]
+    assert json.loads((out / "metrics.json").read_text())["overrides"] == [
+        "trainer.device=cpu", "trainer.eval_batch_size=7"]
     printed = capsys.readouterr().out
     assert "top-1" in printed and "macro-F1" in printed and "class_3" in printed
 
@@ -197,7 +198,8 @@ def test_predict_writes_csv_or_json(run: Path, val_folder: Path, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "nested" / f"predictions{suffix}"
     first = val_folder / "class_0" / "000.png"
-    assert transfer_main(["predict", str(run), str(val_folder / "class_1"), str(first), "--top-k", "2", "--out", str(out)]) == 0
+    assert transfer_main(["predict", str(run), str(val_folder / "class_1"), str(first), "--top-k", "2",
+                          "--out", str(out)]) == 0
     if suffix == ".csv":
         rows = list(csv.DictReader(out.open()))
         assert list(rows[0]) == ["path", "class_1", "probability_1", "class_2", "probability_2"]
@@ -235,7 +237,8 @@ def test_predict_skips_unreadable_images_with_a_warning(run: Path, tmp_path: Pat
     ],
 )
 def test_predict_mistakes_are_one_line_errors(run: Path, val_folder: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+                                              capsys: pytest.CaptureFixture[str], args: list[str],
+                                              message: str) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
     places = {"run": run, "missing": tmp_path / "nope", "images": val_folder, "tmp": tmp_path}

@@ -65,7 +65,8 @@ def sweep_params(experiment: str) -> dict[str, str]:
 
 def stages_of(overrides: list[str], model) -> list[tuple[str, int, dict[str, float]]]:
     cfg = compose_train(overrides)
-    return [(s.name, s.epochs, s.lrs) for s in plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)]
+    return [(s.name, s.epochs, s.lrs)
+            for s in plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)]
 
 
 # --------------------------------------------------------------------------- the lesson's numbers
@@ -76,11 +77,13 @@ def test_exercise1_feature_extraction_vs_fine_tuning_on_500_flowers(resnet18) ->
     runs = {}
     for strategy in ("feature_extract", "fine_tune_low_lr"):
         cfg = compose_train(["experiment=exercise1", f"strategy={strategy}"])
-        assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == ("torchvision", "resnet18", "IMAGENET1K_V1")
+        assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == (
+            "torchvision", "resnet18", "IMAGENET1K_V1")
         assert (cfg.dataset.name, cfg.dataset.train_subset, cfg.strategy.pretrained) == ("flowers102", 500, True)
         runs[strategy] = stages_of(["experiment=exercise1", f"strategy={strategy}"], resnet18)
     assert runs["feature_extract"] == [("head", 10, {"head": 1e-3})]
-    assert runs["fine_tune_low_lr"] == [("all", 10, {g: 1e-5 for g in ("stem", "layer1", "layer2", "layer3", "layer4", "head")})]
+    assert runs["fine_tune_low_lr"] == [
+        ("all", 10, {g: 1e-5 for g in ("stem", "layer1", "layer2", "layer3", "layer4", "head")})]
 
 
 def test_exercise2_gradual_unfreezing_5_5_10(resnet18) -> None:
@@ -99,7 +102,8 @@ def test_exercise3_discriminative_lrs_vs_uniform_on_2000_cifar10(resnet18) -> No
         assert (cfg.backbone.name, cfg.dataset.name, cfg.dataset.train_subset, cfg.trainer.epochs) == (
             "resnet18", "cifar10", 2000, 15)
     assert stages_of(["experiment=exercise3"], resnet18) == [("all", 15, LESSON_DISCRIMINATIVE)]
-    assert stages_of(["experiment=exercise3_uniform"], resnet18) == [("all", 15, dict.fromkeys(LESSON_DISCRIMINATIVE, 1e-4))]
+    assert stages_of(["experiment=exercise3_uniform"], resnet18) == [
+        ("all", 15, dict.fromkeys(LESSON_DISCRIMINATIVE, 1e-4))]
 
 
 def test_exercise3_on_lite0_maps_the_lesson_rates_onto_its_blocks(lite0) -> None:
@@ -123,7 +127,8 @@ def test_exercise4_three_strategies_on_a_near_and_a_far_dataset(resnet18) -> Non
 
 def test_exercise5_efficientnet_b0_on_100_imagenette_images() -> None:
     cfg = compose_train(["experiment=exercise5"])
-    assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == ("torchvision", "efficientnet_b0", "IMAGENET1K_V1")
+    assert (cfg.backbone.source, cfg.backbone.name, cfg.backbone.weights) == (
+        "torchvision", "efficientnet_b0", "IMAGENET1K_V1")
     assert (cfg.dataset.name, cfg.dataset.val_subset) == ("imagenette", 100)
 
 
@@ -143,6 +148,20 @@ def make_commands(target: str, *variables: str) -> list[list[str]]:
             if words:
                 commands.append(words[1:])
     return commands
+
+
+def composed_sweep_params(overrides: list[str]) -> dict[str, str]:
+    """`hydra.sweeper.params` as Hydra merges them for a command line (an experiment's, a quick config's)."""
+    from hydra import compose, initialize_config_dir
+
+    from transfer_cli.config.compose import register_configs
+    from transfer_cli.config.loading import config_dir
+
+    first = [o.split(",")[0] if "," in o and "={" not in o else o for o in overrides if not o.startswith("hydra.")]
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        config = compose("train", overrides=first, return_hydra_config=True)
+    return {str(k): str(v) for k, v in (OmegaConf.select(config, "hydra.sweeper.params") or {}).items()}
 
 
 def expand(overrides: list[str], experiment_sweep: dict[str, str]) -> list[list[str]]:
@@ -168,8 +187,7 @@ def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> 
         assert commands[-1][1:] == [f"/tmp/ex/ex{number}/runs", "--out", f"/tmp/ex/ex{number}"]
         jobs[number] = []
         for train in trains:
-            experiments = [o.split("=", 1)[1] for o in train if o.startswith("experiment=")][0].split(",")
-            for overrides in expand(train[2:], sweep_params(experiments[0])):
+            for overrides in expand(train[2:], composed_sweep_params(train[2:])):
                 cfg = compose_train(overrides)
                 stages = plan_stages(cfg.strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)
                 data = Path(cfg.dataset.root).name if cfg.dataset.name == "folder" else cfg.dataset.name
@@ -344,7 +362,8 @@ def test_exercise5_scores_the_imagenet_head_under_three_normalizations(in_proces
     folders = write_folder(tmp_path / "imagenet_folder", model)
     args = ["backbone=timm", "backbone.name=test_resnet", f"backbone.checkpoint={weights}", "dataset=folder",
             f"dataset.root={tmp_path / 'imagenet_folder'}", "dataset.val_subset=null", "transforms.image_size=32",
-            "transforms.crop_pct=1.0", "transforms.interpolation=bilinear", "trainer.num_workers=0", "trainer.device=cpu"]
+            "transforms.crop_pct=1.0", "transforms.interpolation=bilinear", "trainer.num_workers=0",
+            "trainer.device=cpu"]
     in_process("exercise5", args)
     out = tmp_path / "ex5"
     report = json.loads((out / "results.json").read_text())
@@ -369,7 +388,8 @@ def test_exercise5_scores_the_imagenet_head_under_three_normalizations(in_proces
     assert top1["imagenet"] >= 0.5  # the folders follow the model's ImageNet-normalized predictions
     rows = table_rows(out / "results.md")
     assert [row["normalization"] for row in rows] == ["ImageNet mean/std", "none (mean 0, std 1)", "mean = std = 0.5"]
-    assert [float(row["top-1"]) for row in rows] == pytest.approx([top1[k] for k in ("imagenet", "none", "half")], abs=1e-4)
+    assert [float(row["top-1"]) for row in rows] == pytest.approx(
+        [top1[k] for k in ("imagenet", "none", "half")], abs=1e-4)
     assert (out / "normalization.png").stat().st_size > 10_000 and (out / "results.csv").is_file()
 
 
@@ -406,7 +426,8 @@ def test_exercise5_seeds_draw_other_subsets_and_report_mean_and_std(tmp_path: Pa
         top1 = [next(r["top1"] for r in run if r["key"] == key) for run in alone]
         assert row["top-1"] == f"{np.mean(top1):.4f} ± {np.std(top1, ddof=1):.4f}"
         entry = next(r for r in together["results"] if r["key"] == key)
-        assert entry["top1"] == pytest.approx(np.mean(top1)) and entry["top1_std"] == pytest.approx(np.std(top1, ddof=1))
+        assert (entry["top1"] == pytest.approx(np.mean(top1))
+                and entry["top1_std"] == pytest.approx(np.std(top1, ddof=1)))
     with open(tmp_path / "all" / "results.csv", newline="") as file:
         assert [int(r["split_seed"]) for r in csv.DictReader(file)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 

@@ -72,7 +72,8 @@ def test_mlflow_gets_params_metrics_and_status(tmp_path: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.seed"] == "42" and run.data.params["strategy.name"] == "feature_extract"
     history = client.get_metric_history(run_id, "val/acc1")
-    assert [(m.step, m.value) for m in history] == [(r["epoch"], pytest.approx(r["val/acc1"])) for r in read_metrics(run_dir)]
+    assert [(m.step, m.value) for m in history] == [(r["epoch"], pytest.approx(r["val/acc1"]))
+                                                    for r in read_metrics(run_dir)]
 
     # a resumed run directory continues its MLflow run
     again = loggers.MLflowLogger(MLflowLoggerConfig(tracking_uri=store), run_dir)

@@ -20,7 +20,8 @@ def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
     wheel = next(wheels.glob("*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
-    shipped = {p.relative_to(target / "transfer_cli" / "conf") for p in (target / "transfer_cli" / "conf").rglob("*.yaml")}
+    shipped = {p.relative_to(target / "transfer_cli" / "conf")
+               for p in (target / "transfer_cli" / "conf").rglob("*.yaml")}
     assert shipped == {p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")}
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run([sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "dry_run=true"],

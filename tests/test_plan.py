@@ -82,7 +82,8 @@ def test_dry_run_returns_the_plan_and_trains_nothing(tmp_path: Path, capsys: pyt
 
 
 def test_dry_run_plans_per_group_lrs_of_a_discriminative_strategy(tmp_path: Path) -> None:
-    plan = train(compose_train(FAST + ["strategy=discriminative", "trainer.epochs=2", "dry_run=true"]), tmp_path)["plan"]
+    plan = train(compose_train(FAST + ["strategy=discriminative", "trainer.epochs=2", "dry_run=true"]),
+                 tmp_path)["plan"]
     # the lesson's lrs (fc is the head's alias) times smoke's lr_scale=10; the stem stays frozen
     assert stage_lrs(plan) == [("all", {"layer1": pytest.approx(1e-4), "layer2": pytest.approx(5e-4),
                                         "layer3": pytest.approx(1e-3), "layer4": pytest.approx(5e-3),
@@ -90,7 +91,8 @@ def test_dry_run_plans_per_group_lrs_of_a_discriminative_strategy(tmp_path: Path
     assert plan["stages"][0]["frozen_params"] == plan["layer_groups"]["stem"] > 0
 
 
-def test_normalization_that_contradicts_the_weights_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_normalization_that_contradicts_the_weights_is_flagged(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     cfg = compose_train(FAST + ["dry_run=true", "transforms.mean=[0.1,0.2,0.3]", "transforms.std=[0.3,0.3,0.3]"])
     plan = train(cfg, tmp_path)["plan"]
     assert plan["normalization"]["mean"] == pytest.approx([0.1, 0.2, 0.3])

@@ -36,7 +36,8 @@ def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None,
     """A run dir laid out as `transfer train` writes one (`lr`: a `strategy.lr=` override)."""
     (run_dir / ".hydra").mkdir(parents=True)
     config = {"backbone": {"source": "timm", "name": "test_resnet"},
-              "strategy": {"name": strategy, "lr": lr or STRATEGY_LR[strategy], "stages": [{"name": "x", "epochs": 10}]},
+              "strategy": {"name": strategy, "lr": lr or STRATEGY_LR[strategy],
+                           "stages": [{"name": "x", "epochs": 10}]},
               "dataset": {"name": "synthetic", "root": "/data/same/for/all"},
               "trainer": {"epochs": 3, "seed": seed, "device": "cpu"}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
@@ -122,7 +123,8 @@ def test_plot_has_one_line_per_run_with_its_stage_boundaries(sweep: Path, capsys
     lines = saved[0].axes[0].get_lines()
     labelled = [line for line in lines if not line.get_label().startswith("_")]
     assert [line.get_label() for line in labelled] == [
-        "strategy.name=feature_extract trainer.seed=0 (finished)", "strategy.name=feature_extract trainer.seed=1 (finished)",
+        "strategy.name=feature_extract trainer.seed=0 (finished)",
+        "strategy.name=feature_extract trainer.seed=1 (finished)",
         "strategy.name=fine_tune trainer.seed=0 (finished)", "strategy.name=fine_tune trainer.seed=1 (finished)",
         "strategy.name=fine_tune trainer.seed=2 (unfinished)"]  # the failed run has no epochs to draw
     assert list(labelled[2].get_ydata()) == [0.6, 0.8, 0.8]

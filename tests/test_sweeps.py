@@ -29,7 +29,8 @@ from conftest import FAST, REPO, compose_train
 from helpers import comparable
 
 
-QUICK = FAST + ["strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32"]  # head-only: cached features
+QUICK = FAST + ["strategy=feature_extract", "dataset.train_size=64",
+                "dataset.val_size=32"]  # head-only: cached features
 SWEEP = QUICK + ["trainer.seed=1,2"]
 
 

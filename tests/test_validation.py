@@ -36,15 +36,18 @@ INVALID = [
     ("optimizer.weight_decay=-0.01", "optimizer.weight_decay"), ("trainer.epochs=0", "trainer.epochs"),
     ("trainer.epochs=-2", "trainer.epochs"), ("trainer.batch_size=0", "trainer.batch_size"),
     ("trainer.eval_batch_size=0", "trainer.eval_batch_size"), ("strategy.lr=0", "strategy.lr"),
-    ("strategy.stages.0.lr=-1e-3", "strategy.stages[0].lr"), ("strategy.stages.2.epochs=0", "strategy.stages[2].epochs"),
+    ("strategy.stages.0.lr=-1e-3", "strategy.stages[0].lr"),
+    ("strategy.stages.2.epochs=0", "strategy.stages[2].epochs"),
     (["strategy=discriminative", "strategy.stages.0.lrs.layer2=0"], "strategy.stages[0].lrs.layer2"),
     (["strategy=discriminative_decay", "strategy.stages.0.lr_decay=0"], "strategy.stages[0].lr_decay"),
     (["strategy=discriminative_decay", "strategy.stages.0.lr_decay=1.5"], "strategy.stages[0].lr_decay"),
     (["strategy=auto", "strategy.by_train_size.0.below=0"], "strategy.by_train_size[0].below"),
-    (["optimizer=sgd", "optimizer.momentum=1.0"], "optimizer.momentum"), ("optimizer.momentum=-0.5", "optimizer.momentum"),
+    (["optimizer=sgd", "optimizer.momentum=1.0"], "optimizer.momentum"),
+    ("optimizer.momentum=-0.5", "optimizer.momentum"),
     ("optimizer.lr_scale=0", "optimizer.lr_scale"), ("transforms.crop_pct=0", "transforms.crop_pct"),
     ("transforms.crop_pct=1.5", "transforms.crop_pct"), ("transforms.mean=[0.5,0.5]", "transforms.mean"),
-    ("transforms.std=[0.5,0,0.5]", "transforms.std[1]"), ("transforms.interpolation=lanczos", "transforms.interpolation"),
+    ("transforms.std=[0.5,0,0.5]", "transforms.std[1]"),
+    ("transforms.interpolation=lanczos", "transforms.interpolation"),
     ("dataset.val_fraction=0", "dataset.val_fraction"), ("dataset.val_fraction=1", "dataset.val_fraction"),
     ("dataset.cache_budget_mb=-1", "dataset.cache_budget_mb"), ("dataset.train_subset=0", "dataset.train_subset"),
     ("dataset.val_subset=0", "dataset.val_subset"), ("dataset.train_size=0", "dataset.train_size"),
@@ -55,7 +58,8 @@ INVALID = [
     ("trainer.cache_features=sometimes", "trainer.cache_features"),
     ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience"),
     ("trainer.early_stopping.min_delta=-0.1", "trainer.early_stopping.min_delta"),
-    ("trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_steps"), ("trainer.log_every=0", "trainer.log_every"),
+    ("trainer.checkpoint_every_steps=0", "trainer.checkpoint_every_steps"),
+    ("trainer.log_every=0", "trainer.log_every"),
     ("augment.hflip=1.5", "augment.hflip"), ("augment.rotation=-10", "augment.rotation"),
     ("augment.random_resized_crop=[0.5,0.1]", "augment.random_resized_crop"),
     ("augment.random_resized_crop=[0,1]", "augment.random_resized_crop[0]"),
@@ -136,7 +140,8 @@ def test_eval_overrides_are_checked_the_same_way(tmp_path: Path, capsys: pytest.
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     OmegaConf.save(OmegaConf.structured(compose_config(["experiment=smoke"])), run_dir / "config.yaml")
-    for override, key in [("trainer.batch_size=0", "trainer.batch_size"), ("transforms.crop_pct=2", "transforms.crop_pct"),
+    for override, key in [("trainer.batch_size=0", "trainer.batch_size"),
+                          ("transforms.crop_pct=2", "transforms.crop_pct"),
                           ("trainer.device=tpu", "trainer.device")]:
         assert main(["eval", str(run_dir), override]) == 2
         err = capsys.readouterr().err
@@ -145,7 +150,8 @@ def test_eval_overrides_are_checked_the_same_way(tmp_path: Path, capsys: pytest.
         apply_overrides(compose_config(["experiment=smoke"]), ["dataset.val_fraction=1.5"])
 
 
-def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """A hand-edited config.yaml is checked as a composed one: `transfer resume` and `eval` refuse it."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -185,7 +191,7 @@ def _leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, t
 
 
 def test_every_number_and_choice_of_the_schema_has_a_rule() -> None:
-    """A field added to config.py without its range fails here (booleans need none)."""
+    """A field added to config/schema.py without its range fails here (booleans need none)."""
     leaves = _leaves(schema.TrainConfig)
     unchecked = sorted(key for key, spec, kind in leaves if kind is not bool and RULE not in spec.metadata)
     assert unchecked == sorted(FREE & {key for key, _, _ in leaves})

@@ -41,8 +41,9 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     from transfer_cli.data.transforms import eval_transform
     from transfer_cli.training.assemble import prepare
     from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
-    from transfer_cli.training.optim import build_scheduler
-    from transfer_cli.training.strategies import apply_stage, hold_frozen_batchnorm
+    from transfer_cli.training.progress import Progress
+    from transfer_cli.training.stages import enter_stage
+    from transfer_cli.training.strategies import hold_frozen_batchnorm
 
     cfg = compose_config(spec["overrides"])
     prepared = prepare(cfg, Path(spec["run_dir"]))
@@ -54,9 +55,7 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
     tensors, batch, device = TensorDataset(images, labels), cfg.trainer.batch_size, setup.runner.precision.device
 
-    apply_stage(model, stage, prepared.strategy.train_bn)  # what fit does on entering the stage
-    setup.optimizer.enter(stage)
-    scheduler = build_scheduler(setup.optimizer.optimizer, cfg.scheduler, 1)
+    run = enter_stage(setup, Progress(), 0)  # what fit does on entering the stage
     loader = make_loader(tensors, batch, train=True, num_workers=0, seed=cfg.trainer.seed, pin_memory=False)
     epochs_done = [0]
 
@@ -67,7 +66,7 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
             hold_frozen_batchnorm(model, stage)
             loader.sampler.set_epoch(epochs_done[0])
             tally = Tally(device, topk_for(setup.num_classes))
-            train_one_epoch(setup.runner, loader, scheduler, tally, check_every=setup.check_every)
+            train_one_epoch(run.runner, loader, run.scheduler, tally, check_every=setup.check_every)
             seen, epochs_done[0] = seen + tally.count, epochs_done[0] + 1
         return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
 
@@ -102,7 +101,8 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     calibration = spec.get("calibrate")
     return {"ours_runs": [wall for wall, _ in runs["ours"]], "reference_runs": [wall for wall, _ in runs["reference"]],
             # images per CPU-second: a steadier view of the same runs when other work shares the cores
-            "ours_cpu_runs": [cpu for _, cpu in runs["ours"]], "reference_cpu_runs": [cpu for _, cpu in runs["reference"]],
+            "ours_cpu_runs": [cpu for _, cpu in runs["ours"]],
+            "reference_cpu_runs": [cpu for _, cpu in runs["reference"]],
             "lr": lr,
             "optimizer": type(optimizer).__name__, "images": len(tensors), "device": str(device),
             "torch": torch.__version__, "threads": torch.get_num_threads(),

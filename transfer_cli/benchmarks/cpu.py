@@ -99,7 +99,8 @@ def _child(name: str, spec: dict[str, Any], timeout: float = 600) -> dict[str, A
     """Run CHILDREN[name](spec) in a fresh interpreter and return its result."""
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "transfer_cli.benchmarks.children", "--child", name, json.dumps(spec), str(out)]
+        command = [sys.executable, "-m", "transfer_cli.benchmarks.children", "--child", name, json.dumps(spec),
+                   str(out)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env())
         if done.returncode != 0 or not out.is_file():
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
@@ -201,7 +202,8 @@ def format_table(report: dict[str, Any]) -> str:
 
     def add(name: str, value: str) -> None:
         check = targets.get(name)
-        rows.append((name, value, check["target"] if check else "", ("pass" if check["met"] else "FAIL") if check else ""))
+        verdict = ("pass" if check["met"] else "FAIL") if check else ""
+        rows.append((name, value, check["target"] if check else "", verdict))
 
     if "train_throughput_ratio" in report:
         add("train_throughput_ratio", f"{report['train_throughput_ratio']:.3f}")

@@ -53,7 +53,8 @@ def gpu_figures(data_root: str | None = None, *, device: str = "cuda", models: t
             overrides = ["backbone=torchvision", f"backbone.name={name}", "backbone.weights=null", "strategy=fine_tune",
                          "optimizer=adamw", "dataset=folder", f"dataset.root={root}", "dataset.cache_images=false",
                          "augment=basic", f"transforms.image_size={image_size}", f"trainer.device={device}",
-                         f"trainer.batch_size={batch}", f"trainer.num_workers={workers}", "trainer.cache_features=false"]
+                         f"trainer.batch_size={batch}", f"trainer.num_workers={workers}",
+                         "trainer.cache_features=false"]
             result["models"][name] = _gpu_model(compose_config(overrides), Path(tmp) / name, warmup, steps)
     return result
 
@@ -70,14 +71,14 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int) -> dict[str, An
 
     from transfer_cli.training.assemble import prepare
     from transfer_cli.training.engine import Tally
-    from transfer_cli.training.strategies import apply_stage
+    from transfer_cli.training.progress import Progress
+    from transfer_cli.training.stages import enter_stage
 
     prepared = prepare(cfg, run_dir)
-    setup, stage, batch = prepared.setup, prepared.stages[0], cfg.trainer.batch_size
-    apply_stage(prepared.model, stage, prepared.strategy.train_bn)
-    setup.optimizer.enter(stage)
+    setup, batch = prepared.setup, cfg.trainer.batch_size
+    runner = enter_stage(setup, Progress(), 0).runner
     prepared.model.model.train()
-    runner, precision = setup.runner, setup.runner.precision
+    precision = runner.precision
     cuda = precision.device.type == "cuda"
 
     def images_per_s(batches: Iterator[tuple[Any, Any]]) -> float:

@@ -11,7 +11,8 @@ from transfer_cli.lesson.exercise5 import DEFAULT_OUT, run_normalization
 from transfer_cli.lesson.normalizations import DEFAULT_NORMS, NORMALIZATIONS
 
 
-USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2] [key=value ...]
+USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2]
+                                    [key=value ...]
 
 Lesson exercise 5: score a pretrained network with its own 1000-way ImageNet head on a small
 evaluation set under several input normalizations; writes results.md, results.csv,

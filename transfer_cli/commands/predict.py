@@ -109,7 +109,8 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
             with precision.autocast():
                 logits = model.model(batch)
             if not torch.isfinite(logits).all():
-                raise TransferError(f"the run's model gives non-finite outputs (NaN or inf) for {images[int(indices[0])]}: "
+                raise TransferError("the run's model gives non-finite outputs (NaN or inf) for "
+                                    f"{images[int(indices[0])]}: "
                                     "its checkpoint holds damaged weights; evaluate another checkpoint")
             probabilities, labels = logits.float().softmax(dim=1).topk(k, dim=1)
             for index, probs, picks in zip(indices.tolist(), probabilities.tolist(), labels.tolist()):

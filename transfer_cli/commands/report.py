@@ -14,7 +14,8 @@ def main(argv: list[str]) -> int:
         prog="transfer report",
         description="Compare the runs below DIRs: one row per run (seeds of the same config share a row, "
                     "mean ± sample std), written as results.md, results.csv and val_acc.png.")
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dirs, sweep dirs or any folder above them")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dirs, sweep dirs or any folder above "
+                                                                          "them")
     parser.add_argument("--out", type=Path, metavar="OUTDIR", help="where to write the report (default: the first DIR)")
     args = parser.parse_args(argv)
     table, notes = build_report(args.dirs, args.out or args.dirs[0])

@@ -1,7 +1,7 @@
 """Value rules for config fields, and the walk that applies them to a whole config.
 
 A schema field carries its rule in its metadata (`field(default=..., metadata=rule(...))`,
-see config.py), so the range sits next to the field it guards. `check_tree` visits every field
+see schema.py), so the range sits next to the field it guards. `check_tree` visits every field
 of a dataclass tree and raises one TransferError naming the first bad key, its value and what
 it must be. It imports neither torch nor Hydra: composition checks it before anything runs.
 """

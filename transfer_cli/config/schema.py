@@ -139,7 +139,8 @@ class TransformsConfig:
     crop_pct: Optional[float] = field(default=None, metadata=rule(between(0, 1.5, low_open=True)))
     crop_mode: Optional[str] = field(default=None, metadata=rule(one_of(*CROP_MODES)))
     interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
-    mean: Optional[list[float]] = field(default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
+    mean: Optional[list[float]] = field(
+        default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
     std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))
 
 

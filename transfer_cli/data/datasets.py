@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch.utils.data import Dataset, Subset
@@ -25,7 +25,7 @@ from transfer_cli.data.synthetic import SyntheticImages
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RawSplits:
     """Untransformed splits: items are (PIL image or uint8 tensor, label)."""
 
@@ -75,10 +75,12 @@ def load_splits(cfg: DatasetConfig) -> RawSplits:
     splits = DATASETS.get(cfg.name)(cfg, seed)
     if cfg.train_subset is not None:
         indices = stratified_subset(splits.train_labels, cfg.train_subset, seed)
-        splits.train, splits.train_labels = _subset(splits.train, splits.train_labels, indices)
+        train, train_labels = _subset(splits.train, splits.train_labels, indices)
+        splits = replace(splits, train=train, train_labels=train_labels)
     if cfg.val_subset is not None:
         indices = stratified_subset(splits.val_labels, cfg.val_subset, seed, option="dataset.val_subset")
-        splits.val, splits.val_labels = _subset(splits.val, splits.val_labels, indices)
+        val, val_labels = _subset(splits.val, splits.val_labels, indices)
+        splits = replace(splits, val=val, val_labels=val_labels)
     return splits
 
 

@@ -126,7 +126,8 @@ def class_folders(root: Path) -> list[str]:
         raise TransferError(f"dataset.root '{root}' is not a directory: point it at a folder of class subfolders")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        raise TransferError(f"{root} has {len(classes)} class folder(s): a classifier needs at least 2 subfolders, one per class")
+        raise TransferError(f"{root} has {len(classes)} class folder(s): a classifier needs at least 2 subfolders, one "
+                            "per class")
     return classes
 
 

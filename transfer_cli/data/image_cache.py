@@ -83,5 +83,6 @@ def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: Callable[
                      name, estimate_mb, budget_mb)
         return dataset
     cached = DecodedImages(dataset, resize, workers)
-    log.info("%s split: %d images decoded once and kept in memory (%.0f MB)", name, len(cached), cached.nbytes() / 2**20)
+    log.info("%s split: %d images decoded once and kept in memory (%.0f MB)", name, len(cached),
+             cached.nbytes() / 2**20)
     return cached

@@ -26,7 +26,8 @@ def stratified_subset(labels: Sequence[int], size: int, seed: int, option: str =
     """`size` indices whose class shares match `labels` (largest remainder), sorted."""
     classes = _by_class(labels)
     if size > len(labels):
-        raise TransferError(f"{option}={size} is larger than the split ({len(labels)} images): use at most {len(labels)}")
+        raise TransferError(f"{option}={size} is larger than the split ({len(labels)} images): use at most "
+                            f"{len(labels)}")
     if size < len(classes):
         raise TransferError(f"{option}={size} is smaller than the {len(classes)} classes: use at least {len(classes)}")
     generator = torch.Generator().manual_seed(seed)

@@ -48,7 +48,8 @@ class Preprocessing(PretrainedPreprocessing):
         return height if isinstance(self.image_size, int) else (height, width)
 
 
-def resolve_preprocessing(weights: PretrainedPreprocessing, overrides: TransformsConfig, pretrained: bool) -> Preprocessing:
+def resolve_preprocessing(weights: PretrainedPreprocessing, overrides: TransformsConfig,
+                          pretrained: bool) -> Preprocessing:
     """Apply `transforms.*` overrides; warn where they contradict pretrained weights."""
     chosen = Preprocessing(**vars(weights))
     for field in ("image_size", "crop_pct", "interpolation", "crop_mode"):
@@ -64,7 +65,8 @@ def resolve_preprocessing(weights: PretrainedPreprocessing, overrides: Transform
                 raise TransferError(f"transforms.{field} needs 3 values (one per RGB channel) or 1, got {list(value)}")
             chosen = replace(chosen, **{field: tuple(float(v) for v in value)})
     if chosen.interpolation not in INTERPOLATIONS:
-        raise TransferError(f"transforms.interpolation='{chosen.interpolation}' is unknown: use one of {', '.join(INTERPOLATIONS)}")
+        raise TransferError(f"transforms.interpolation='{chosen.interpolation}' is unknown: use one of "
+                            f"{', '.join(INTERPOLATIONS)}")
     if chosen.crop_mode not in CROP_MODES:
         raise TransferError(f"transforms.crop_mode='{chosen.crop_mode}' is unknown: "
                             f"use one of {', '.join(CROP_MODES)}")

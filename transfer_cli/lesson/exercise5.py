@@ -221,7 +221,8 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     pre = replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # [0, 1] pixels; each norm applied per batch
     norms = resolve_normalizations(norm_keys, own.mean, own.std)
     # fp32 whatever trainer.amp says; trainer.channels_last (auto: on) picks the memory layout
-    memory_format = torch.channels_last if resolve_precision(cfg.trainer, device)[0].channels_last else torch.contiguous_format
+    channels_last = resolve_precision(cfg.trainer, device)[0].channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = raw.model.to(device, memory_format=memory_format)
     subsets = [load_splits(replace(cfg.dataset, split_seed=seed)) for seed in seeds]  # same classes, other images
     splits = subsets[0]  # the context lines and the figure show the first
@@ -233,7 +234,8 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
         loader = make_loader(dataset, batch_size, train=False, num_workers=cfg.trainer.num_workers,
                              seed=cfg.trainer.seed, pin_memory=False)
         runs.append(evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device, memory_format))
-    mapped = ", ".join(f"{name} -> {index} {imagenet_class_name(index)}" for name, index in zip(splits.classes, targets))
+    mapped = ", ".join(f"{name} -> {index} {imagenet_class_name(index)}"
+                       for name, index in zip(splits.classes, targets))
     info = {
         "backbone": cfg.backbone.name, "source": cfg.backbone.source, "weights": raw.weights_source,
         "dataset": cfg.dataset.name if cfg.dataset.name != "folder" else f"folder {cfg.dataset.root}",

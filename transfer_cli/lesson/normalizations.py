@@ -43,7 +43,8 @@ class Normalization:
         return inputs * std + mean
 
 
-def resolve_normalizations(keys: list[str], own_mean: tuple[float, ...], own_std: tuple[float, ...]) -> list[Normalization]:
+def resolve_normalizations(keys: list[str], own_mean: tuple[float, ...],
+                           own_std: tuple[float, ...]) -> list[Normalization]:
     chosen = []
     for key in dict.fromkeys(keys):  # each once, in the order given
         if key == "weights":

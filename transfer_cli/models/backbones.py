@@ -194,7 +194,8 @@ def _torchvision_matcher(name: str, model: nn.Module) -> dict[str, Any]:
 def _last_linear_path(model: nn.Module, name: str) -> str:
     linears = [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not linears:
-        raise TransferError(f"torchvision model '{name}' has no linear classifier to replace: choose another backbone.name")
+        raise TransferError(f"torchvision model '{name}' has no linear classifier to replace: choose another "
+                            "backbone.name")
     return linears[-1]
 
 
@@ -286,7 +287,8 @@ def _load_state_dict_file(model: nn.Module, file: Path) -> None:
     matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(state) - set(matching))
     if not matching:
-        raise TransferError(f"backbone.checkpoint '{file}' shares no weights with this backbone: was it saved from another model?")
+        raise TransferError(f"backbone.checkpoint '{file}' shares no weights with this backbone: was it saved from "
+                            "another model?")
     result = model.load_state_dict(matching, strict=False)
     if skipped or result.missing_keys:
         log.warning("checkpoint %s: %d tensors skipped (shape or name differs), %d left at init",

@@ -80,7 +80,8 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
     old = raw.model.get_submodule(raw.classifier_path)
     in_features = getattr(old, "in_features", None)
     if in_features is None:
-        raise TransferError(f"cannot find the input width of classifier '{raw.classifier_path}': choose another backbone")
+        raise TransferError(f"cannot find the input width of classifier '{raw.classifier_path}': choose another "
+                            "backbone")
     raw.model.set_submodule(raw.classifier_path, HEADS.get(head.kind)(head, in_features, num_classes))
     groups = layer_groups(raw.model, raw.group_matcher, raw.classifier_path)
     return TransferModel(raw.model, groups, raw.preprocessing, raw.weights_source,

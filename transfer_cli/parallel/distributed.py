@@ -220,7 +220,8 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)  # buffers: rank 0's, each forward
+    # buffers: rank 0's, broadcast before each forward
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

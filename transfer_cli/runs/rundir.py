@@ -23,7 +23,8 @@ def require_run_dir(path: str | Path) -> Path:
     if not run_dir.is_dir():
         raise TransferError(f"run directory '{path}' does not exist: give the directory `transfer train` printed")
     if not (run_dir / "config.yaml").is_file():
-        raise TransferError(f"'{path}' is not a run directory (no config.yaml): give the directory `transfer train` printed")
+        raise TransferError(f"'{path}' is not a run directory (no config.yaml): give the directory `transfer train` "
+                            "printed")
     return run_dir
 
 
@@ -48,7 +49,8 @@ def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     payload = _load_checkpoint_file(file)
     progress = payload.get("progress")
     missing = [key for key in RESUME_KEYS if key not in payload]
-    if missing or not isinstance(progress, dict) or not all(isinstance(progress.get(k), int) for k in ("epoch", "step")):
+    positions = isinstance(progress, dict) and all(isinstance(progress.get(k), int) for k in ("epoch", "step"))
+    if missing or not positions:
         what = f"no {', '.join(missing)}" if missing else "no progress (epoch, step)"
         raise TransferError(f"{file} is not a resumable `transfer train` checkpoint ({what}): "
                             "move it aside to restart the run from its first epoch")

@@ -31,8 +31,8 @@ from transfer_cli.training.feature_cache import NoIdentity, backbone_is_determin
 from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.training.optim import StagedOptimizer
 from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision, seed_everything
+from transfer_cli.training.stages import FitSetup
 from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
-from transfer_cli.training.trainer import FitSetup
 
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, 
     ema = None
     if cfg.trainer.ema_decay is not None:
         ema = torch.optim.swa_utils.AveragedModel(
-            model.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.trainer.ema_decay), use_buffers=True)
+            model.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.trainer.ema_decay),
+            use_buffers=True)
     return StepRunner(forward, optimizer.optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
                       precision, scaler, cfg.trainer.grad_clip, ema, model.model if ema is not None else None,
                       batch_mixer(cfg.augment, num_classes))
@@ -78,14 +79,12 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
             log.info("%s", choice)
         model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale,
-                         starts_pretrained(cfg.backbone, strategy.pretrained))  # not model.pretrained: a dry run builds none
+                         # not model.pretrained: a dry run builds no weights
+                         starts_pretrained(cfg.backbone, strategy.pretrained))
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     if not cfg.dry_run:
-        for split in ("train", "val"):
-            setattr(splits, split, maybe_cache(getattr(splits, split), cfg.dataset.cache_images, cfg.dataset.cache_budget_mb,
-                                               cache_resize(preprocessing), preprocessing.resize_size, split,
-                                               workers=max(1, min(4, os.cpu_count() or 1))))
+        splits = _decoded_once(splits, cfg, preprocessing)
     pin = device.type == "cuda"
     shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
     train_loader = make_loader(TransformedDataset(splits.train, train_transform(preprocessing, cfg.augment)),
@@ -95,27 +94,39 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
                              eval_batch_size, train=False,
                              num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
+    runner = _runner(cfg, model, optimizer, precision, scaler, num_classes)
+    random_input = not is_deterministic(cfg.augment) or runner.mix is not None
+    stage_data = _feature_cache_source(cfg, model, splits, preprocessing, precision, random_input,
+                                       (batch_size, eval_batch_size), strategy)
     setup = FitSetup(
-        model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler,
-        runner=_runner(cfg, model, optimizer, precision, scaler, num_classes),
+        model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler, runner=runner,
         train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
         train_bn=strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
-        compile=cfg.trainer.compile,
+        stage_data=stage_data, compile=cfg.trainer.compile,
     )
-    setup.head_only = _head_only_path(cfg, model, splits, preprocessing, precision, setup, strategy)
     if distributed.active():  # distinct dropout and MixUp streams per rank (augmentation is per sample)
         seed_everything(cfg.trainer.seed + 1_000_003 * distributed.rank())
     return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
 
 
-def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, preprocessing: Preprocessing,
-                    precision: Precision, setup: FitSetup, strategy: StrategyConfig) -> Callable[[Stage], Any]:
-    """Per stage: cached-feature loaders where only the head trains and the cache is allowed, else None."""
+def _decoded_once(splits: RawSplits, cfg: TrainConfig, preprocessing: Preprocessing) -> RawSplits:
+    """The splits with their images decoded and resized once, in memory, where dataset.cache_images allows."""
+    def kept(data: Any, split: str) -> Any:
+        return maybe_cache(data, cfg.dataset.cache_images, cfg.dataset.cache_budget_mb, cache_resize(preprocessing),
+                           preprocessing.resize_size, split, workers=max(1, min(4, os.cpu_count() or 1)))
+
+    return replace(splits, train=kept(splits.train, "train"), val=kept(splits.val, "val"))
+
+
+def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSplits, preprocessing: Preprocessing,
+                          precision: Precision, random_input: bool, batch_sizes: tuple[int, int],
+                          strategy: StrategyConfig) -> Callable[[Stage], Any]:
+    """The data source a stage asks for its inputs: cached-feature loaders where only the head trains and the
+    cache is allowed (`random_input`: augmentation or MixUp would differ per epoch), else None (the images)."""
     mode = str(cfg.trainer.cache_features).lower()  # auto | true | false (the schema's rule)
-    random_input = not is_deterministic(cfg.augment) or setup.runner.mix is not None
     exact = not random_input and backbone_is_deterministic(model) and not strategy.train_bn
     if mode == "false" or (mode == "auto" and not exact):
         return lambda stage: None
@@ -123,7 +134,7 @@ def _head_only_path(cfg: TrainConfig, model: TransferModel, splits: RawSplits, p
         log.warning("trainer.cache_features=true: head-only stages train on one centre view per image "
                     "(no augmentation, no backbone dropout)")
     eval_tf = eval_transform(preprocessing)
-    batch, eval_batch = setup.train_loader.batch_size, setup.val_loader.batch_size  # per process under DDP
+    batch, eval_batch = batch_sizes  # per process under DDP
     cache_dir = Path(cfg.trainer.cache_dir).expanduser() if cfg.trainer.cache_dir else default_feature_cache()
     memo: dict[str, Any] = {}
 

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision import datasets as tv_datasets
 
 from transfer_cli.data.folder import ImageFolderDataset
-from transfer_cli.data.loaders import EpochSampler, TransformedDataset
+from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.models.model import HEAD, TransferModel
 from transfer_cli.runs import checkpoint
 from transfer_cli.training.runtime import Precision
@@ -144,7 +144,8 @@ def weights_digest(model: TransferModel) -> str:
 
 
 @torch.inference_mode()
-def compute_features(model: TransferModel, loader: DataLoader, precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_features(model: TransferModel, loader: DataLoader,
+                     precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every image of `loader`, in loader order, with the backbone in eval mode."""
     captured: list[torch.Tensor] = []
     head = model.model.get_submodule(model.head_path)
@@ -199,9 +200,8 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
             stored = {"key": key, "features": features, "labels": computed}
             _store(stored, path, split, unchanged=_identity_or_none(data) == identities[split])
         tensors[split] = TensorDataset(stored["features"], stored["labels"])
-    train_loader = DataLoader(tensors["train"], batch_size=batch_size, sampler=EpochSampler(len(train_data), seed),
-                              drop_last=len(train_data) > batch_size)
-    val_loader = DataLoader(tensors["val"], batch_size=eval_batch_size)
+    train_loader = make_loader(tensors["train"], batch_size, train=True, num_workers=0, seed=seed, pin_memory=False)
+    val_loader = make_loader(tensors["val"], eval_batch_size, train=False, num_workers=0, seed=seed, pin_memory=False)
     return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader)
 
 

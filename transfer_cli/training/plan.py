@@ -70,21 +70,26 @@ def format_plan(plan: dict[str, Any]) -> str:
     w, d, n = plan["backbone"]["weights"], plan["data"], plan["normalization"]
     where = w["from"] + (f" (cache {w['cache']}: {'present' if w.get('present') else 'missing'}"
                          f"{', offline' if w.get('offline') else ''})" if "cache" in w else "")
+    verdict = ("matches the weights" if n["matches_weights"]
+               else f"DIFFERS from the weights: {n['weights_mean']} / {n['weights_std']}")
     lines = [
-        f"strategy  {plan['strategy']['name']}" + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
+        f"strategy  {plan['strategy']['name']}"
+        + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
         f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
         f"{d['train_images']} train / {d['val_images']} val images",
         f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
         f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
-        f"mean {n['mean']} std {n['std']} ({'matches the weights' if n['matches_weights'] else 'DIFFERS from the weights: ' + str(n['weights_mean']) + ' / ' + str(n['weights_std'])})",
-        f"seeds     split {plan['seeds']['split']} (dataset.split_seed), training {plan['seeds']['training']} (trainer.seed)",
+        f"mean {n['mean']} std {n['std']} ({verdict})",
+        f"seeds     split {plan['seeds']['split']} (dataset.split_seed), training {plan['seeds']['training']} "
+        "(trainer.seed)",
         "groups    " + ", ".join(f"{g} {p:,}" for g, p in plan["layer_groups"].items()),
     ]
     for i, stage in enumerate(plan["stages"], 1):
         groups = ", ".join(f"{g['name']}@{g['lr']:g}" for g in stage["groups"])
         lines.append(f"stage {i}   {stage['name']}: {stage['epochs']} epochs, trains {groups}; "
-                     f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params; bn {stage['bn']}")
+                     f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params; bn "
+                     f"{stage['bn']}")
     return "\n".join(lines)
 
 

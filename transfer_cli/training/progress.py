@@ -1,9 +1,17 @@
-"""Where a run stands (saved in every checkpoint) and what `fit` returns."""
+"""Where a run stands (saved in every checkpoint), when it stops early, and what `fit` returns."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from transfer_cli.config.schema import EarlyStoppingConfig
+from transfer_cli.core.errors import TransferError
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,3 +55,31 @@ class FitResult:
     records: list[dict[str, Any]]
     progress: Progress
     error: str | None = None  # why training stopped abnormally (non-finite loss)
+
+
+def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int) -> None:
+    """A resumed run's metrics.jsonl must hold exactly the epochs its checkpoint completed, or the run's
+    history would silently lack epochs (a damaged line, a file edited or replaced)."""
+    logged = [record["epoch"] for record in records]
+    if logged != list(range(1, epochs_done + 1)):
+        shown = ", ".join(map(str, logged[:10])) + (", ..." if len(logged) > 10 else "") or "none"
+        raise TransferError(f"{run_dir / 'metrics.jsonl'} holds epochs [{shown}] but checkpoints/last.pt completed "
+                            f"epochs 1 to {epochs_done}: the run's history is incomplete; start a new run")
+
+
+def update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:
+    if cfg.patience is None:
+        return
+    if cfg.monitor not in record:
+        known = ", ".join(k for k in record if k.startswith("val/"))
+        raise TransferError(f"trainer.early_stopping.monitor='{cfg.monitor}' is not a metric: use one of {known}")
+    value = record[cfg.monitor]
+    sign = -1.0 if "loss" in cfg.monitor else 1.0
+    if progress.best_monitor is None or sign * (value - progress.best_monitor) > cfg.min_delta:
+        progress.best_monitor, progress.bad_epochs = value, 0
+        return
+    progress.bad_epochs += 1
+    if progress.bad_epochs >= cfg.patience:
+        progress.stop_reason = (f"early stopping: {cfg.monitor} did not improve by more than {cfg.min_delta} "
+                                f"for {cfg.patience} epochs (best {progress.best_monitor:.4f})")
+        log.info(progress.stop_reason)

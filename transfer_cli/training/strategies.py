@@ -143,9 +143,11 @@ def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferMode
             lrs = {name: float(base) * stage.lr_decay ** (depth - i) for i, name in enumerate(trained)}
     bad = [f"{name}={lr}" for name, lr in lrs.items() if not lr > 0]
     if bad:
-        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' has lr <= 0 ({', '.join(bad)}): use positive rates")
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' has lr <= 0 ({', '.join(bad)}): use "
+                            "positive rates")
     if not lrs:
-        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' trains no layer group: name some in its train list")
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' trains no layer group: name some in "
+                            "its train list")
     return lrs
 
 

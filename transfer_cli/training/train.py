@@ -18,9 +18,9 @@ from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, prepare
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
-from transfer_cli.training.progress import FitResult, Progress
+from transfer_cli.training.progress import FitResult, Progress, check_history
 from transfer_cli.training.strategies import Stage
-from transfer_cli.training.trainer import check_history, fit
+from transfer_cli.training.trainer import fit
 
 
 log = logging.getLogger(__name__)
@@ -61,10 +61,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     if main:
         runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint
     sinks = loggers.build(cfg.logger, run_dir) if main else loggers.Loggers([])  # TensorBoard, MLflow: rank 0
-    prepared.setup.logger = sinks
     sinks.log_params(to_plain(cfg))
     try:
-        result = fit(prepared.setup, resume, history)
+        result = fit(prepared.setup, resume, history, logger=sinks)
     except BaseException as error:
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
@@ -75,7 +74,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
         if result.records:
             runlog.plot_curves(result.records, run_dir / "curves.png",
                                title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
-    sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")}, summary["epochs_run"])
+    sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")},
+                      summary["epochs_run"])
     sinks.close("FAILED" if result.error else "FINISHED")
     if result.error:
         raise TransferError(result.error)

@@ -1,5 +1,8 @@
 """`fit`: stages, epochs, schedules, checkpoints, early stopping, interrupts and resume.
 
+A run is assembled once into a frozen `FitSetup`; entering a stage (stages.py) returns a frozen
+`StageRun`: the runner, the data and the schedule of that stage. A head-only stage may ask the
+setup's `stage_data` for cached features; it then trains the head on them instead of images.
 Everything needed to continue a run exactly lives in `Progress` plus the states saved
 beside it (model, optimizer, scheduler, scaler, EMA, RNGs), so a run killed at any
 checkpoint and resumed ends with the same metrics as one never interrupted.
@@ -9,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -17,53 +20,24 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer_cli.config.schema import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.core.errors import TransferError
-from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
-from transfer_cli.training.engine import NonFiniteLoss, StepRunner, Tally, evaluate, topk_for, train_one_epoch
-from transfer_cli.training.feature_cache import CachedSplits
+from transfer_cli.training.engine import NonFiniteLoss, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.training.interrupts import InterruptFlag
-from transfer_cli.training.optim import StagedOptimizer, build_scheduler
-from transfer_cli.training.progress import FitResult, Progress
+from transfer_cli.training.progress import FitResult, Progress, update_early_stopping
 from transfer_cli.training.runtime import Precision
-from transfer_cli.training.strategies import Stage, apply_stage, hold_frozen_batchnorm, reestimate_batchnorm
+from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run
+from transfer_cli.training.strategies import hold_frozen_batchnorm
 
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class FitSetup:
-    """Everything `fit` needs, built once by train.py."""
-
-    model: TransferModel
-    stages: list[Stage]
-    optimizer: StagedOptimizer
-    scheduler_cfg: SchedulerConfig
-    runner: StepRunner
-    train_loader: DataLoader
-    val_loader: DataLoader
-    num_classes: int
-    run_dir: Path
-    train_bn: bool = False
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    checkpoint_every_steps: int | None = None
-    check_every: int = 1
-    checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
-    head_only: Callable[[Stage], CachedSplits | None] = lambda stage: None  # feature-cache path for a stage
-    compile: bool = False  # DDP: compile the wrapped model at each stage boundary
-    logger: Any = None  # loggers.Loggers: TensorBoard, MLflow (rank 0); metrics.jsonl is written regardless
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _stop_requested(setup: FitSetup, interrupt: InterruptFlag) -> bool:
-    """Ctrl-C or SIGTERM seen here or, under DDP, by any rank (a collective there: every rank calls it at the same point)."""
+    """Ctrl-C or SIGTERM seen here or, under DDP, by any rank (a collective there: every rank calls it at the
+    same point)."""
     return distributed.any_true(interrupt.requested, setup.runner.precision.device)
 
 
@@ -71,9 +45,9 @@ def _stage_start(setup: FitSetup, index: int) -> int:
     return sum(stage.epochs for stage in setup.stages[:index])
 
 
-def _eval_model(setup: FitSetup) -> nn.Module:
+def _eval_model(run: StageRun) -> nn.Module:
     """What validation runs: the EMA, else the training forward (without its DDP wrapper: shards are uneven)."""
-    return setup.runner.ema.module if setup.runner.ema is not None else distributed.unwrap(setup.runner.model)
+    return run.runner.ema.module if run.runner.ema is not None else distributed.unwrap(run.runner.model)
 
 
 def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None, name: str) -> None:
@@ -100,33 +74,11 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
     checkpoint.save_atomic(payload, setup.run_dir / "checkpoints" / name)
 
 
-def _enter_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool = True) -> Any:
-    """Freeze and unfreeze for stage `index`; `fresh` (not rebuilding a resumed run, whose
-    checkpoint holds the BatchNorm stats) re-estimates them where the stage's policy says so."""
-    stage = setup.stages[index]
-    apply_stage(setup.model, stage, setup.train_bn)
-    if fresh and stage.bn == "reestimate":
-        loader = setup.train_loader
-        count, images = reestimate_batchnorm(setup.model, loader.dataset, loader.batch_size, loader.num_workers,
-                                             setup.runner.precision)
-        log.info("stage '%s': re-estimated the running stats of %d BatchNorm layers on %d training images",
-                 stage.name, count, images)
-    setup.optimizer.enter(stage)
-    progress.params_trainable[stage.name] = count_trainable(setup.model.model)
-    if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
-        wrapped = distributed.wrap(setup.model.model, setup.runner.precision.device)
-        setup.runner.model = torch.compile(wrapped) if setup.compile else wrapped
-    log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
-             stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()), progress.params_trainable[stage.name])
-    return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, stage.epochs * steps_per_epoch(setup.train_loader))
-
-
-def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, Any, Tally | None]:
+def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, StageRun, Tally | None]:
     """Rebuild the optimizer's groups stage by stage, then load every saved state."""
     progress = Progress.restored(state["progress"])
-    scheduler = None
     for index in range(progress.stage + 1):
-        scheduler = _enter_stage(setup, Progress(), index, fresh=False)
+        scheduler = prepare_stage(setup, Progress(), index, fresh=False)
     progress.params_trainable = dict(state["progress"]["params_trainable"])
     problem = checkpoint.misfit(setup.model.model.state_dict(), state["model"])
     if problem:  # e.g. saved by a version that named the classifier otherwise
@@ -144,8 +96,9 @@ def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, Any, Tall
         tally = Tally(setup.runner.precision.device, topk_for(setup.num_classes))
         if distributed.is_main():  # the saved tally is the sum over ranks: the others start from zero
             tally.load_state_dict(state["tally"])
+    run = stage_run(setup, progress.stage, scheduler)
     checkpoint.restore_rng_state(_rng_of_this_rank(state))
-    return progress, scheduler, tally
+    return progress, run, tally
 
 
 def _rng_of_this_rank(state: dict[str, Any]) -> dict[str, Any]:
@@ -161,22 +114,23 @@ def _rng_of_this_rank(state: dict[str, Any]) -> dict[str, Any]:
     return state["rng"]
 
 
-def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
-        history: list[dict[str, Any]] | None = None) -> FitResult:
-    """Train every stage in order (from `resume`'s position if given), checkpointing as it goes."""
+def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
+        logger: Any = None) -> FitResult:
+    """Train every stage in order (from `resume`'s position if given), checkpointing as it goes; `logger`
+    (TensorBoard, MLflow: rank 0) gets each epoch's record, which metrics.jsonl keeps regardless."""
     records = list(history or [])
-    progress, scheduler, tally = restore(setup, resume) if resume else (Progress(), None, None)
+    progress, run, tally = restore(setup, resume) if resume else (Progress(), None, None)
     if distributed.is_main():
         _remove_temp_files(setup.run_dir)
     first = progress.stage
     with InterruptFlag() as interrupt:
         for index in range(first, len(setup.stages)):
-            if index != first or scheduler is None:
+            if index != first or run is None:
                 progress.stage = index
-                scheduler = _enter_stage(setup, progress, index)
+                run = enter_stage(setup, progress, index)
             while progress.epoch < _stage_start(setup, index + 1) and progress.stop_reason is None:
                 try:
-                    record = _epoch(setup, scheduler, progress, tally, interrupt)
+                    record = _epoch(setup, run, progress, tally, interrupt, logger)
                 except NonFiniteLoss as error:
                     return FitResult(records, progress, error=str(error))
                 tally = None
@@ -188,16 +142,6 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None,
     return FitResult(records, progress)
 
 
-def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int) -> None:
-    """A resumed run's metrics.jsonl must hold exactly the epochs its checkpoint completed, or the run's
-    history would silently lack epochs (a damaged line, a file edited or replaced)."""
-    logged = [record["epoch"] for record in records]
-    if logged != list(range(1, epochs_done + 1)):
-        shown = ", ".join(map(str, logged[:10])) + (", ..." if len(logged) > 10 else "") or "none"
-        raise TransferError(f"{run_dir / 'metrics.jsonl'} holds epochs [{shown}] but checkpoints/last.pt completed "
-                            f"epochs 1 to {epochs_done}: the run's history is incomplete; start a new run")
-
-
 def _remove_temp_files(run_dir: Path) -> None:
     """Temp files of writes a kill interrupted (SIGKILL, a second SIGTERM): their finished files are intact."""
     removed = checkpoint.remove_orphans(run_dir / "checkpoints") + runlog.remove_temp_files(run_dir)
@@ -206,11 +150,11 @@ def _remove_temp_files(run_dir: Path) -> None:
                  ", ".join(str(path.relative_to(run_dir)) for path in removed))
 
 
-def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None,
-           interrupt: InterruptFlag) -> dict[str, Any]:
+def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | None,
+           interrupt: InterruptFlag, logger: Any) -> dict[str, Any]:
     """Train one epoch (or its rest), evaluate, record, checkpoint, update early stopping."""
     start = time.perf_counter()
-    stage = setup.stages[progress.stage]
+    stage, scheduler = run.stage, run.scheduler
     epoch = progress.epoch + 1
     tally = tally or Tally(setup.runner.precision.device, topk_for(setup.num_classes))
     if progress.step == 0:  # a run resumed mid-epoch records the lrs its epoch started with
@@ -235,21 +179,15 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             _save(setup, scheduler, progress, tally, "last.pt")
             saved["step"] = step
 
-    runner, train_loader = setup.runner, setup.train_loader
-    cached = setup.head_only(stage)
-    if cached is not None:
-        precision = replace(runner.precision, channels_last=False)
-        head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
-        runner = replace(runner, model=head, precision=precision)
-        train_loader = cached.train_loader
+    train_loader = run.train_loader
     setup.model.model.train()
     hold_frozen_batchnorm(setup.model, stage)
     train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
-    # make_loader's loaders have a generator of their own; the feature cache's does not, and would
-    # draw its base seed from the global RNG (dropout, MixUp) once more in an epoch resumed mid-way.
-    train_loader.generator = torch.Generator().manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
+    # the base seed DataLoader draws for this epoch's iterator: a function of (seed, epoch), so a resumed
+    # epoch draws what the uninterrupted one drew (make_loader gives every loader a generator of its own)
+    train_loader.generator.manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
     try:
-        train = train_one_epoch(runner, train_loader, scheduler, tally, start_step=progress.step,
+        train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}")
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
@@ -258,18 +196,18 @@ def _epoch(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | N
             "Lower the lr, set trainer.grad_clip, or check the data"
         ) from None
     kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
-    val = _validate(setup, progress, *_validation_target(setup, cached), interrupt, checkpoint_and_stop, kept)
+    val = _validate(setup, progress, *_validation_target(setup, run), interrupt, checkpoint_and_stop, kept)
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, **_lr_record(setup, progress), **train, **val,
               "seconds": time.perf_counter() - start}
     if distributed.is_main():
         runlog.append_metrics(setup.run_dir, record)
-        if setup.logger is not None:
-            setup.logger.log_metrics(record, epoch)
+        if logger is not None:
+            logger.log_metrics(record, epoch)
     improved = record["val/acc1"] > progress.best_val_acc
     if improved:
         progress.best_val_acc, progress.best_epoch = record["val/acc1"], epoch
-    _update_early_stopping(setup.early_stopping, progress, record)
+    update_early_stopping(setup.early_stopping, progress, record)
     _save(setup, scheduler, progress, None, "last.pt")
     if improved:
         _save(setup, scheduler, progress, None, "best.pt")
@@ -287,16 +225,16 @@ def _lr_record(setup: FitSetup, progress: Progress) -> dict[str, dict[str, float
             "lr_start": {g.name: start.get(g.name, 0.0) for g in setup.model.groups}}
 
 
-def _validation_target(setup: FitSetup, cached: CachedSplits | None) -> tuple[nn.Module, DataLoader, Precision]:
+def _validation_target(setup: FitSetup, run: StageRun) -> tuple[nn.Module, DataLoader, Precision]:
     """What the epoch validates (the EMA where there is one), on which data, at which precision.
 
     On cached features the head runs alone. The EMA's head may use them only while the EMA's backbone
     equals the live one (an average of weights frozen since the EMA began is those weights); after a stage
     that trained the backbone it lags behind, and the whole EMA runs on the images.
     """
-    ema, images = setup.runner.ema, setup.runner.precision
+    ema, images, cached = setup.runner.ema, setup.runner.precision, run.cached
     if cached is None:
-        return _eval_model(setup), setup.val_loader, images
+        return _eval_model(run), setup.val_loader, images
     features = replace(images, channels_last=False)
     if ema is None:
         return cached.head, cached.val_loader, features
@@ -338,19 +276,3 @@ def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: Dat
                             "Lower the lr, set trainer.grad_clip, or check the data") from None
 
 
-def _update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:
-    if cfg.patience is None:
-        return
-    if cfg.monitor not in record:
-        known = ", ".join(k for k in record if k.startswith("val/"))
-        raise TransferError(f"trainer.early_stopping.monitor='{cfg.monitor}' is not a metric: use one of {known}")
-    value = record[cfg.monitor]
-    sign = -1.0 if "loss" in cfg.monitor else 1.0
-    if progress.best_monitor is None or sign * (value - progress.best_monitor) > cfg.min_delta:
-        progress.best_monitor, progress.bad_epochs = value, 0
-        return
-    progress.bad_epochs += 1
-    if progress.bad_epochs >= cfg.patience:
-        progress.stop_reason = (f"early stopping: {cfg.monitor} did not improve by more than {cfg.min_delta} "
-                                f"for {cfg.patience} epochs (best {progress.best_monitor:.4f})")
-        log.info(progress.stop_reason)

@@ -1,0 +1,106 @@
+"""A run's fixed parts (`FitSetup`, assembled once) and entering a stage (`enter_stage`: what fit, resume
+and the benchmarks all do at a stage boundary), which returns the frozen `StageRun` its epochs use."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from transfer_cli.config.schema import EarlyStoppingConfig, SchedulerConfig
+from transfer_cli.data.loaders import steps_per_epoch
+from transfer_cli.models.model import TransferModel
+from transfer_cli.parallel import distributed
+from transfer_cli.training.engine import StepRunner
+from transfer_cli.training.feature_cache import CachedSplits
+from transfer_cli.training.optim import StagedOptimizer, build_scheduler
+from transfer_cli.training.progress import Progress
+from transfer_cli.training.strategies import Stage, apply_stage, reestimate_batchnorm
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitSetup:
+    """Everything `fit` needs, built once by assemble.py and never changed."""
+
+    model: TransferModel
+    stages: list[Stage]
+    optimizer: StagedOptimizer
+    scheduler_cfg: SchedulerConfig
+    runner: StepRunner
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    run_dir: Path
+    train_bn: bool = False
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint_every_steps: int | None = None
+    check_every: int = 1
+    checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
+    stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
+    compile: bool = False  # DDP: compile the wrapped model at each stage boundary
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One stage as its epochs run it: the runner (DDP-wrapped, or the head alone on cached features),
+    the data it trains on, and the stage's schedule."""
+
+    index: int
+    stage: Stage
+    runner: StepRunner
+    train_loader: DataLoader
+    scheduler: Any
+    cached: CachedSplits | None = None
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def enter_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool = True) -> StageRun:
+    """Freeze and unfreeze for stage `index` and return how its epochs run; `fresh` (not rebuilding a
+    resumed run, whose checkpoint holds the BatchNorm stats) re-estimates them where the stage's policy says so."""
+    return stage_run(setup, index, prepare_stage(setup, progress, index, fresh))
+
+
+def stage_run(setup: FitSetup, index: int, scheduler: Any) -> StageRun:
+    """The runner and data of an entered stage (a resumed one's after its weights are loaded: the cached
+    features are computed from them)."""
+    stage, runner, train_loader = setup.stages[index], setup.runner, setup.train_loader
+    if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
+        wrapped = distributed.wrap(setup.model.model, runner.precision.device)
+        runner = replace(runner, model=torch.compile(wrapped) if setup.compile else wrapped)
+    cached = setup.stage_data(stage)
+    if cached is not None:  # the head alone, on features computed once
+        precision = replace(runner.precision, channels_last=False)
+        head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
+        runner, train_loader = replace(runner, model=head, precision=precision), cached.train_loader
+    return StageRun(index, stage, runner, train_loader, scheduler, cached)
+
+
+def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) -> Any:
+    """The part of entering a stage that a resume repeats for every stage before its own: the frozen
+    groups, the BatchNorm policy, the optimizer's groups; returns the stage's scheduler."""
+    stage = setup.stages[index]
+    apply_stage(setup.model, stage, setup.train_bn)
+    if fresh and stage.bn == "reestimate":
+        loader = setup.train_loader
+        count, images = reestimate_batchnorm(setup.model, loader.dataset, loader.batch_size, loader.num_workers,
+                                             setup.runner.precision)
+        log.info("stage '%s': re-estimated the running stats of %d BatchNorm layers on %d training images",
+                 stage.name, count, images)
+    setup.optimizer.enter(stage)
+    progress.params_trainable[stage.name] = count_trainable(setup.model.model)
+    log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
+             stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()),
+             progress.params_trainable[stage.name])
+    steps = stage.epochs * steps_per_epoch(setup.train_loader)
+    return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, steps)
