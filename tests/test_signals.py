@@ -167,7 +167,7 @@ def test_a_torn_last_metrics_line_and_orphan_temp_files_do_not_stop_resume(
             train(compose_train(RUN), tmp_path)
     # what SIGKILLs mid-write leave: a checkpoint's temp file, a summary's
     (tmp_path / "checkpoints" / ".last.pt.k3j9x2ab.tmp").write_bytes(b"\x80\x02half a pickle")
-    (tmp_path / "summary.json.tmp").write_text('{"status": "fini')
+    (tmp_path / ".summary.json.q8w2e1rt.tmp").write_text('{"status": "fini')
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["progress"]["epoch"] == 1
 

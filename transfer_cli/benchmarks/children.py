@@ -8,6 +8,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,8 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     import copy
 
     import torch
-    from torch import nn
-    from torch.utils.data import DataLoader, TensorDataset
 
-    from transfer_cli.data.loaders import TransformedDataset, make_loader
-    from transfer_cli.data.transforms import eval_transform
+    from transfer_cli.data.loaders import make_loader
     from transfer_cli.training.assemble import prepare
     from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
     from transfer_cli.training.progress import Progress
@@ -50,11 +48,7 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     setup, model, stage = prepared.setup, prepared.model, prepared.stages[0]
     # same architecture and initial weights, in the lesson's plain (contiguous) memory format
     reference = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
-    data = TransformedDataset(prepared.splits.train, eval_transform(prepared.preprocessing))
-    images = torch.stack([data[i][0] for i in range(len(data))])  # the data, held in memory as tensors
-    labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
-    tensors, batch, device = TensorDataset(images, labels), cfg.trainer.batch_size, setup.runner.precision.device
-
+    tensors, batch, device = _in_memory(prepared), cfg.trainer.batch_size, setup.runner.precision.device
     run = enter_stage(setup, Progress(), 0)  # what fit does on entering the stage
     loader = make_loader(tensors, batch, train=True, num_workers=0, seed=cfg.trainer.seed, pin_memory=False)
     epochs_done = [0]
@@ -70,34 +64,11 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
             seen, epochs_done[0] = seen + tally.count, epochs_done[0] + 1
         return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
 
-    # The lesson's loop, verbatim: same optimizer type and lr, plain DataLoader over the same tensors.
     lr = max(stage.lrs.values())
     optimizer = type(setup.optimizer.optimizer)(reference.parameters(), lr=lr)
-    criterion = nn.CrossEntropyLoss()
-    reference_loader = DataLoader(tensors, batch_size=batch, shuffle=True)
-
-    def lesson() -> tuple[float, float]:
-        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
-        for _ in range(spec["epochs"]):
-            reference.train()
-            running_loss, correct = 0.0, 0
-            for x, y in reference_loader:
-                x, y = x.to(device), y.to(device)
-                optimizer.zero_grad()
-                out = reference(x)
-                loss = criterion(out, y)
-                loss.backward()
-                optimizer.step()
-                running_loss += loss.item()
-                correct += (out.argmax(1) == y).sum().item()
-                seen += y.size(0)
-        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
-
+    lesson = _lesson_loop(reference, optimizer, tensors, batch, device, spec["epochs"])
     ours(), lesson()  # warm-up: allocator, oneDNN primitives, optimizer state
-    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "reference": []}
-    for round_ in range(spec["rounds"]):  # ABBA order: drift in the machine's load hits both sides
-        for side in (("ours", "reference") if round_ % 2 == 0 else ("reference", "ours")):
-            runs[side].append(ours() if side == "ours" else lesson())
+    runs = _abba({"ours": ours, "reference": lesson}, spec["rounds"])
     calibration = spec.get("calibrate")
     return {"ours_runs": [wall for wall, _ in runs["ours"]], "reference_runs": [wall for wall, _ in runs["reference"]],
             # images per CPU-second: a steadier view of the same runs when other work shares the cores
@@ -108,6 +79,59 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available(), "peak_rss_mb": _peak_rss_mb(),
             "forward_ms_per_image": forward_ms_per_image(**calibration) if calibration else None}
+
+
+def _in_memory(prepared: Any) -> Any:
+    """The run's training images through its eval transform, held in memory as one TensorDataset."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from transfer_cli.data.loaders import TransformedDataset
+    from transfer_cli.data.transforms import eval_transform
+
+    data = TransformedDataset(prepared.splits.train, eval_transform(prepared.preprocessing))
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
+    return TensorDataset(images, labels)
+
+
+def _lesson_loop(model: Any, optimizer: Any, tensors: Any, batch: int, device: Any,
+                 epochs: int) -> Callable[[], tuple[float, float]]:
+    """The lesson's loop, verbatim: a plain shuffling DataLoader over the same tensors; (images/s, images/CPU-s)."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    criterion = nn.CrossEntropyLoss()
+    loader = DataLoader(tensors, batch_size=batch, shuffle=True)
+
+    def lesson() -> tuple[float, float]:
+        seen, start, cpu = 0, time.perf_counter(), _cpu_seconds()
+        for _ in range(epochs):
+            model.train()
+            running_loss, correct = 0.0, 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                optimizer.zero_grad()
+                out = model(x)
+                loss = criterion(out, y)
+                loss.backward()
+                optimizer.step()
+                running_loss += loss.item()
+                correct += (out.argmax(1) == y).sum().item()
+                seen += y.size(0)
+        return seen / (time.perf_counter() - start), seen / (_cpu_seconds() - cpu)
+
+    return lesson
+
+
+def _abba(sides: dict[str, Callable[[], tuple[float, float]]], rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Each side timed `rounds` times in ABBA order, so drift in the machine's load hits both sides alike."""
+    first, second = sides
+    runs: dict[str, list[tuple[float, float]]] = {first: [], second: []}
+    for round_ in range(rounds):
+        for side in ((first, second) if round_ % 2 == 0 else (second, first)):
+            runs[side].append(sides[side]())
+    return runs
 
 
 def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
@@ -129,14 +153,13 @@ def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
 
 def train_run(spec: dict[str, Any]) -> dict[str, Any]:
     """Wall and CPU seconds of one `transfer_cli.training.train.train` call, imports paid before the clock."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401  (plot_curves imports it at the end of every run)
     import timm  # noqa: F401  (backbones imports it when building the model)
     import torchvision  # noqa: F401
 
+    from transfer_cli.core.plotting import pyplot
     from transfer_cli.training.train import train
+
+    pyplot()  # plot_curves imports it at the end of every run
 
     cfg = compose_config(spec["overrides"])
     cpu, start = _cpu_seconds(), time.perf_counter()

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.benchmarks.gpu import gpu_figures
+from transfer_cli.core.tables import aligned
 
 
 # figure -> (comparison, threshold): what `make bench` checks
@@ -223,11 +224,8 @@ def format_table(report: dict[str, Any]) -> str:
     for model, figures in gpu.get("models", {}).items():
         add(f"gpu {model} synthetic img/s", f"{figures['synthetic_images_per_s']:.0f}")
         add(f"gpu {model} jpeg img/s", f"{figures['jpeg_images_per_s']:.0f}")
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-    if not gpu.get("available"):
-        lines.append(f"gpu: {gpu.get('reason', 'not measured')}")
-    return "\n".join(lines)
+    table = aligned(rows, right=(1,))
+    return table + (f"\ngpu: {gpu.get('reason', 'not measured')}" if not gpu.get("available") else "")
 
 
 def _machine() -> dict[str, Any]:

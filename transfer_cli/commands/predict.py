@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,8 +20,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import write_text
+from transfer_cli.core.tables import aligned
 from transfer_cli.data.folder import decode_problem, image_files, load_rgb
-from transfer_cli.data.loaders import TransformedDataset, make_loader
+from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.runs.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
 from transfer_cli.training.runtime import resolve_device, resolve_precision
@@ -98,9 +99,7 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.model.to(torch_device, memory_format=memory_format)
     dataset = TransformedDataset(_ImageFiles(images), eval_transform(preprocessing_of(cfg, model)))
-    loader = make_loader(dataset, cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
-                         num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
-                         pin_memory=torch_device.type == "cuda")
+    loader = eval_loader(dataset, cfg.trainer, pin_memory=torch_device.type == "cuda")
     k = min(top_k, len(classes))
     predictions = []
     with torch.inference_mode():
@@ -137,24 +136,18 @@ def render(predictions: list[Prediction], suffix: str) -> str:
     return buffer.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file and rename, so a crash never leaves half a file."""
-    temp = path.with_name(f".{path.name}.tmp")
+def write_out(path: Path, text: str) -> None:
+    """--out FILE, whole or not at all; a folder that cannot be written is one line."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
+        write_text(path, text)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise TransferError(f"cannot write {path}: {error.strerror or error}") from error
 
 
 def format_table(predictions: list[Prediction]) -> str:
     """One row per image, one `class probability` column per rank, aligned."""
     rows = [[p.path, *(f"{c} {prob:.3f}" for c, prob in p.top)] for p in predictions]
-    header = ["image", *(f"top-{rank}" for rank in range(1, len(rows[0])))]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    return aligned([["image", *(f"top-{rank}" for rank in range(1, len(rows[0])))], *rows])
 
 
 def main(argv: list[str]) -> int:
@@ -171,7 +164,7 @@ def main(argv: list[str]) -> int:
     check_out(args.out)
     predictions = predict_images(args.run_dir, args.paths, args.top_k, args.checkpoint, args.device)
     if args.out is not None:
-        write_atomic(args.out, render(predictions, args.out.suffix.lower()))
+        write_out(args.out, render(predictions, args.out.suffix.lower()))
     print(format_table(predictions))
     if args.out is not None:
         print(f"wrote {len(predictions)} predictions to {args.out}", file=sys.stderr)

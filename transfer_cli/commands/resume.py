@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from transfer_cli.core.errors import TransferError, report_user_error
+from transfer_cli.core.args import CommandParser
+from transfer_cli.core.errors import TransferError
 
 
 def _log_to(run_dir: Path) -> None:
@@ -71,7 +71,7 @@ def _continue(run_dir: Path, main: bool) -> int:
         if main:
             print(f"transfer: interrupted{again}", file=sys.stderr)
         return INTERRUPT_EXIT
-    except TransferError:  # a mistake (changed data, say): one line from main()
+    except TransferError:  # a mistake (changed data, say): one line from cli.py
         raise
     except Exception as error:  # noqa: BLE001 - a bug: one line, its traceback in the run's error.log
         if main:
@@ -84,10 +84,7 @@ def _continue(run_dir: Path, main: bool) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="transfer resume", description=__doc__)
+    parser = CommandParser(prog="transfer resume", description=__doc__)
     parser.add_argument("run_dir", help="the run directory `transfer train` printed")
     args = parser.parse_args(argv)
-    try:
-        return resume(args.run_dir)
-    except TransferError as error:
-        return report_user_error(error)
+    return resume(args.run_dir)

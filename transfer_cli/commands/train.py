@@ -81,16 +81,13 @@ def main(argv: list[str]) -> int:
     """`transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
     missing = missing_plugin(argv)
     if missing:
-        return report_user_error(missing)
+        raise TransferError(missing)
     register_configs()
     problem = composition_error(argv)
     if problem:
-        return report_user_error(problem)
+        raise TransferError(problem)
     distributed.init_from_env()  # torchrun: before Hydra composes, so rank 0 picks the run dir for every rank
-    try:
-        where, lock = _claim_dir(argv)
-    except TransferError as error:
-        return report_user_error(error)
+    where, lock = _claim_dir(argv)
     outcomes = _Outcomes()
     launcher_pid = os.getpid()
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from transfer_cli.config.schema import TrainerConfig
+
 
 class SampleKey(NamedTuple):
     """What a training sampler hands a worker: the index, and the (seed, epoch) its augmentation derives from."""
@@ -171,6 +173,12 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def eval_loader(dataset: Dataset, trainer: TrainerConfig, pin_memory: bool) -> DataLoader:
+    """The loader that scores `dataset` (eval, predict, exercise 5): in order, at the eval batch size."""
+    return make_loader(dataset, trainer.eval_batch_size or trainer.batch_size, train=False,
+                       num_workers=trainer.num_workers, seed=trainer.seed, pin_memory=pin_memory)
 
 
 def steps_per_epoch(loader: DataLoader) -> int:

@@ -32,6 +32,9 @@ from typing import Any
 
 import torch
 
+from transfer_cli.core.files import atomic_file, write_text
+from transfer_cli.core.plotting import pyplot, save_figure
+from transfer_cli.core.tables import markdown
 from transfer_cli.lesson.imagenet_classes import imagenet_class_name, imagenet_index
 from transfer_cli.lesson.normalizations import (
     Normalization,
@@ -63,14 +66,14 @@ def markdown_table(runs: list[list[NormResult]]) -> str:
     """One row per normalization; with several seeds each number is mean ± std over their subsets."""
     header = ["normalization", "mean", "std", "weights' own", "top-1", "top-5", "top-1 among the set's classes",
               "input mean", "input std"]
-    lines = [header, ["---"] * len(header)]
+    lines = []
     for column in zip(*runs):
         r = column[0]
         lines.append([r.label, _triple(r.mean), _triple(r.std), "yes" if r.weights_own else "no",
                       _value([c.top1 for c in column], 4), _value([c.top5 for c in column], 4),
                       _value([c.top1_among_classes for c in column], 4),
                       _value([c.input_mean for c in column], 3), _value([c.input_std for c in column], 3)])
-    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    return markdown(header, lines)
 
 
 def summarize(column: tuple[NormResult, ...]) -> dict[str, Any]:
@@ -98,8 +101,8 @@ def write_outputs(out: Path, runs: list[list[NormResult]], seeds: list[int], inf
                f"the weights: {info['image_size']} px, crop_pct {info['crop_pct']}, {info['interpolation']}; the "
                f"weights' own normalization: mean {_triple(info['weights_mean'])}, std {_triple(info['weights_std'])}; "
                f"device {info['device']}, {info['seconds']:.1f}s.")
-    (out / "results.md").write_text(context + "\n\n" + table + "\n", encoding="utf-8")
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as file:
+    write_text(out / "results.md", context + "\n\n" + table + "\n")
+    with atomic_file(out / "results.csv") as file:
         writer = csv.writer(file)
         writer.writerow(["split_seed", "normalization", "key", "mean", "std", "weights_own", "top1", "top5",
                          "top1_among_classes", "input_mean", "input_std", "images"])
@@ -121,10 +124,7 @@ def plot_samples(path: Path, images: torch.Tensor, truth: list[int], norms: list
     """One row per normalization: each sample as the network receives it, decoded with the weights' own
     normalization (what the first layer 'sees'), with the predicted class; last column, a histogram of
     the input values against the distribution the weights expect."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     own = Normalization("own", "", tuple(own_mean), tuple(own_std))
     expected = own.apply(images).flatten().numpy()
@@ -168,20 +168,17 @@ def plot_samples(path: Path, images: torch.Tensor, truth: list[int], norms: list
     figure.suptitle("what the network receives under each normalization (decoded with the weights' own mean/std)",
                     fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
 
 
 # --------------------------------------------------------------------------- the command
 
 
-def compose_config(overrides: list[str]) -> Any:
-    """The TrainConfig for `overrides`, with experiment=exercise5 unless another experiment is named."""
-    from transfer_cli.config.compose import compose_config as compose_train_config
-
-    if not any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in overrides):
-        overrides = [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
-    return compose_train_config(overrides)
+def with_experiment(overrides: list[str]) -> list[str]:
+    """`overrides` on experiment=exercise5, unless they name another experiment."""
+    if any(o.lstrip("+~").split("=", 1)[0] == "experiment" for o in overrides):
+        return overrides
+    return [f"experiment={DEFAULT_EXPERIMENT}", *overrides]
 
 
 def sample_indices(labels: list[int], count: int) -> list[int]:
@@ -203,14 +200,15 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
                       seeds: list[int] | None = None) -> str:
     """Exercise 5 end to end; returns the markdown table. `seeds`: one evaluation subset per
     dataset.split_seed (default: the config's own), the table then shows mean ± std over them."""
+    from transfer_cli.config.compose import compose_config
     from transfer_cli.data.datasets import load_splits
-    from transfer_cli.data.loaders import TransformedDataset, make_loader
+    from transfer_cli.data.loaders import TransformedDataset, eval_loader
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing
     from transfer_cli.models.backbones import build_raw_backbone
     from transfer_cli.training.runtime import resolve_device, resolve_precision
 
     started = time.perf_counter()
-    cfg = compose_config(overrides)
+    cfg = compose_config(with_experiment(overrides))
     seeds = seeds or [cfg.dataset.split_seed]
     device = resolve_device(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)  # a random-init backbone (backbone.pretrained=false) repeats
@@ -228,12 +226,8 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     splits = subsets[0]  # the context lines and the figure show the first
     targets = [imagenet_index(name) for name in splits.classes]
     datasets = [TransformedDataset(subset.val, eval_transform(pre)) for subset in subsets]
-    batch_size = cfg.trainer.eval_batch_size or cfg.trainer.batch_size
-    runs = []
-    for dataset in datasets:
-        loader = make_loader(dataset, batch_size, train=False, num_workers=cfg.trainer.num_workers,
-                             seed=cfg.trainer.seed, pin_memory=False)
-        runs.append(evaluate_normalizations(model, loader, targets, norms, own.mean, own.std, device, memory_format))
+    runs = [evaluate_normalizations(model, eval_loader(dataset, cfg.trainer, pin_memory=False), targets, norms,
+                                    own.mean, own.std, device, memory_format) for dataset in datasets]
     mapped = ", ".join(f"{name} -> {index} {imagenet_class_name(index)}"
                        for name, index in zip(splits.classes, targets))
     info = {

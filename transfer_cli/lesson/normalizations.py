@@ -12,6 +12,7 @@ from torch import nn
 from transfer_cli.core.errors import TransferError
 from transfer_cli.lesson.imagenet_classes import NUM_IMAGENET_CLASSES
 from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from transfer_cli.training.engine import topk_hits
 
 
 # key -> (label, mean, std); `weights` is resolved from the backbone
@@ -105,16 +106,16 @@ def evaluate_normalizations(model: nn.Module, loader: Any, targets: list[int], n
             if logits.shape[-1] != NUM_IMAGENET_CLASSES:
                 raise TransferError(f"the model has {logits.shape[-1]} outputs, not the 1000 ImageNet classes: "
                                     "exercise 5 needs a backbone with its original ImageNet classifier")
-            top5 = logits.topk(5, dim=1).indices
+            (top1, top5), predicted = topk_hits(logits, truth, (1, 5))
             own = in_set[logits[:, in_set].argmax(dim=1)]
             total = totals[norm.key]
-            total["top1"] += int((top5[:, 0] == truth).sum())
-            total["top5"] += int((top5 == truth[:, None]).any(dim=1).sum())
+            total["top1"] += int(top1)
+            total["top5"] += int(top5)
             total["set"] += int((own == truth).sum())
             total["sum"] += float(inputs.double().sum())
             total["sumsq"] += float(inputs.double().square().sum())
             total["count"] += inputs.numel()
-            total["pred"].extend(top5[:, 0].tolist())
+            total["pred"].extend(predicted.tolist())
     if not seen:
         raise TransferError("the evaluation set is empty")
     results = []

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from transfer_cli.core.files import atomic_file
 
 
 def rng_state() -> dict[str, Any]:
@@ -32,29 +32,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
     A crash or a full disk leaves the previous file intact, never a truncated one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def remove_orphans(folder: Path) -> list[Path]:
-    """Delete the temp files `save_atomic` leaves in `folder` when killed mid-write (SIGKILL); returns them.
-
-    Only for a folder one process writes (a run's checkpoints/, under its lock): in a shared
-    folder another process's temp file may still be in the making.
-    """
-    found = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for path in found:
-        path.unlink(missing_ok=True)
-    return found
+    with atomic_file(path, "wb") as file:
+        torch.save(payload, file)
 
 
 def load(path: Path) -> dict[str, Any]:

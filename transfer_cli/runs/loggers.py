@@ -38,11 +38,12 @@ class Logger(Protocol):
 
 
 def flatten(tree: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
-    """Leaves of nested dicts under joined keys: {'lr': {'head': 0.1}} -> {'lr/head': 0.1}."""
+    """Leaves of nested dicts under joined keys: {'lr': {'head': 0.1}} -> {'lr/head': 0.1}; an empty dict
+    is a leaf (a config node that holds nothing still differs from one that holds something)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, name, sep))
         else:
             flat[name] = value

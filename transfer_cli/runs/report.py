@@ -19,7 +19,11 @@ from typing import Any
 import yaml
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import atomic_file, write_text
+from transfer_cli.core.plotting import pyplot, save_figure
+from transfer_cli.core.tables import markdown
 from transfer_cli.runs import runlog
+from transfer_cli.runs.loggers import flatten
 from transfer_cli.runs.rundir import read_summary
 
 
@@ -144,7 +148,9 @@ def load_run(path: Path) -> Run:
     overrides = _load_yaml(path / ".hydra" / "overrides.yaml", list) or []
     summary_path = path / "summary.json"
     summary = read_summary(summary_path) if summary_path.is_file() else None
-    return Run(path, _flatten(config), [str(o) for o in overrides], runlog.read_metrics(path), summary)
+    flat = {key: value if isinstance(value, str) else json.dumps(value, allow_nan=False)
+            for key, value in flatten(config, sep=".").items()}  # comparable strings
+    return Run(path, flat, [str(o) for o in overrides], runlog.read_metrics(path), summary)
 
 
 def _load_yaml(path: Path, kind: type) -> Any:
@@ -173,17 +179,6 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
         raise TransferError(f"no readable run among {len(paths)} run director{'y' if len(paths) == 1 else 'ies'}: "
                             f"{unreadable[0]}{' (and more)' if len(unreadable) > 1 else ''}")
     return runs, unreadable
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings to dotted keys; lists and scalars become comparable strings."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
-    return flat
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -250,19 +245,15 @@ def _format(values: list[float], spec: str, count: bool = False) -> str:
 def markdown_table(rows: list[Row], keys: list[str]) -> str:
     """The table for people: formatted numbers, only the keys that tell the rows apart."""
     header = [*keys, "n", *(title for title, _ in METRICS.values()), "status", "run"]
-    lines = [header, ["---"] * len(header)]
-    for row in rows:
-        lines.append([*(row.key_value(k) for k in keys), str(len(row.runs)),
-                      *(_format(row.values(m), spec, m in COUNTS) for m, (_, spec) in METRICS.items()),
-                      row.status, row.names])
-    cells = (" | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in line) for line in lines)
-    return "\n".join(f"| {line} |" for line in cells)
+    return markdown(header, [[*(row.key_value(k) for k in keys), str(len(row.runs)),
+                              *(_format(row.values(m), spec, m in COUNTS) for m, (_, spec) in METRICS.items()),
+                              row.status, row.names] for row in rows])
 
 
 def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
     """Raw numbers (mean and sample std per metric) and every differing key, for further analysis."""
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
-    with open(path, "w", newline="", encoding="utf-8") as file:
+    with atomic_file(path) as file:
         writer = csv.writer(file)
         writer.writerow([*keys, "n", *stats, "status", "runs"])
         for row in rows:
@@ -274,10 +265,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
 
 def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     """Val accuracy per epoch, one line per run; its stage boundaries dotted in the line's colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     figure, axis = plt.subplots(figsize=(9, 5))
@@ -295,8 +283,7 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     if axis.lines:
         axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
@@ -314,9 +301,8 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     try:
         out.mkdir(parents=True, exist_ok=True)
         skipped = "".join(f"\n- {line}" for line in unreadable)
-        (out / "results.md").write_text(table + "\n" + (f"\n{repeats}\n" if repeats else "")
-                                        + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""),
-                                        encoding="utf-8")
+        write_text(out / "results.md", table + "\n" + (f"\n{repeats}\n" if repeats else "")
+                   + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""))
         write_csv(out / "results.csv", rows, keys)
         plot_val_acc(out / "val_acc.png", runs, shown)
     except OSError as error:

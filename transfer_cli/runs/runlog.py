@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import write_text
+from transfer_cli.core.plotting import pyplot, save_figure
 
 
 log = logging.getLogger(__name__)
 
 # The temp files the writers below leave behind when killed between writing and renaming.
-TEMP_PATTERNS = ("*.json.tmp", "*.jsonl.tmp")
 
 
 def _dumps(payload: Any, path: Path, **options: Any) -> str:
@@ -62,7 +63,7 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Replace metrics.jsonl with `records` atomically (resume drops epochs past its checkpoint)."""
     path = run_dir / "metrics.jsonl"
-    _write_atomic(path, "".join(_dumps(record, path) + "\n" for record in records))
+    write_text(path, "".join(_dumps(record, path) + "\n" for record in records))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -105,32 +106,7 @@ def _refuse_constant(name: str) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename)."""
-    _write_atomic(path, _dumps(payload, path, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """`path` holds its old content or all of `text`, never part of it; a failed write leaves no temp file.
-
-    A kill between writing and renaming still leaves `<name>.tmp`: `remove_temp_files` clears it on resume.
-    """
-    temp = path.with_name(path.name + ".tmp")
-    try:
-        with open(temp, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def remove_temp_files(run_dir: Path) -> list[Path]:
-    """Delete the temp files of writes a kill interrupted (the finished files are intact); returns them."""
-    found = [path for pattern in TEMP_PATTERNS for path in run_dir.glob(pattern)]
-    for path in found:
-        path.unlink(missing_ok=True)
-    return found
+    write_text(path, _dumps(payload, path, indent=2) + "\n")
 
 
 def stage_boundaries(records: list[dict[str, Any]]) -> list[float]:
@@ -144,10 +120,7 @@ def stage_boundaries(records: list[dict[str, Any]]) -> list[float]:
 
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, stage boundaries as dashed vertical lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [r["epoch"] for r in records]
     figure, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -165,5 +138,4 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)

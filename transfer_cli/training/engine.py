@@ -42,9 +42,7 @@ class Tally:
         loss = loss.detach()
         self.nonfinite += (~torch.isfinite(loss)).long()
         self.loss += loss.double() * n
-        top = logits.detach().float().topk(max(self.topk), dim=1).indices
-        correct = top.eq(labels[:, None])
-        self.hits += torch.stack([correct[:, :k].any(dim=1).sum() for k in self.topk]).double()
+        self.hits += topk_hits(logits.detach().float(), labels, self.topk)[0].double()
         self.count += n
 
     def result(self, prefix: str) -> dict[str, float]:
@@ -77,6 +75,14 @@ class Tally:
         self.loss = state["loss"].to(self.loss.device)
         self.hits = state["hits"].to(self.hits.device)
         self.count = int(state["count"])
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the batch have their label among the top k classes, for each k in `topk` (on the device,
+    no host sync), and the top-1 prediction of each sample."""
+    top = logits.topk(max(topk), dim=1).indices
+    correct = top.eq(labels[:, None])
+    return torch.stack([correct[:, :k].any(dim=1).sum() for k in topk]), top[:, 0]
 
 
 def topk_for(num_classes: int) -> tuple[int, ...]:

@@ -7,7 +7,6 @@ RUN_DIR/eval/<split>/ so each split keeps its own.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,15 @@ from tqdm import tqdm
 from transfer_cli.config.loading import apply_overrides, load_run_config
 from transfer_cli.config.schema import DatasetConfig, TrainConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.plotting import pyplot, save_figure
+from transfer_cli.core.tables import aligned
 from transfer_cli.data.datasets import check_classes, load_splits
 from transfer_cli.data.folder import folder_layout
-from transfer_cli.data.loaders import TransformedDataset, make_loader
+from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform
 from transfer_cli.runs import runlog
 from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, require_run_dir
-from transfer_cli.training.engine import topk_for
+from transfer_cli.training.engine import topk_for, topk_hits
 from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision
 
 
@@ -64,10 +65,9 @@ def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision
             logits = model(images)
         logits = logits.float()
         loss += F.cross_entropy(logits, labels, reduction="sum").double()
-        top = logits.topk(max(topk), dim=1).indices
-        correct = top.eq(labels[:, None])
-        hits += torch.stack([correct[:, :k].any(dim=1).sum() for k in topk])
-        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
+        batch_hits, predicted = topk_hits(logits, labels, topk)
+        hits += batch_hits
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
     return Counts(confusion.view(num_classes, num_classes).tolist(), dict(zip(topk, hits.tolist())), loss.item())
 
 
@@ -159,9 +159,7 @@ def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preproces
     except ValueError as error:  # torchvision's answer to a split name it does not know
         raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
     check_classes(splits.classes, classes, "evaluate on data with the same class folders")
-    return make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
-                       cfg.trainer.eval_batch_size or cfg.trainer.batch_size, train=False,
-                       num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin_memory)
+    return eval_loader(TransformedDataset(splits.val, eval_transform(preprocessing)), cfg.trainer, pin_memory)
 
 
 def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:
@@ -182,10 +180,7 @@ def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]]
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     """Counts coloured by share of their true class, so rare classes show as clearly as common ones."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(classes)
     shares = torch.tensor(confusion, dtype=torch.float64)
@@ -203,10 +198,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
     axis.set(xlabel="predicted class", ylabel="true class", title=title)
     figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04, label="share of the true class")
     figure.tight_layout()
-    temp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temp, dpi=100, format="png")
-    plt.close(figure)
-    os.replace(temp, path)
+    save_figure(figure, path)
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -219,11 +211,10 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows = sorted(rows, key=lambda row: -1.0 if row[1]["accuracy"] is None else row[1]["accuracy"])[:SHOWN_CLASSES]
         lines.append(f"the {SHOWN_CLASSES} classes with the lowest accuracy "
                      f"(all {len(metrics['per_class'])} in metrics.json):")
-    width = max(len("class"), *(len(name) for name, _ in rows))
-    lines.append(f"{'class':<{width}}  {'support':>7}  {'accuracy':>8}  {'precision':>9}  {'f1':>6}")
-    for name, row in rows:
-        lines.append(f"{name:<{width}}  {row['support']:>7}  {_fmt(row['accuracy']):>8}  "
-                     f"{_fmt(row['precision']):>9}  {_fmt(row['f1']):>6}")
+    cells = [[name, str(row["support"]), _fmt(row["accuracy"]), _fmt(row["precision"]), _fmt(row["f1"])]
+             for name, row in rows]
+    lines.append(aligned([["class", "support", "accuracy", "precision", "f1"], *cells], right=(1, 2, 3, 4),
+                         min_widths={1: 7, 4: 6}))
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import remove_temp_files
 from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
@@ -144,7 +145,7 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dic
 
 def _remove_temp_files(run_dir: Path) -> None:
     """Temp files of writes a kill interrupted (SIGKILL, a second SIGTERM): their finished files are intact."""
-    removed = checkpoint.remove_orphans(run_dir / "checkpoints") + runlog.remove_temp_files(run_dir)
+    removed = [path for folder in (run_dir, run_dir / "checkpoints") for path in remove_temp_files(folder)]
     if removed:
         log.info("removed %d temp file(s) of writes interrupted by a kill: %s", len(removed),
                  ", ".join(str(path.relative_to(run_dir)) for path in removed))
@@ -179,13 +180,7 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
             _save(setup, scheduler, progress, tally, "last.pt")
             saved["step"] = step
 
-    train_loader = run.train_loader
-    setup.model.model.train()
-    hold_frozen_batchnorm(setup.model, stage)
-    train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
-    # the base seed DataLoader draws for this epoch's iterator: a function of (seed, epoch), so a resumed
-    # epoch draws what the uninterrupted one drew (make_loader gives every loader a generator of its own)
-    train_loader.generator.manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
+    train_loader = _start_epoch(setup, run, progress)
     try:
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}")
@@ -200,6 +195,13 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, **_lr_record(setup, progress), **train, **val,
               "seconds": time.perf_counter() - start}
+    _settle_epoch(setup, scheduler, progress, record, logger)
+    return record
+
+
+def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: dict[str, Any], logger: Any) -> None:
+    """A finished epoch: its record logged, the best epoch and early stopping updated, its checkpoints saved."""
+    epoch = record["epoch"]
     if distributed.is_main():
         runlog.append_metrics(setup.run_dir, record)
         if logger is not None:
@@ -211,9 +213,20 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     _save(setup, scheduler, progress, None, "last.pt")
     if improved:
         _save(setup, scheduler, progress, None, "best.pt")
-    log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, stage.name,
+    log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, record["stage"],
              record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
-    return record
+
+
+def _start_epoch(setup: FitSetup, run: StageRun, progress: Progress) -> Any:
+    """Train mode (frozen groups held in eval), and the stage's loader positioned for this epoch (or its rest)."""
+    train_loader = run.train_loader
+    setup.model.model.train()
+    hold_frozen_batchnorm(setup.model, run.stage)
+    train_loader.sampler.set_epoch(progress.epoch, skip=progress.step * train_loader.batch_size)
+    # the base seed DataLoader draws for this epoch's iterator: a function of (seed, epoch), so a resumed
+    # epoch draws what the uninterrupted one drew (make_loader gives every loader a generator of its own)
+    train_loader.generator.manual_seed(train_loader.sampler.seed * 1_000_003 + progress.epoch)
+    return train_loader
 
 
 def _lr_record(setup: FitSetup, progress: Progress) -> dict[str, dict[str, float | None]]:
