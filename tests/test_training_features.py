@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ class Runners(list):
 
     def __init__(self) -> None:
         super().__init__()
-        self.hooks: list[Callable[[Any], None]] = []
+        self.hooks: list[Callable[[Any], Any]] = []  # each returns a runner to use instead, or None
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def runners(monkeypatch: pytest.MonkeyPatch) -> Runners:
     def keep(*args: Any, **kwargs: Any) -> Any:
         runner = real(*args, **kwargs)
         for hook in built.hooks:
-            hook(runner)
+            runner = hook(runner) or runner
         built.append(runner)
         return runner
 
@@ -56,7 +57,7 @@ def runners(monkeypatch: pytest.MonkeyPatch) -> Runners:
     return built
 
 
-def on_runner(runners: Runners, hook: Callable[[Any], None]) -> None:
+def on_runner(runners: Runners, hook: Callable[[Any], Any]) -> None:
     runners.hooks.append(hook)
 
 
@@ -93,7 +94,7 @@ class NanAt(nn.Module):
 @pytest.mark.parametrize("every", [None, 2], ids=["epoch_checkpoints", "step_checkpoints"])
 def test_a_nan_loss_stops_the_run_naming_epoch_and_step(tmp_path: Path, runners: Runners, every: int | None) -> None:
     bad_step = 3 if every is None else 4  # with step checkpoints: the step that would have been saved
-    on_runner(runners, lambda runner: setattr(runner, "loss_fn", NanAt(runner.loss_fn, STEPS_PER_EPOCH + bad_step)))
+    on_runner(runners, lambda runner: replace(runner, loss_fn=NanAt(runner.loss_fn, STEPS_PER_EPOCH + bad_step)))
     overrides = FAST + ([f"trainer.checkpoint_every_steps={every}"] if every else [])
     with pytest.raises(TransferError, match=rf"non-finite loss at step {bad_step} of epoch 2"):
         train(compose_train(overrides), tmp_path)
@@ -204,7 +205,7 @@ class Recording(nn.Module):
                                     ["augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0"], []],
                          ids=["mixup", "cutmix", "both", "neither"])
 def test_mixup_and_cutmix_train_on_soft_targets(tmp_path: Path, runners: Runners, mixing: list[str]) -> None:
-    on_runner(runners, lambda runner: setattr(runner, "loss_fn", Recording(runner.loss_fn)))
+    on_runner(runners, lambda runner: replace(runner, loss_fn=Recording(runner.loss_fn)))
     summary = train(compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1", *mixing]), tmp_path)
     targets = runners[-1].loss_fn.targets
     assert len(targets) == STEPS_PER_EPOCH

@@ -38,7 +38,7 @@ from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
     """A run ready to fit: what train and resume both build from a config."""
 

@@ -89,7 +89,7 @@ def topk_for(num_classes: int) -> tuple[int, ...]:
     return (1, 5) if num_classes >= 5 else (1,)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepRunner:
     """One optimizer step: forward under autocast, backward (scaled), clip, step, EMA."""
 
