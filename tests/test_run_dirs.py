@@ -282,7 +282,7 @@ def test_ranks_after_the_first_use_rank_0s_dir_and_create_nothing(
 @pytest.mark.parametrize("path", ["/tmp/a b/c", "/tmp/it's", "/tmp/x\\", "/tmp/a,b=c[d]{e}", "/tmp/q\\'x", "C:\\r\\n",
                                   "a\\\\'\\"])
 def test_a_claimed_dir_reaches_hydra_unchanged(path: str) -> None:
-    override = OverridesParser.create().parse_override(f"hydra.run.dir={train_command._quoted(path)}")
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={train_command.quoted(path)}")
     assert override.value() == path
 
 

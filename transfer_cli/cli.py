@@ -25,6 +25,8 @@ commands:
   report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
   eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
   predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
+  export    the run's network for inference: TorchScript, ONNX or safetensors, with model.json
+            (`transfer export RUN_DIR [--format onnx]`)
   exercise  the lesson's exercise 5: ImageNet normalization vs none vs 0.5 (`transfer exercise normalization`)
   bench     benchmarks -> outputs/bench/bench.json and a table (`transfer bench [--quick] [--gpu] [--check]`)
 
@@ -37,7 +39,7 @@ examples:
 
 # each command is transfer_cli.commands.<module>.main(argv) -> exit code, imported only when it runs
 COMMANDS = {"train": "train", "report": "report", "resume": "resume", "eval": "eval", "predict": "predict",
-            "exercise": "exercise", "bench": "bench"}
+            "export": "export", "exercise": "exercise", "bench": "bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,14 @@ def _entries_before(run_dir: Path) -> set[str]:
 
 def main(argv: list[str]) -> int:
     """`transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
+    outcomes = _Outcomes()
+    train_jobs(argv, outcomes)
+    return outcomes.report()
+
+
+def train_jobs(argv: list[str], outcomes: Any) -> list[Path]:
+    """The command but its exit code (also what `transfer_cli.train` runs): the checks, the claim of the
+    directory, each job under Hydra, however it ends told to `outcomes`; returns the jobs' directories."""
     missing = missing_plugin(argv)
     if missing:
         raise TransferError(missing)
@@ -88,16 +96,17 @@ def main(argv: list[str]) -> int:
         raise TransferError(problem)
     distributed.init_from_env()  # torchrun: before Hydra composes, so rank 0 picks the run dir for every rank
     where, lock = _claim_dir(argv)
-    outcomes = _Outcomes()
     launcher_pid = os.getpid()
+    trained: list[Path] = []
 
     def job(started: HydraJob) -> float | None:
+        trained.append(started.run_dir)
         distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
         return _job(started, outcomes, worker=os.getpid() != launcher_pid)
 
     with lock or contextlib.nullcontext():  # a single run's directory stays locked until Hydra is done with it
         run_hydra_main([*argv, *where], job)
-    return outcomes.report()
+    return trained
 
 
 class _Outcomes:
@@ -146,12 +155,12 @@ def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
     """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
     planned, from_clock, sweep = planned_dir(overrides, sweep)
     if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
-        return (f"hydra.sweep.dir={_quoted(str(runlock.unused_dir(planned)))}" if from_clock else None), None
+        return (f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}" if from_clock else None), None
     lock = runlock.claim_new(planned, from_clock, "transfer train")
-    return f"hydra.run.dir={_quoted(str(lock.run_dir))}", lock
+    return f"hydra.run.dir={quoted(str(lock.run_dir))}", lock
 
 
-def _quoted(value: str) -> str:
+def quoted(value: str) -> str:
     """`value` as a quoted Hydra override value: any path, spaces, commas and quotes included. In Hydra's
     quoted strings a backslash is literal except in a run before a quote or the closing quote: such runs double."""
     return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"

@@ -95,15 +95,17 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
                              num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     runner = _runner(cfg, model, optimizer, precision, scaler, num_classes)
-    random_input = not is_deterministic(cfg.augment) or runner.mix is not None
-    stage_data = _feature_cache_source(cfg, model, splits, preprocessing, precision, random_input,
-                                       (batch_size, eval_batch_size), strategy)
+    obstacles = _cache_obstacles(cfg, model, runner, strategy)
+    if obstacles and str(cfg.trainer.cache_features).lower() == "auto" and any(set(s.lrs) == {HEAD} for s in stages):
+        log.info("feature cache off: %s; head-only stages run the backbone on every image", "; ".join(obstacles))
+    stage_data = _feature_cache_source(cfg, model, splits, preprocessing, precision, not obstacles,
+                                       (batch_size, eval_batch_size))
     setup = FitSetup(
         model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler, runner=runner,
         train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
         train_bn=strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-        check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every),
+        check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every), log_every=cfg.trainer.log_every,
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
         stage_data=stage_data, compile=cfg.trainer.compile,
     )
@@ -121,13 +123,26 @@ def _decoded_once(splits: RawSplits, cfg: TrainConfig, preprocessing: Preprocess
     return replace(splits, train=kept(splits.train, "train"), val=kept(splits.val, "val"))
 
 
+def _cache_obstacles(cfg: TrainConfig, model: TransferModel, runner: StepRunner, strategy: StrategyConfig) -> list[str]:
+    """Why features computed once would not be what a head-only epoch sees (each with its way out)."""
+    obstacles = []
+    if not is_deterministic(cfg.augment):
+        obstacles.append(f"augment={cfg.augment.name} is random (augment=none, or trainer.cache_features=true "
+                         "to train on one centre view)")
+    if runner.mix is not None:
+        obstacles.append("MixUp/CutMix mix the images (augment.mixup_alpha=0 augment.cutmix_alpha=0)")
+    if not backbone_is_deterministic(model):
+        obstacles.append("the backbone runs dropout or drop-path before the head")
+    if strategy.train_bn:
+        obstacles.append("strategy.train_bn=true trains BatchNorm in frozen groups")
+    return obstacles
+
+
 def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSplits, preprocessing: Preprocessing,
-                          precision: Precision, random_input: bool, batch_sizes: tuple[int, int],
-                          strategy: StrategyConfig) -> Callable[[Stage], Any]:
+                          precision: Precision, exact: bool, batch_sizes: tuple[int, int]) -> Callable[[Stage], Any]:
     """The data source a stage asks for its inputs: cached-feature loaders where only the head trains and the
-    cache is allowed (`random_input`: augmentation or MixUp would differ per epoch), else None (the images)."""
+    cache is allowed (`exact`: the features are what each epoch would compute), else None (the images)."""
     mode = str(cfg.trainer.cache_features).lower()  # auto | true | false (the schema's rule)
-    exact = not random_input and backbone_is_deterministic(model) and not strategy.train_bn
     if mode == "false" or (mode == "auto" and not exact):
         return lambda stage: None
     if not exact:

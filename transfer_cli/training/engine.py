@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.parallel import distributed
+from transfer_cli.training.reporting import EpochProgress
 from transfer_cli.training.runtime import Precision
 
 
@@ -145,16 +146,19 @@ def train_one_epoch(
     on_step: Callable[[int], None] = lambda step: None,
     check_every: int = 1,
     description: str = "train",
+    progress: EpochProgress | None = None,
 ) -> dict[str, float]:
     """Train over `loader` (already positioned at `start_step`), stepping `scheduler` per batch.
 
-    `on_step(step)` runs after every step (mid-epoch checkpoints, interrupts). The caller
+    `on_step(step)` runs after every step (mid-epoch checkpoints, interrupts); `progress` shows the
+    epoch to a person (a bar, or log lines), else a plain tqdm bar titled `description`. The caller
     sets train mode and holds frozen BatchNorm in eval mode before calling.
     """
     start = time.perf_counter()
     counted = tally.count
     step = start_step
-    for images, labels in tqdm(loader, desc=description, leave=False, disable=None):
+    batches = progress.wrap(loader) if progress else tqdm(loader, desc=description, leave=False, disable=None)
+    for images, labels in batches:
         images, labels = runner.precision.to_device(images, labels)
         runner(images, labels, tally)
         scheduler.step()
@@ -162,6 +166,8 @@ def train_one_epoch(
         if step % check_every == 0 and tally.any_nonfinite():
             raise NonFiniteLoss(f"non-finite loss at step {step}")
         on_step(step)
+        if progress:
+            progress.step(step, tally)
     if tally.any_nonfinite():
         raise NonFiniteLoss(f"non-finite loss at or before step {step}")
     total = tally.reduced()  # DDP: every process's images

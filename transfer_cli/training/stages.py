@@ -43,6 +43,7 @@ class FitSetup:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint_every_steps: int | None = None
     check_every: int = 1
+    log_every: int = 50  # progress lines where no terminal shows a bar
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
     compile: bool = False  # DDP: compile the wrapped model at each stage boundary

@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import remove_temp_files
+from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.training.engine import NonFiniteLoss, Tally, evaluate, topk_for, train_one_epoch
 from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.progress import FitResult, Progress, update_early_stopping
+from transfer_cli.training.reporting import EpochProgress
 from transfer_cli.training.runtime import Precision
 from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run
 from transfer_cli.training.strategies import hold_frozen_batchnorm
@@ -183,7 +185,8 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     train_loader = _start_epoch(setup, run, progress)
     try:
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
-                                on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}")
+                                on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}",
+                                progress=_epoch_progress(setup, run, epoch, progress.step))
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
         raise NonFiniteLoss(
@@ -215,6 +218,14 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
         _save(setup, scheduler, progress, None, "best.pt")
     log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, record["stage"],
              record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
+
+
+def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int) -> EpochProgress:
+    """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only)."""
+    total = _stage_start(setup, len(setup.stages))
+    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", steps_per_epoch(run.train_loader), start_step,
+                         run.train_loader.batch_size * distributed.world_size(), setup.optimizer.lrs_by_group,
+                         setup.log_every, bar=None if distributed.is_main() else False)
 
 
 def _start_epoch(setup: FitSetup, run: StageRun, progress: Progress) -> Any:
