@@ -131,3 +131,19 @@ def test_value_by_value_checks_each_swept_value_once() -> None:
 
     runs = value_by_value(["a=1,2,3", "b=x", "c=range(0,10)", "d=interval(0,1)"])
     assert runs == [["b=x", "a=1", "c=0"], ["b=x", "a=2", "c=0"], ["b=x", "a=3", "c=0"], ["b=x", "a=1", "c=9"]]
+
+
+@pytest.mark.parametrize(("typed", "offered"), [("transfer train strategy=gr", "strategy=gradual"),
+                                                ("transfer train trainer.ep", "trainer.epochs="),
+                                                ("transfer train experiment=smoke backbone=res", "backbone=resnet18")])
+def test_shell_completion_as_installed_completes_train_overrides(typed: str, offered: str) -> None:
+    """`eval "$(transfer train -sc install=bash)"` installs a function that calls `transfer -sc query=bash` with
+    the typed line in COMP_LINE (zsh's install wraps the same function)."""
+    install = subprocess.run([sys.executable, "-m", "transfer_cli", "train", "-sc", "install=bash"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0 and "-sc query=bash" in install.stdout
+    env = {**os.environ, "COMP_LINE": typed, "COMP_POINT": str(len(typed))}
+    query = subprocess.run([sys.executable, "-m", "transfer_cli", "-sc", "query=bash"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert query.returncode == 0, query.stderr
+    assert offered in query.stdout.split()

@@ -1,9 +1,15 @@
-"""Metric sinks: metrics.jsonl and summary.json always; TensorBoard and MLflow when installed."""
+"""Metric sinks: metrics.jsonl and summary.json always; TensorBoard, MLflow and W&B when installed."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,11 +87,89 @@ def test_mlflow_gets_params_metrics_and_status(tmp_path: Path) -> None:
     again.close()
 
 
-def test_mlflow_default_store_is_under_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_default_store_is_a_database_mlflows_own_client_opens(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default store (sqlite under outputs/) needs no MLFLOW_ALLOW_FILE_STORE: a fresh process with a clean
+    environment lists the run."""
     needs("mlflow", "mlflow")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     logger = loggers.MLflowLogger(MLflowLoggerConfig(), tmp_path)
     logger.close()
-    assert logger.tracking_uri == (tmp_path / "outputs" / "mlruns").as_uri()
-    assert (tmp_path / "outputs" / "mlruns").is_dir()
+    database = tmp_path / "outputs" / "mlflow.db"
+    assert logger.tracking_uri == f"sqlite:///{database}" and database.is_file()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    code = ("import mlflow; c = mlflow.MlflowClient(tracking_uri='sqlite:///outputs/mlflow.db'); "
+            "e = c.get_experiment_by_name('transfer'); "
+            "print([r.info.run_id for r in c.search_runs([e.experiment_id])])")
+    listed = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr[-1500:]
+    assert logger.run_id in listed.stdout
+
+
+class FakeWandb(types.ModuleType):
+    """What the logger asks of `wandb`, recorded: init's arguments, config, logged rows, the finish."""
+
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.inits: list[dict] = []
+        self.runs: list[SimpleNamespace] = []
+        self.Settings = lambda **kwargs: kwargs
+        self.Image = lambda path: ("image", Path(path).name)
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        run = SimpleNamespace(config={}, rows=[], exit_code=None)
+        values: dict = {}
+        run.config = SimpleNamespace(values=values, update=lambda new, allow_val_change: values.update(new))
+        run.log = lambda row, step=None: run.rows.append((step, row))
+        run.finish = lambda exit_code=0: setattr(run, "exit_code", exit_code)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(loggers, "check_available", lambda cfg: None)
+    run_dir = tmp_path / "run"
+    train(compose_train(QUICK + ["logger=wandb", "logger.wandb.project=lesson", "logger.wandb.mode=offline"]),
+          run_dir)
+    (init,), (run,) = fake.inits, fake.runs
+    assert (init["project"], init["name"], init["mode"], init["dir"]) == ("lesson", "run", "offline", str(run_dir))
+    assert init["id"] == (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip() and init["resume"] == "allow"
+    assert run.config.values["strategy"]["name"] == "feature_extract"
+    epochs = [(step, row) for step, row in run.rows if step is not None and "val/acc1" in row]
+    assert [(step, row["val/acc1"]) for step, row in epochs] == [
+        (r["epoch"], pytest.approx(r["val/acc1"])) for r in read_metrics(run_dir)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (2, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"]}) \
+        in run.rows
+    assert run.rows[-1] == (None, {"curves": ("image", "curves.png")}) and run.exit_code == 0
+
+    # a resumed run directory continues its W&B run
+    loggers.WandbLogger(compose_train(QUICK + ["logger=wandb"]).logger.wandb, run_dir).close()
+    assert fake.inits[1]["id"] == init["id"]
+
+
+def test_three_trackers_at_once_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`WANDB_MODE=offline logger=[tensorboard,mlflow,wandb]`: TensorBoard events, an MLflow run in the default
+    database, and a W&B offline run in the run directory."""
+    for module, extra in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")):
+        needs(module, extra)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    train(compose_train(QUICK + ["logger=[tensorboard,mlflow,wandb]"]), run_dir)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    mlflow_run = client.get_run((run_dir / loggers.MLFLOW_RUN_ID_FILE).read_text().strip())
+    assert mlflow_run.info.status == "FINISHED" and "val/acc1" in mlflow_run.data.metrics
+    wandb_id = (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0

@@ -170,7 +170,8 @@ FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "strategy.na
         "strategy.stages.name", "strategy.stages.train", "strategy.by_train_size.strategy", "dataset.root",
         "dataset.train_split", "dataset.val_split", "augment.name", "trainer.seed", "trainer.cache_dir",
         "trainer.early_stopping.monitor", "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",
-        "logger.mlflow.experiment", "logger.mlflow.run_name"}
+        "logger.mlflow.experiment", "logger.mlflow.run_name", "logger.wandb.project", "logger.wandb.entity",
+        "logger.wandb.name"}  # free text: names and paths
 
 
 def _leaves(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:

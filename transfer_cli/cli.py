@@ -8,6 +8,7 @@ Ctrl-C outside training 130, anything else a bug: one line naming it and exit 1.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
@@ -42,6 +43,18 @@ COMMANDS = {"train": "train", "report": "report", "resume": "resume", "eval": "e
             "export": "export", "exercise": "exercise", "bench": "bench"}
 
 
+def _completion_query(argv: list[str]) -> list[str]:
+    """What `eval "$(transfer train -sc install=bash)"` (or zsh) installs calls `transfer -sc query=bash` with the
+    line typed so far in COMP_LINE: Hydra answers it for the train command once the word `train` is out of it."""
+    line = os.environ.get("COMP_LINE", "")
+    program, _, rest = line.partition(" ")
+    if rest.split(" ", 1)[0] == "train":
+        cut = len(program) + len(" train")
+        os.environ["COMP_LINE"] = program + line[cut:]
+        os.environ["COMP_POINT"] = str(max(len(program), int(os.environ.get("COMP_POINT", len(line))) - len(" train")))
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `transfer` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -52,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         from transfer_cli import __version__
         print(f"transfer {__version__}")
         return 0
+    if argv[0] in {"-sc", "--shell-completion"}:
+        argv = ["train", *_completion_query(argv)]
     command = COMMANDS.get(argv[0])
     if command is None:
         import difflib

@@ -222,17 +222,27 @@ class TensorBoardLoggerConfig:
 
 @dataclass
 class MLflowLoggerConfig:
-    tracking_uri: Optional[str] = None  # null: a local file store, outputs/mlruns (MLFLOW_TRACKING_URI wins)
+    tracking_uri: Optional[str] = None  # null: sqlite database outputs/mlflow.db (MLFLOW_TRACKING_URI wins)
     experiment: str = "transfer"
     run_name: Optional[str] = None  # null: the run directory's path
 
 
 @dataclass
+class WandbLoggerConfig:
+    project: str = "transfer"
+    entity: Optional[str] = None  # null: the account's default entity
+    name: Optional[str] = None  # null: the run directory's name
+    # null: WANDB_MODE, else online; offline keeps the run in <run dir>/wandb for `wandb sync`
+    mode: Optional[str] = field(default=None, metadata=rule(one_of("online", "offline", "disabled")))
+
+
+@dataclass
 class LoggerConfig:
-    """Extra metric sinks (metrics.jsonl and summary.json are always written): `logger=tensorboard`, `logger=mlflow`."""
+    """Extra metric sinks (metrics.jsonl and summary.json are always written): `logger=tensorboard|mlflow|wandb`."""
 
     tensorboard: Optional[TensorBoardLoggerConfig] = None
     mlflow: Optional[MLflowLoggerConfig] = None
+    wandb: Optional[WandbLoggerConfig] = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ PLUGIN_OVERRIDES = {
     "hydra/launcher=submitit": ("hydra_plugins.hydra_submitit_launcher", "cluster"),
     "logger=tensorboard": ("tensorboard", "tensorboard"),
     "logger=mlflow": ("mlflow", "mlflow"),
+    "logger=wandb": ("wandb", "wandb"),
 }
 
 

@@ -1,11 +1,11 @@
-"""Metric sinks besides metrics.jsonl and summary.json: TensorBoard and MLflow (optional extras).
+"""Metric sinks besides metrics.jsonl and summary.json: TensorBoard, MLflow and W&B (optional extras).
 
-A logger has three methods: `log_params(config)` once at the start (the resolved config as
+A logger has four methods: `log_params(config)` once at the start (the resolved config as
 nested dicts), `log_metrics(record, step)` after every epoch (the metrics.jsonl record;
-numbers only, nested keys joined with '/', e.g. `lr/head`) and `close(status)` at the end.
-Only rank 0 of a DDP run logs. `logger=tensorboard`, `logger=mlflow` or
-`logger=[tensorboard,mlflow]` choose them; the packages come with `pip install -e ".[tensorboard]"`
-and `pip install -e ".[mlflow]"`.
+numbers only, nested keys joined with '/', e.g. `lr/head`), `log_image(name, path)` for the
+run's figures (curves.png) and `close(status)` at the end. Only rank 0 of a DDP run logs.
+`logger=tensorboard`, `logger=mlflow`, `logger=wandb` or a list (`logger=[tensorboard,mlflow,wandb]`)
+choose them; the packages come with `pip install -e ".[tensorboard]"`, `".[mlflow]"`, `".[wandb]"`.
 """
 
 from __future__ import annotations
@@ -14,25 +14,29 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig, TensorBoardLoggerConfig
+from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig, TensorBoardLoggerConfig, WandbLoggerConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.extras import install_hint, installed
 
 
 log = logging.getLogger(__name__)
 
-MLFLOW_DEFAULT_STORE = Path("outputs") / "mlruns"
+MLFLOW_DEFAULT_STORE = Path("outputs") / "mlflow.db"  # sqlite: mlflow's client and UI open it as it is
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"
+WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
 class Logger(Protocol):
     def log_params(self, config: dict[str, Any]) -> None: ...
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None: ...
+
+    def log_image(self, name: str, path: Path) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -71,6 +75,10 @@ class Loggers:
         for logger in self.loggers:
             logger.log_metrics(record, step)
 
+    def log_image(self, name: str, path: Path) -> None:
+        for logger in self.loggers:
+            logger.log_image(name, path)
+
     def close(self, status: str = "FINISHED") -> None:
         for logger in self.loggers:
             try:
@@ -79,7 +87,7 @@ class Loggers:
                 log.warning("closing %s failed: %s", type(logger).__name__, error)
 
 
-PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 
 
 def check_available(cfg: LoggerConfig) -> None:
@@ -96,6 +104,8 @@ def build(cfg: LoggerConfig, run_dir: Path) -> Loggers:
         chosen.append(TensorBoardLogger(cfg.tensorboard, run_dir))
     if cfg.mlflow is not None:
         chosen.append(MLflowLogger(cfg.mlflow, run_dir))
+    if cfg.wandb is not None:
+        chosen.append(WandbLogger(cfg.wandb, run_dir))
     return Loggers(chosen)
 
 
@@ -116,6 +126,12 @@ class TensorBoardLogger:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def log_image(self, name: str, path: Path) -> None:
+        import numpy as np
+        from PIL import Image
+
+        self.writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+
     def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
 
@@ -129,10 +145,12 @@ class MLflowLogger:
     def __init__(self, cfg: MLflowLoggerConfig, run_dir: Path) -> None:
         from mlflow.tracking import MlflowClient
 
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or MLFLOW_DEFAULT_STORE.resolve().as_uri()
+        default = f"sqlite:///{MLFLOW_DEFAULT_STORE.resolve()}"
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default
+        if uri == default:
+            MLFLOW_DEFAULT_STORE.parent.mkdir(parents=True, exist_ok=True)
         if "://" not in uri or uri.startswith("file:"):
-            # MLflow 3 keeps its file store in maintenance mode and asks for this opt-in; a database
-            # store needs none: logger.mlflow.tracking_uri=sqlite:///outputs/mlflow.db
+            # a file store the user chose: MLflow 3 keeps it in maintenance mode behind this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         self.tracking_uri = uri
@@ -171,5 +189,37 @@ class MLflowLogger:
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
+    def log_image(self, name: str, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+class WandbLogger:
+    """One W&B run per run directory (its id kept in `wandb_run_id`, so a resumed run continues it), its
+    files under <run dir>/wandb; `log_metrics` steps are epochs, the summary holds the last values."""
+
+    def __init__(self, cfg: WandbLoggerConfig, run_dir: Path) -> None:
+        import wandb
+
+        id_file = run_dir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # W&B: [a-z0-9]
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, id=run_id,
+                              resume="allow", dir=str(run_dir), mode=cfg.mode,
+                              settings=wandb.Settings(silent=True, console="off"))
+        id_file.write_text(run_id + "\n", encoding="utf-8")
+
+    def log_params(self, config: dict[str, Any]) -> None:
+        self.run.config.update(config, allow_val_change=True)
+
+    def log_metrics(self, record: dict[str, Any], step: int) -> None:
+        self.run.log(scalars(record), step=step)
+
+    def log_image(self, name: str, path: Path) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Image(str(path))})
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)

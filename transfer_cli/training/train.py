@@ -76,6 +76,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
                                title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
     sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")},
                       summary["epochs_run"])
+    if (run_dir / "curves.png").is_file():
+        sinks.log_image("curves", run_dir / "curves.png")
     sinks.close("FAILED" if result.error else "FINISHED")
     if result.error:
         raise TransferError(result.error)
