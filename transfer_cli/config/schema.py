@@ -209,6 +209,8 @@ class TrainerConfig:
     checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE)
     # steps between host syncs that check the loss is finite (every step on CPU)
     log_every: int = field(default=50, metadata=POSITIVE)
+    limit_train_batches: Optional[int] = field(default=None, metadata=POSITIVE)  # debug: steps per epoch at most
+    limit_val_batches: Optional[int] = field(default=None, metadata=POSITIVE)  # debug: val batches at most
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # auto (where exact) | true (one centre view even with augmentation) | false
     cache_features: str = field(default="auto", metadata=FLAG)

@@ -106,6 +106,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         train_bn=strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every), log_every=cfg.trainer.log_every,
+        limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
         stage_data=stage_data, compile=cfg.trainer.compile,
     )

@@ -147,6 +147,7 @@ def train_one_epoch(
     check_every: int = 1,
     description: str = "train",
     progress: EpochProgress | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
     """Train over `loader` (already positioned at `start_step`), stepping `scheduler` per batch.
 
@@ -159,6 +160,8 @@ def train_one_epoch(
     step = start_step
     batches = progress.wrap(loader) if progress else tqdm(loader, desc=description, leave=False, disable=None)
     for images, labels in batches:
+        if max_steps is not None and step >= max_steps:  # trainer.limit_train_batches
+            break
         images, labels = runner.precision.to_device(images, labels)
         runner(images, labels, tally)
         scheduler.step()
@@ -181,8 +184,9 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision: Precision,
-             num_classes: int, prefix: str = "val", on_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Loss and top-1 (and top-5 with 5+ classes) over `loader`, in eval mode.
+             num_classes: int, prefix: str = "val", on_batch: Callable[[], None] = lambda: None,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Loss and top-1 (and top-5 with 5+ classes) over `loader` (its first `max_batches`), in eval mode.
 
     `on_batch()` runs after every batch (an interrupt can stop a long pass). A NaN or infinite
     loss on any batch raises NonFiniteLoss: such a model's figures are not numbers to record.
@@ -192,7 +196,9 @@ def evaluate(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, precision
     tally = Tally(precision.device, topk_for(num_classes))
     start = time.perf_counter()
     try:
-        for images, labels in tqdm(loader, desc=prefix, leave=False, disable=None):
+        for batch, (images, labels) in enumerate(tqdm(loader, desc=prefix, leave=False, disable=None)):
+            if max_batches is not None and batch >= max_batches:  # trainer.limit_val_batches
+                break
             images, labels = precision.to_device(images, labels)
             with precision.autocast():
                 logits = model(images)

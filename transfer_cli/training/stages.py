@@ -44,6 +44,8 @@ class FitSetup:
     checkpoint_every_steps: int | None = None
     check_every: int = 1
     log_every: int = 50  # progress lines where no terminal shows a bar
+    limit_train_batches: int | None = None  # debug=fast: at most this many steps per epoch
+    limit_val_batches: int | None = None  # debug=fast: at most this many val batches
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
     compile: bool = False  # DDP: compile the wrapped model at each stage boundary
@@ -103,5 +105,11 @@ def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) 
     log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
              stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()),
              progress.params_trainable[stage.name])
-    steps = stage.epochs * steps_per_epoch(setup.train_loader)
+    steps = stage.epochs * epoch_steps(setup, setup.train_loader)
     return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, steps)
+
+
+def epoch_steps(setup: FitSetup, loader: DataLoader) -> int:
+    """Optimizer steps in an epoch over `loader`: all of them, or trainer.limit_train_batches (debug=fast)."""
+    full = steps_per_epoch(loader)
+    return min(full, setup.limit_train_batches) if setup.limit_train_batches else full

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import remove_temp_files
-from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
@@ -31,7 +30,7 @@ from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.progress import FitResult, Progress, update_early_stopping
 from transfer_cli.training.reporting import EpochProgress
 from transfer_cli.training.runtime import Precision
-from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run
+from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, epoch_steps, prepare_stage, stage_run
 from transfer_cli.training.strategies import hold_frozen_batchnorm
 
 
@@ -186,7 +185,8 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     try:
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}",
-                                progress=_epoch_progress(setup, run, epoch, progress.step))
+                                progress=_epoch_progress(setup, run, epoch, progress.step),
+                                max_steps=setup.limit_train_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
         raise NonFiniteLoss(
@@ -223,7 +223,7 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
 def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int) -> EpochProgress:
     """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only)."""
     total = _stage_start(setup, len(setup.stages))
-    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", steps_per_epoch(run.train_loader), start_step,
+    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", epoch_steps(setup, run.train_loader), start_step,
                          run.train_loader.batch_size * distributed.world_size(), setup.optimizer.lrs_by_group,
                          setup.log_every, bar=None if distributed.is_main() else False)
 
@@ -293,7 +293,8 @@ def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: Dat
 
     epoch = progress.epoch + 1
     try:
-        return evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, on_batch=on_batch)
+        return evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, on_batch=on_batch,
+                        max_batches=setup.limit_val_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} after epoch {epoch}"
         raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; checkpoints/last.pt keeps {kept}. "
