@@ -225,3 +225,36 @@ def test_report_on_a_real_sweep(tmp_path: Path, hydra_in_process: None) -> None:
     summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
     assert rows[0]["best val acc"].split(" ± ")[0] == f"{statistics.mean(s['best_val_acc'] for s in summaries):.4f}"
     assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "val_acc.png"))
+
+
+def test_machinery_is_not_a_difference_between_experiments(tmp_path: Path, capsys) -> None:
+    """Runs that differ only in how they ran (workers, device, loggers, cache dirs) are one experiment: their seeds
+    share a row, and no such key becomes a column."""
+    root = tmp_path / "sweep"
+    for name, seed, workers, device in (("0", 0, 0, "cpu"), ("1", 1, 4, "cuda")):
+        write_run(root / name, "fine_tune", seed, [0.5, 0.6, 0.7], finished=True)
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        config["trainer"].update(num_workers=workers, device=device, cache_dir=f"/cache/{name}")
+        config["logger"] = {"mlflow": {"tracking_uri": f"sqlite:///{name}.db"}} if workers else {}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    code, out, _ = run_report(capsys, str(root))
+    rows = parse_markdown(out)
+    assert code == 0 and len(rows) == 1 and rows[0]["n"] == "2"
+    assert not [key for key in rows[0] if key.startswith(("trainer.num_workers", "trainer.device", "logger",
+                                                           "trainer.cache_dir"))]
+
+
+def test_curves_label_each_stage_span_and_tick_whole_epochs(tmp_path: Path, monkeypatch) -> None:
+    from transfer_cli.runs import runlog
+
+    records = [{"epoch": e, "stage": s, "train/loss": 1 / e, "val/loss": 1 / e, "train/acc1": 0.5, "val/acc1": 0.5}
+               for e, s in zip(range(1, 6), ["head", "head", "last_block", "all", "all"])]
+    assert runlog.stage_spans(records) == [("head", 1.5), ("last_block", 3.0), ("all", 4.5)]
+    drawn = []
+    monkeypatch.setattr(runlog, "save_figure", lambda figure, path: drawn.append(figure))
+    runlog.plot_curves(records, tmp_path / "curves.png")
+    for axis in drawn[0].axes:
+        figure_text = [text.get_text() for text in axis.texts]
+        assert figure_text == ["head", "last_block", "all"]
+        ticks = [tick for tick in axis.get_xticks() if 1 <= tick <= 5]
+        assert ticks and all(float(tick).is_integer() for tick in ticks)

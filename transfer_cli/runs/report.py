@@ -181,10 +181,16 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
     return runs, unreadable
 
 
+# how a run was carried out, not what it is: never a difference between experiments
+MACHINERY = ("logger", "trainer.num_workers", "trainer.device", "trainer.cache_dir", "trainer.cache_features",
+             "trainer.log_every", "trainer.checkpoint_every_steps", "dataset.cache_images", "dataset.cache_budget_mb",
+             "dataset.download")
+
+
 def differing_keys(runs: list[Run]) -> list[str]:
-    """Config keys whose value is not the same in every run that has a config."""
+    """Config keys whose value is not the same in every run that has a config (the machinery left out)."""
     configs = [run.config for run in runs if run.config]
-    keys = list(dict.fromkeys(key for config in configs for key in config))
+    keys = list(dict.fromkeys(key for config in configs for key in config if not key.startswith(MACHINERY)))
     return [key for key in keys if len({config.get(key) for config in configs}) > 1]
 
 

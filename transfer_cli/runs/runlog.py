@@ -118,6 +118,16 @@ def stage_boundaries(records: list[dict[str, Any]]) -> list[float]:
     ]
 
 
+def stage_spans(records: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """Each stage run, in order, with the middle of its epochs (where its name goes on a plot)."""
+    spans: list[tuple[str, list[int]]] = []
+    for record in records:
+        if not spans or spans[-1][0] != record["stage"]:
+            spans.append((record["stage"], []))
+        spans[-1][1].append(record["epoch"])
+    return [(name, (epochs[0] + epochs[-1]) / 2) for name, epochs in spans]
+
+
 def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and accuracy per epoch, stage boundaries as dashed vertical lines."""
     plt = pyplot()
@@ -127,9 +137,15 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> N
     for split, style in (("train", "-o"), ("val", "-s")):
         loss_ax.plot(epochs, [r[f"{split}/loss"] for r in records], style, label=split, markersize=3)
         acc_ax.plot(epochs, [r[f"{split}/acc1"] for r in records], style, label=split, markersize=3)
+    from matplotlib.ticker import MaxNLocator
+
     for axis, label in ((loss_ax, "loss"), (acc_ax, "top-1 accuracy")):
         for boundary in stage_boundaries(records):
             axis.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+        for name, middle in stage_spans(records):  # each stage's name above its span
+            axis.annotate(name, (middle, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
+                          fontsize=8, color="grey")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axis.set_xlabel("epoch")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)

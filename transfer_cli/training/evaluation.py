@@ -209,12 +209,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     rows = list(metrics["per_class"].items())
     if len(rows) > SHOWN_CLASSES:
         rows = sorted(rows, key=lambda row: -1.0 if row[1]["accuracy"] is None else row[1]["accuracy"])[:SHOWN_CLASSES]
-        lines.append(f"the {SHOWN_CLASSES} classes with the lowest accuracy "
+        lines.append(f"the {SHOWN_CLASSES} classes with the lowest recall "
                      f"(all {len(metrics['per_class'])} in metrics.json):")
     cells = [[name, str(row["support"]), _fmt(row["accuracy"]), _fmt(row["precision"]), _fmt(row["f1"])]
              for name, row in rows]
-    lines.append(aligned([["class", "support", "accuracy", "precision", "f1"], *cells], right=(1, 2, 3, 4),
-                         min_widths={1: 7, 4: 6}))
+    lines.append(aligned([["class", "support", "recall", "precision", "F1"], *cells], right=(1, 2, 3, 4),
+                         min_widths={4: 6}))
     return "\n".join(lines)
 
 
