@@ -168,7 +168,7 @@ def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path,
 # monitor's metric names depend on the data (the trainer checks them against the metrics it logs).
 FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "strategy.name", "strategy.description",
         "strategy.stages.name", "strategy.stages.train", "strategy.by_train_size.strategy", "dataset.root",
-        "dataset.train_split", "dataset.val_split", "augment.name", "trainer.seed", "trainer.cache_dir",
+        "dataset.train_split", "dataset.val_split", "eval_splits", "augment.name", "trainer.seed", "trainer.cache_dir",
         "trainer.early_stopping.monitor", "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",
         "logger.mlflow.experiment", "logger.mlflow.run_name", "logger.wandb.project", "logger.wandb.entity",
         "logger.wandb.name"}  # free text: names and paths

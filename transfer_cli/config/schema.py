@@ -260,6 +260,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     dry_run: bool = False  # validate everything and print the plan without training
+    eval_splits: list[str] = field(default_factory=list)  # e.g. [test]: best.pt scored on each when training ends
 
     def __post_init__(self) -> None:
         """Every value in its range, checked whenever a config is built (composition, `OmegaConf.to_object`,

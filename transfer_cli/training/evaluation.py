@@ -135,11 +135,11 @@ def _eval_config(run_dir: Path, overrides: list[str]) -> tuple[str, TrainConfig]
             config_overrides.append(item)
     trained = load_run_config(run_dir)
     cfg = apply_overrides(trained, config_overrides)
-    _check_split(cfg.dataset, trained.dataset)
+    check_split(cfg.dataset, trained.dataset)
     return checkpoint, cfg
 
 
-def _check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
+def check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
     """A changed dataset.val_split must name a split that exists, not silently fall back to the trained one."""
     if dataset.val_split == trained.val_split:
         return

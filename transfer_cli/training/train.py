@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from transfer_cli.data.datasets import check_classes
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, prepare
+from transfer_cli.training.evaluation import check_split, evaluate_run
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
 from transfer_cli.training.progress import FitResult, Progress, check_history
@@ -36,6 +38,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     distributed.quiet_logging()
     main = distributed.is_main()
     loggers.check_available(cfg.logger)
+    for split in cfg.eval_splits:  # a split that does not exist fails now, not after hours of training
+        check_split(replace(cfg.dataset, val_split=split), cfg.dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
     with sigterm_stops("before training started"):
         prepared = prepare(cfg, run_dir)
@@ -68,6 +72,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     summary = _summary(result, prepared, cfg)
+    if main and cfg.eval_splits and not result.error:
+        summary["eval"] = _held_out(run_dir, cfg.eval_splits)
     summary["wall_time_s"] = time.perf_counter() - started
     if main:
         runlog.write_json(run_dir / "summary.json", summary)
@@ -82,6 +88,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     if result.error:
         raise TransferError(result.error)
     return summary
+
+
+def _held_out(run_dir: Path, splits: list[str]) -> dict[str, dict[str, Any]]:
+    """best.pt scored on each of `eval_splits` as `transfer eval` scores it (eval/<split>/ written too)."""
+    scores = {}
+    for split in splits:
+        metrics, _ = evaluate_run(run_dir, [f"dataset.val_split={split}"])
+        scores[split] = {key: metrics[key] for key in ("images", "acc1", "acc5", "macro_f1", "loss") if key in metrics}
+        log.info("eval_splits: %s split, best.pt: top-1 %.4f", split, metrics["acc1"])
+    return scores
 
 
 def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
