@@ -166,7 +166,8 @@ def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path,
 
 # Fields left free, and why: names, paths and text any value of which is meaningful here; the
 # monitor's metric names depend on the data (the trainer checks them against the metrics it logs).
-FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "strategy.name", "strategy.description",
+FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "backbone.kwargs", "strategy.name",
+        "strategy.description",
         "strategy.stages.name", "strategy.stages.train", "strategy.by_train_size.strategy", "dataset.root",
         "dataset.train_split", "dataset.val_split", "eval_splits", "augment.name", "trainer.seed", "trainer.cache_dir",
         "trainer.early_stopping.monitor", "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",

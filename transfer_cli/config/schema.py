@@ -37,6 +37,9 @@ class BackboneConfig:
     weights: Optional[str] = "DEFAULT"  # torchvision weights enum member, DEFAULT or null
     pretrained: bool = True
     checkpoint: Optional[str] = None  # local state-dict file used instead of a download
+    # stochastic depth while training (timm drop_path_rate, torchvision stochastic_depth_prob); null: the model's
+    drop_path_rate: Optional[float] = field(default=None, metadata=rule(UNIT))
+    kwargs: dict[str, Any] = field(default_factory=dict)  # more model arguments, e.g. {drop_rate: 0.2} (timm)
 
 
 @dataclass

@@ -96,7 +96,9 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
     checkpoint = _check_checkpoint(cfg.checkpoint)
     download = pretrained and cfg.pretrained and checkpoint is None
     try:
-        model = timm.create_model(cfg.name, pretrained=download)
+        model = timm.create_model(cfg.name, pretrained=download, **model_arguments(cfg, "drop_path_rate"))
+    except TypeError as exc:
+        raise _bad_arguments(cfg, exc) from exc
     except (OSError, RuntimeError, ValueError) as exc:
         if not download:
             raise
@@ -114,6 +116,20 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
         preprocessing=timm_preprocessing(resolve_data_config({}, model=model)),
         weights_source=source,
     )
+
+
+def model_arguments(cfg: BackboneConfig, drop_path_name: str) -> dict[str, Any]:
+    """backbone.kwargs, with backbone.drop_path_rate under the name this library gives it."""
+    extra = dict(cfg.kwargs)
+    if cfg.drop_path_rate is not None:
+        extra[drop_path_name] = cfg.drop_path_rate
+    return extra
+
+
+def _bad_arguments(cfg: BackboneConfig, error: TypeError) -> TransferError:
+    given = ", ".join(f"{key}={value}" for key, value in model_arguments(cfg, "drop_path_rate").items())
+    return TransferError(f"{cfg.source} model '{cfg.name}' does not take {given or 'these arguments'} ({error}): "
+                         "check backbone.kwargs and backbone.drop_path_rate")
 
 
 def timm_preprocessing(data: dict[str, Any]) -> PretrainedPreprocessing:
@@ -245,7 +261,10 @@ def _torchvision_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
     checkpoint = _check_checkpoint(cfg.checkpoint)
     download = weights if (pretrained and cfg.pretrained and checkpoint is None) else None
     try:
-        model = torchvision.models.get_model(cfg.name, weights=download)
+        model = torchvision.models.get_model(cfg.name, weights=download,
+                                             **model_arguments(cfg, "stochastic_depth_prob"))
+    except TypeError as exc:
+        raise _bad_arguments(cfg, exc) from exc
     except (OSError, RuntimeError) as exc:
         raise _offline_error(f"{cfg.name} {weights}", os.path.join(torch.hub.get_dir(), "checkpoints"), exc) from exc
     source = f"torchvision {weights}" if download is not None else "random init"
