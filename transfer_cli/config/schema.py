@@ -25,6 +25,7 @@ SHARE = between(0, 1, low_open=True, high_open=False)  # (0, 1]
 PROBABILITY = between(0, 1, high_open=False)  # [0, 1]
 BN_POLICIES = ("frozen_stats", "reestimate", "train")
 MISSING = "???"  # OmegaConf's marker for a value the config must give
+AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
 DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
 
 
@@ -161,6 +162,8 @@ class AugmentConfig:
                                           Rule(lambda v: len(v) < 4 or v[3] <= 0.5, "its hue (4th) must be <= 0.5"))))
     translate: Optional[list[float]] = field(  # largest shift as a share of width, height
         default=None, metadata=rule(Items(PROBABILITY, (2,))))
+    # an automatic policy from torchvision transforms.v2, after the crop and flip
+    policy: Optional[str] = field(default=None, metadata=rule(one_of(*AUGMENT_POLICIES)))
     # > 0: MixUp on training batches (torchvision transforms.v2.MixUp)
     mixup_alpha: float = field(default=0.0, metadata=NON_NEGATIVE)
     # > 0: CutMix; with both, each batch picks one at random

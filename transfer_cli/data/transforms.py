@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import PIL.Image
 import torch
@@ -148,6 +148,14 @@ def eval_transform(pre: Preprocessing) -> v2.Compose:
     return v2.Compose([cache_resize(pre), _crop(pre), v2.ToImage(), *_finish(pre)])
 
 
+# augment.policy -> the torchvision v2 transform (on uint8 images, before normalization)
+POLICIES: dict[str, Callable[[Any], Callable[[ImageLike], ImageLike]]] = {
+    "randaugment": lambda mode: v2.RandAugment(interpolation=mode),
+    "trivialaugment": lambda mode: v2.TrivialAugmentWide(interpolation=mode),
+    "autoaugment": lambda mode: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=mode),
+}
+
+
 def train_transform(pre: Preprocessing, augment: AugmentConfig) -> v2.Compose:
     """Augmentation from `augment`; with nothing random it equals the eval transform."""
     mode = INTERPOLATIONS[pre.interpolation]
@@ -165,10 +173,12 @@ def train_transform(pre: Preprocessing, augment: AugmentConfig) -> v2.Compose:
         steps.append(v2.ColorJitter(*augment.color_jitter))
     if augment.translate is not None:
         steps.append(v2.RandomAffine(degrees=0, translate=tuple(augment.translate), interpolation=mode))
+    if augment.policy is not None:
+        steps.append(POLICIES[augment.policy](mode))
     return v2.Compose(steps + _finish(pre))
 
 
 def is_deterministic(augment: AugmentConfig) -> bool:
     """True when training images go through no random transform (train = eval preprocessing)."""
     return (augment.random_resized_crop is None and augment.hflip == 0 and augment.rotation == 0
-            and augment.color_jitter is None and augment.translate is None)
+            and augment.color_jitter is None and augment.translate is None and augment.policy is None)
