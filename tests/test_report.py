@@ -258,3 +258,24 @@ def test_curves_label_each_stage_span_and_tick_whole_epochs(tmp_path: Path, monk
         assert figure_text == ["head", "last_block", "all"]
         ticks = [tick for tick in axis.get_xticks() if 1 <= tick <= 5]
         assert ticks and all(float(tick).is_integer() for tick in ticks)
+
+
+def test_the_legend_of_val_acc_never_covers_or_leaves_the_plot(tmp_path: Path, monkeypatch) -> None:
+    from transfer_cli.runs import report
+
+    root = tmp_path / "sweep"
+    for index in range(8):  # many runs with long labels: the legend is tall and wide
+        write_run(root / str(index), "fine_tune", index, [0.9, 0.95, 0.99], finished=True,
+                  lr=10.0 ** -(index + 1))
+    drawn = []
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: drawn.append(figure))
+    report.build_report([root], tmp_path / "out")
+    (figure,) = drawn
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axis = figure.axes[0]
+    legend = axis.get_legend().get_window_extent(renderer)
+    plot = axis.get_window_extent(renderer)
+    whole = figure.bbox
+    assert legend.x0 >= plot.x1, "beside the plot, not over its lines"
+    assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import statistics
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +275,7 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    figure, axis = plt.subplots(figsize=(9, 5))
+    figure, axis = plt.subplots(figsize=(9, 5), layout="constrained")  # room for the legend beside the plot
     for run in runs:
         points = [(r["epoch"], r["val/acc1"]) for r in run.records if "val/acc1" in r]
         if not points:
@@ -286,9 +287,10 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
     axis.set(xlabel="epoch", ylabel="val top-1 accuracy", ylim=(0, 1), title="val accuracy (dotted: stage changes)")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(alpha=0.3)
-    if axis.lines:
-        axis.legend(fontsize="small")
-    figure.tight_layout()
+    if axis.lines:  # beside the plot, never over its lines; long labels wrap instead of clipping
+        handles, labels = axis.get_legend_handles_labels()
+        axis.legend(handles, [textwrap.fill(label, 40) for label in labels], fontsize="small", loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     save_figure(figure, path)
 
 
