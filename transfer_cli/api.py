@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from transfer_cli.commands.predict import Prediction, find_images, readable
+from transfer_cli.commands.predict import Prediction, find_images, readable, top_k_predictions
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.data.folder import image_files, load_rgb, to_rgb
@@ -199,22 +199,7 @@ class LoadedRun:
         names = _names(given, items)
         dataset = TransformedDataset(_Images(items), self.transform)
         loader = eval_loader(dataset, self._trainer, pin_memory=self.device.type == "cuda")
-        k = min(top_k, len(self.classes))
-        predictions = []
-        self.model.eval()
-        with torch.inference_mode():
-            for batch, indices in loader:
-                batch, indices = self._precision.to_device(batch, indices)
-                with self._precision.autocast():
-                    logits = self.model(batch)
-                if not torch.isfinite(logits).all():
-                    raise TransferError("the run's model gives non-finite outputs (NaN or inf) for "
-                                        f"{names[int(indices[0])]}: "
-                                        "its checkpoint holds damaged weights; evaluate another checkpoint")
-                probabilities, labels = logits.float().softmax(dim=1).topk(k, dim=1)
-                for index, probs, picks in zip(indices.tolist(), probabilities.tolist(), labels.tolist()):
-                    predictions.append(Prediction(names[index], [(self.classes[c], p) for c, p in zip(picks, probs)]))
-        return predictions
+        return top_k_predictions(self.model, loader, self._precision, self.classes, names, top_k)
 
     def evaluate(self, split: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
         """The metrics `transfer eval RUN_DIR` computes (top-1, top-5, per-class, macro-F1, loss) on `split`

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.args import CommandParser
@@ -26,7 +26,7 @@ from transfer_cli.data.folder import decode_problem, image_files, load_rgb
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.runs.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
-from transfer_cli.training.runtime import resolve_device, resolve_precision
+from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision
 
 
 OUT_SUFFIXES = (".csv", ".json")
@@ -100,20 +100,28 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
     model.model.to(torch_device, memory_format=memory_format)
     dataset = TransformedDataset(_ImageFiles(images), eval_transform(preprocessing_of(cfg, model)))
     loader = eval_loader(dataset, cfg.trainer, pin_memory=torch_device.type == "cuda")
+    return top_k_predictions(model.model, loader, precision, classes, [str(image) for image in images], top_k)
+
+
+def top_k_predictions(model: torch.nn.Module, loader: DataLoader, precision: Precision, classes: list[str],
+                      names: list[str], top_k: int) -> list[Prediction]:
+    """Softmax top-k per item of `loader` (which yields (images, index into `names`)), in eval mode; a non-finite
+    output is one line naming the item (the API's `predict` runs the same)."""
     k = min(top_k, len(classes))
     predictions = []
+    model.eval()
     with torch.inference_mode():
         for batch, indices in loader:
             batch, indices = precision.to_device(batch, indices)
             with precision.autocast():
-                logits = model.model(batch)
+                logits = model(batch)
             if not torch.isfinite(logits).all():
                 raise TransferError("the run's model gives non-finite outputs (NaN or inf) for "
-                                    f"{images[int(indices[0])]}: "
+                                    f"{names[int(indices[0])]}: "
                                     "its checkpoint holds damaged weights; evaluate another checkpoint")
             probabilities, labels = logits.float().softmax(dim=1).topk(k, dim=1)
             for index, probs, picks in zip(indices.tolist(), probabilities.tolist(), labels.tolist()):
-                predictions.append(Prediction(str(images[index]), [(classes[c], p) for c, p in zip(picks, probs)]))
+                predictions.append(Prediction(names[index], [(classes[c], p) for c, p in zip(picks, probs)]))
     return predictions
 
 
