@@ -79,6 +79,23 @@ def test_targets_are_recorded_and_printed(quick: tuple[dict, str]) -> None:
 
 
 @pytest.mark.slow
+def test_new_figures_are_recorded_per_model_and_in_one_run(quick: tuple[dict, str]) -> None:
+    report, _ = quick
+    assert report["feature_cache_fraction_of_bound"] == pytest.approx(
+        report["feature_cache_speedup"] / report["workload"]["cache_epochs"])
+    models = [model for model, _ in report["workload"]["checkpoint_models"]]
+    assert sorted(report["checkpoint_bytes_per_epoch"]) == sorted(models) == ["test_resnet", "test_vit"]
+    for figure in report["checkpoint_bytes_per_epoch"].values():
+        assert 0 < figure["bytes_per_epoch"] < figure["full_model_bytes_per_epoch"] and figure["frozen_file_bytes"] > 0
+        assert figure["reduction"] == pytest.approx(figure["full_model_bytes_per_epoch"] / figure["bytes_per_epoch"])
+    per_model = report["checkpoint_bytes_per_epoch"].values()
+    assert report["checkpoint_bytes_reduction"] == min(figure["reduction"] for figure in per_model)
+    first = report["first_step"]["runs"][0]
+    assert 0 < first["import_torch_s"] < report["time_to_first_step_s"]
+    assert first["unneeded_modules_loaded"] == []  # plots, trackers, exporters: imported when used, not before
+
+
+@pytest.mark.slow
 def test_help_is_timed_and_does_not_import_torch(quick: tuple[dict, str]) -> None:
     report, _ = quick
     assert len(report["help_runs"]) == report["workload"]["help_runs"]
@@ -132,3 +149,21 @@ def test_cache_workload_is_sized_by_the_measured_forward_time() -> None:
     slow, fast = bench.cache_split_sizes(work, 100.0), bench.cache_split_sizes(work, 5.0)
     assert slow[0] < fast[0] and all(size % work.cache_batch == 0 for size in (slow[0], fast[0]))
     assert bench.cache_split_sizes(bench.QUICK, 5.0) == (bench.QUICK.cache_train, bench.QUICK.cache_val)
+
+
+@pytest.mark.slow
+def test_first_step_probe_sees_a_module_the_command_imports(tmp_path: Path) -> None:
+    """The probe that says 'nothing unneeded was imported' can say otherwise: hydra is imported by the command
+    (not by torch, torchvision or timm), matplotlib only after training."""
+    import time
+
+    from transfer_cli.benchmarks.costs import FIRST_STEP
+
+    spec = {"spawned": time.time(), "unneeded": ["hydra", "matplotlib"],
+            "args": ["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}"]}
+    out = tmp_path / "first.json"
+    subprocess.run([sys.executable, "-c", FIRST_STEP, json.dumps(spec), str(out)], cwd=REPO, timeout=300, check=True)
+    result = json.loads(out.read_text())
+    assert result["unneeded_modules_loaded"] == ["hydra"]
+    assert result["time_to_first_step_s"] > result["import_torch_s"] > 0
+    assert not (tmp_path / "run" / "summary.json").exists()  # stopped at its first step

@@ -116,6 +116,7 @@ class FakeWandb(types.ModuleType):
         self.runs: list[SimpleNamespace] = []
         self.Settings = lambda **kwargs: kwargs
         self.Image = lambda path: ("image", Path(path).name)
+        self.plot = SimpleNamespace(confusion_matrix=lambda **kwargs: ("confusion_matrix", kwargs))
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -147,6 +148,14 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     assert (2, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"]}) \
         in run.rows
     assert run.rows[-1] == (None, {"curves": ("image", "curves.png")}) and run.exit_code == 0
+    # the val split's confusion matrix after the last epoch, as W&B's confusion-matrix chart
+    (chart,) = [row["confusion/val_last_epoch"] for step, row in run.rows if "confusion/val_last_epoch" in row]
+    kind, drawn = chart
+    assert kind == "confusion_matrix" and drawn["class_names"] == summary["classes"]
+    matrix = as_matrix(drawn["y_true"], drawn["preds"], len(summary["classes"]))
+    assert sum(map(sum, matrix)) == summary["val_images"]
+    assert sum(matrix[i][i] for i in range(len(matrix))) / summary["val_images"] == pytest.approx(
+        summary["final_val_acc"])
 
     # a resumed run directory continues its W&B run
     loggers.WandbLogger(compose_train(QUICK + ["logger=wandb"]).logger.wandb, run_dir).close()
@@ -173,3 +182,76 @@ def test_three_trackers_at_once_offline(tmp_path: Path, monkeypatch: pytest.Monk
     wandb_id = (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip()
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+
+
+def as_matrix(true: list[int], predicted: list[int], classes: int) -> list[list[int]]:
+    matrix = [[0] * classes for _ in range(classes)]
+    for t, p in zip(true, predicted):
+        matrix[t][p] += 1
+    return matrix
+
+
+def write_split_folders(root: Path, per_class: int = 8) -> None:
+    """train/, val/ and test/ with two classes of flat colours plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            folder = root / split / f"class_{index}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The val split's matrix after the last epoch equals `transfer eval checkpoint=last` on it; an eval_splits
+    split's equals eval/<split>/confusion_matrix.json (best.pt). W&B's offline run holds both as tables, MLflow
+    both as JSON artifacts with their figures, TensorBoard both figures."""
+    for module, extra in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")):
+        needs(module, extra)
+    import transfer_cli
+    from transfer_cli.training.evaluation import evaluate_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_split_folders(data)
+    transfer_cli.train(FAST + ["dataset=folder", f"dataset.root={data}", "strategy=fine_tune", "trainer.epochs=2",
+                               "eval_splits=[test]", "logger=[tensorboard,mlflow,wandb]"], run_dir=run_dir)
+    classes = ["class_0", "class_1"]
+    last = evaluate_run(run_dir, ["checkpoint=last"])[1] / "confusion_matrix.json"
+    expected = {"val_last_epoch": json.loads(last.read_text())["matrix"],
+                "test": json.loads((run_dir / "eval" / "test" / "confusion_matrix.json").read_text())["matrix"]}
+    assert sum(map(sum, expected["val_last_epoch"])) == sum(map(sum, expected["test"])) == 16
+
+    wandb_id = (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip()
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{wandb_id}")
+    for split, matrix in expected.items():
+        (table,) = (offline / "files" / "media" / "table" / "confusion").glob(f"{split}_table_*.table.json")
+        rows = json.loads(table.read_text())
+        assert rows["columns"] == ["Actual", "Predicted", "nPredictions"]
+        assert {(a, p): n for a, p, n in rows["data"]} == {
+            (classes[i], classes[j]): matrix[i][j] for i in range(2) for j in range(2)}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    run_id = (run_dir / loggers.MLFLOW_RUN_ID_FILE).read_text().strip()
+    for split, matrix in expected.items():
+        stored = json.loads(Path(client.download_artifacts(run_id, f"confusion/{split}/confusion_matrix.json",
+                                                           str(tmp_path))).read_text())
+        assert stored["matrix"] == matrix and stored["classes"] == classes
+        assert [f.path for f in client.list_artifacts(run_id, f"confusion/{split}")] == [
+            f"confusion/{split}/confusion_matrix.json", f"confusion/{split}/confusion_matrix.png"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"confusion/val_last_epoch", "confusion/test"} <= set(events.Tags()["images"])

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.benchmarks.costs import checkpoint_bytes
+from transfer_cli.benchmarks.loader import loader_figures
 from transfer_cli.config.compose import compose_config
 from transfer_cli.runs.runlog import write_json
 
@@ -171,7 +173,8 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_rss_mb": _peak_rss_mb()}
 
 
-CHILDREN = {"loop": loop_throughput, "train": train_run}
+CHILDREN = {"loop": loop_throughput, "train": train_run, "checkpoint_bytes": checkpoint_bytes,
+            "loader": loader_figures}
 
 
 def run_child(argv: list[str]) -> int:

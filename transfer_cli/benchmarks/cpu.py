@@ -34,15 +34,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.benchmarks.costs import measure_first_step
 from transfer_cli.benchmarks.gpu import gpu_figures
+from transfer_cli.benchmarks.loader import loader_report, loader_spec, table_rows
 from transfer_cli.core.tables import aligned
 
 
 # figure -> (comparison, threshold): what `make bench` checks
 TARGETS: dict[str, tuple[str, float]] = {
     "train_throughput_ratio": (">=", 1.0),
-    "feature_cache_speedup": (">=", 8.0),
+    "feature_cache_fraction_of_bound": (">=", 0.9),
+    "checkpoint_bytes_reduction": (">=", 10.0),
     "help_seconds": ("<", 1.0),
+    "draft_decode_speedup": (">=", 2.0),
 }
 
 
@@ -65,15 +69,26 @@ class Workload:
     cache_epoch_seconds: float | None  # size the data so one uncached epoch takes about this long here
     cache_runs: int  # cached runs bracketing the uncached one (1 or 2)
     help_runs: int
+    # feature-extraction runs whose checkpoint bytes per epoch are counted: (timm model, extra overrides)
+    checkpoint_models: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    checkpoint_epochs: int = 3
+    first_step_runs: int = 3  # fresh `transfer train experiment=smoke` processes timed to their first step
+    loader_photos: int = 64  # 2000x1500 JPEGs for the loader figures (loader.py)
+    loader_rounds: int = 2  # timed passes over each train loader, with and without reduced decoding
+    loader_model_steps: int = 4  # timed training steps of each workload's model
 
 
+VIT_AT_32PX = ("+backbone.kwargs.img_size=32",)  # ViT-B/16's 86M parameters, 4 patches an image: a quick forward
 # about 4 minutes on a busy 2-core CPU: the uncached 10-epoch run is most of it
 FULL = Workload(loop_backbone="resnet18", loop_image_size=64, loop_images=128, loop_batch=32, loop_epochs=1,
                 loop_rounds=4, cache_backbone="resnet18", cache_image_size=128, cache_batch=64, cache_epochs=10,
-                cache_train=512, cache_val=128, cache_epoch_seconds=11.0, cache_runs=2, help_runs=7)
+                cache_train=512, cache_val=128, cache_epoch_seconds=11.0, cache_runs=2, help_runs=7,
+                checkpoint_models=(("vit_base_patch16_224", VIT_AT_32PX), ("resnet18", ())))
 QUICK = Workload(loop_backbone="test_resnet", loop_image_size=32, loop_images=64, loop_batch=16, loop_epochs=1,
                  loop_rounds=2, cache_backbone="test_resnet", cache_image_size=32, cache_batch=32, cache_epochs=2,
-                 cache_train=64, cache_val=32, cache_epoch_seconds=None, cache_runs=1, help_runs=3)
+                 cache_train=64, cache_val=32, cache_epoch_seconds=None, cache_runs=1, help_runs=3,
+                 checkpoint_models=(("test_vit", VIT_AT_32PX), ("test_resnet", ())), checkpoint_epochs=2,
+                 first_step_runs=1, loader_photos=16, loader_rounds=1, loader_model_steps=2)
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -156,12 +171,26 @@ def measure_feature_cache(work: Workload, tmp: Path, forward_ms: float | None = 
     if work.cache_runs > 1:
         cached.append(run("cached-2", "auto"))
     cached_s = statistics.median(r["seconds"] for r in cached)
-    return {"feature_cache_speedup": uncached["seconds"] / cached_s, "uncached_seconds": uncached["seconds"],
+    speedup = uncached["seconds"] / cached_s
+    return {"feature_cache_speedup": speedup, "feature_cache_fraction_of_bound": speedup / work.cache_epochs,
+            "uncached_seconds": uncached["seconds"],
             "cached_seconds": cached_s,
             "feature_cache": {"uncached": uncached, "cached": cached, "overrides": base, "train_images": train,
                               "val_images": val, "forward_ms_per_image": forward_ms,
                               "cpu_seconds_ratio": uncached["cpu_seconds"] / statistics.median(
                                   r["cpu_seconds"] for r in cached)}}
+
+
+def measure_checkpoint_bytes(work: Workload, tmp: Path) -> dict[str, Any]:
+    """Checkpoint bytes per epoch of feature extraction, per model, against full-model checkpoints (costs.py)."""
+    figures = {}
+    for model, extra in work.checkpoint_models:
+        overrides = _smoke(model, 32, 32, 16, 16) + ["strategy=feature_extract", "augment=none",
+                                                     f"trainer.epochs={work.checkpoint_epochs}",
+                                                     f"trainer.cache_dir={tmp / 'checkpoint-cache'}", *extra]
+        figures[model] = _child("checkpoint_bytes", {"overrides": overrides, "run_dir": str(tmp / f"bytes-{model}")})
+    return {"checkpoint_bytes_per_epoch": figures,
+            "checkpoint_bytes_reduction": min(figure["reduction"] for figure in figures.values())}
 
 
 def measure_help(runs: int) -> dict[str, Any]:
@@ -213,6 +242,19 @@ def format_table(report: dict[str, Any]) -> str:
         add("feature_cache_speedup", f"{report['feature_cache_speedup']:.2f}")
         add("  uncached seconds", f"{report['uncached_seconds']:.1f}")
         add("  cached seconds", f"{report['cached_seconds']:.1f}")
+        add("feature_cache_fraction_of_bound", f"{report['feature_cache_fraction_of_bound']:.3f}")
+        add("  bound (epochs)", str(report["workload"]["cache_epochs"]))
+        add("checkpoint_bytes_reduction", f"{report['checkpoint_bytes_reduction']:.0f}")
+        for model, figure in report["checkpoint_bytes_per_epoch"].items():
+            add(f"  {model} MB/epoch", f"{figure['bytes_per_epoch'] / 1e6:.3f} (full checkpoints: "
+                f"{figure['full_model_bytes_per_epoch'] / 1e6:.1f}; frozen file once: "
+                f"{figure['frozen_file_bytes'] / 1e6:.1f})")
+        add("time_to_first_step_s", f"{report['time_to_first_step_s']:.2f}")
+        first = report["first_step"]["runs"][0]
+        add("  imports torch/torchvision/timm s", "/".join(f"{first[f'import_{n}_s']:.2f}"
+                                                          for n in ("torch", "torchvision", "timm")))
+        for name, value in table_rows(report):
+            add(name, value)
         add("help_seconds", f"{report['help_seconds']:.3f}")
         add("  help imports torch", str(report["help_imports_torch"]).lower())
         add("peak_rss_mb", f"{report['peak_rss_mb']:.0f}")
@@ -243,6 +285,9 @@ def run_cpu(work: Workload, data_root: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="transfer-bench-") as tmp:
         report.update(measure_loop(work, Path(tmp)))
         report.update(measure_feature_cache(work, Path(tmp), report["loop"]["forward_ms_per_image"]))
+        report.update(measure_checkpoint_bytes(work, Path(tmp)))
+        report.update(measure_first_step(Path(tmp), child_env(), work.first_step_runs))
+        report.update(loader_report(_child("loader", loader_spec(work, Path(tmp), _smoke))))
     loop = report["loop"]
     runs = [report["feature_cache"]["uncached"], *report["feature_cache"]["cached"]]
     report["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)  # the train() children

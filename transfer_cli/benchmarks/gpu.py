@@ -42,7 +42,6 @@ def gpu_figures(data_root: str | None = None, *, device: str = "cuda", models: t
     if device.startswith("cuda") and not torch.cuda.is_available():
         return {"available": False,
                 "reason": f"no CUDA device (torch {torch.__version__}: torch.cuda.is_available() is False)"}
-    torch.backends.cudnn.benchmark = True
     workers = min(8, os.cpu_count() or 1)
     result: dict[str, Any] = {"available": True, "device": _device_name(device), "image_size": image_size,
                               "batch_size": batch, "steps": steps, "num_workers": workers, "models": {}}
@@ -74,7 +73,7 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int) -> dict[str, An
     from transfer_cli.training.progress import Progress
     from transfer_cli.training.stages import enter_stage
 
-    prepared = prepare(cfg, run_dir)
+    prepared = prepare(cfg, run_dir)  # on CUDA: cudnn.benchmark and TF32, as every training run
     setup, batch = prepared.setup, cfg.trainer.batch_size
     runner = enter_stage(setup, Progress(), 0).runner
     prepared.model.model.train()

@@ -50,6 +50,7 @@ from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.loggers import flatten
 from transfer_cli.runs.rundir import format_result, read_summary, resume_point, resume_position
+from transfer_cli.training.stage_epochs import as_run
 
 
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
@@ -237,9 +238,12 @@ def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
         if found["kind"] == "partial":
             cfg, resume = resume_point(run_dir)
             logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
-    if resume is None and main:
-        started.save_config()
     from transfer_cli.training.train import train  # torch: only a job that trains loads it
+
+    if resume is None:
+        cfg = as_run(cfg)  # the stages as they run (trainer.epochs rescales them): what config.yaml records
+        if main:
+            started.save_config([stage.epochs for stage in cfg.strategy.stages] or None)
 
     summary = train(cfg, run_dir, resume=resume)
     if summary.get("dry_run"):
@@ -261,7 +265,10 @@ def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
     if not (run_dir / "config.yaml").is_file():
         return {"kind": "new"}
 
-    differences = _differences(to_plain(load_run_config(run_dir)), to_plain(cfg))
+    saved = to_plain(load_run_config(run_dir))
+    differences = _differences(saved, to_plain(as_run(cfg)))
+    if differences and not _differences(saved, to_plain(cfg)):  # saved before config.yaml held rescaled stages
+        differences = []
     if differences:
         return {"kind": "other", "differences": differences}
     summary = run_dir / "summary.json"

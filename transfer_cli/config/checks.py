@@ -94,6 +94,18 @@ def at_least(bound: float) -> Rule:
     return Rule(lambda value: _finite(value) and value >= bound, f"must be >= {bound:g}")
 
 
+def count_at_least(bound: int) -> Rule:
+    """A whole number >= `bound` (a count: a float such as 2.0 from Python is refused too)."""
+    return Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= bound,
+                f"must be a whole number >= {bound}")
+
+
+def auto_or_count(bound: int) -> Rule:
+    """`auto` or a whole number >= `bound` (trainer.num_workers)."""
+    return Rule(lambda value: value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                                                  and value >= bound), f"must be auto or a whole number >= {bound}")
+
+
 def one_of(*choices: str, case: bool = True) -> Rule:
     """A string among `choices` (case=False: any case, for flags that YAML may turn into True/False)."""
     if case:

@@ -8,6 +8,7 @@ A composition mistake is one TransferError line, before anything is written.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,9 +157,16 @@ class HydraJob:
         """The job's config as dataclasses (its ranges checked: a bad value raises TransferError here)."""
         return OmegaConf.to_object(self.composed)
 
-    def save_config(self) -> None:
-        """The resolved config as `config.yaml` in the run directory (what resume and eval read back)."""
-        OmegaConf.save(self.composed, self.run_dir / "config.yaml", resolve=True)
+    def save_config(self, stage_epochs: list[int] | None = None) -> None:
+        """The resolved config as `config.yaml` in the run directory (what resume and eval read back), with
+        `stage_epochs` as its strategy's stage epochs: the stages as they run, after `trainer.epochs` rescaled
+        them (they then sum to trainer.epochs, so reading the file back rescales nothing)."""
+        composed = self.composed
+        if stage_epochs is not None:
+            composed = copy.deepcopy(composed)
+            for stage, epochs in zip(composed.strategy.stages, stage_epochs, strict=True):
+                stage.epochs = epochs
+        OmegaConf.save(composed, self.run_dir / "config.yaml", resolve=True)
 
 
 def run_hydra_main(argv: list[str], job: Callable[[HydraJob], float | None]) -> None:

@@ -14,7 +14,20 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-from transfer_cli.config.checks import Items, Rule, above, at_least, between, check_tree, matches, one_of, ordered, rule
+from transfer_cli.config.checks import (
+    Items,
+    Rule,
+    above,
+    at_least,
+    auto_or_count,
+    between,
+    check_tree,
+    count_at_least,
+    matches,
+    one_of,
+    ordered,
+    rule,
+)
 
 
 FLAG = rule(one_of("auto", "true", "false", case=False))  # YAML may hand these over as True/False
@@ -146,6 +159,9 @@ class TransformsConfig:
     mean: Optional[list[float]] = field(
         default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
     std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))
+    # decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling) where the first resize or random crop keeps
+    # >= 2 decoded pixels per output pixel each way (data/decode.py); false: always decode in full
+    draft_decode: bool = True
 
 
 @dataclass
@@ -205,8 +221,18 @@ class TrainerConfig:
     amp: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA) | true | false
     channels_last: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA and CPU) | true | false
     seed: int = 42  # any integer
-    num_workers: int = field(default=4, metadata=NON_NEGATIVE)
+    # DataLoader worker processes: auto is min(8, CPU count), as `transfer bench --gpu` measures; or a count
+    num_workers: Any = field(default="auto", metadata=rule(auto_or_count(0)))
+    # uint8 batches cross to the device, which converts and normalizes them (4x fewer bytes than float32):
+    # auto (on CUDA) | true | false (the loader normalizes)
+    normalize_on_device: str = field(default="auto", metadata=FLAG)
+    # JPEG batches decoded on the device (torchvision.io.decode_jpeg: nvjpeg on CUDA) and augmented there with
+    # transforms.v2 on tensors; workers only read files (data/device_decode.py). For data beyond the image cache
+    decode_on_device: bool = False
     grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm
+    # batches whose mean gradient makes one optimizer step (effective batch: batch_size x this); schedules and the
+    # EMA count optimizer steps; progress lines, log_every, limit_train_batches and checkpoint_every_steps batches
+    accumulate_steps: int = field(default=1, metadata=rule(count_at_least(1)))
     label_smoothing: float = field(default=0.0, metadata=rule(UNIT))
     # e.g. 0.999: evaluate and checkpoint an EMA of the weights
     ema_decay: Optional[float] = field(default=None, metadata=rule(between(0, 1, low_open=True)))

@@ -2,6 +2,7 @@
 
 Every image is opened and decoded once when the folder is scanned, so a corrupt or
 truncated file is found before training starts, not as a crash halfway through an epoch.
+Loading can decode a JPEG at reduced size where the pipeline allows it (`fetch`, decode.py).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.errors import TransferError
@@ -42,9 +44,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: Path) -> Image.Image:
+class ReducedDecode(Protocol):
+    """How small a JPEG may be decoded (decode.DecodePlan)."""
+
+    def request(self, width: int, height: int) -> tuple[int, int] | None: ...
+
+    def finish(self, image: Image.Image, box: tuple[float, float, float, float],
+               original: tuple[int, int]) -> Image.Image: ...
+
+
+def load_rgb(path: Path, plan: ReducedDecode | None = None) -> Image.Image:
+    """The image at `path` as RGB; a JPEG at reduced size where `plan` allows it, finished as it says."""
     with Image.open(path) as image:
-        return to_rgb(image)
+        request = plan.request(*image.size) if plan is not None and image.format == "JPEG" else None
+        original = image.size
+        drafted = image.draft(image.mode, request) if request is not None else None
+        if drafted is None:  # not a JPEG, no reduction allowed, or one PIL cannot do (a multi-tile file)
+            return to_rgb(image)
+        return plan.finish(to_rgb(image), drafted[1], original)
 
 
 def decode_problem(path: Path) -> str | None:
@@ -111,8 +128,23 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index)
+
+    def load(self, index: int, plan: ReducedDecode | None = None) -> tuple[Image.Image, int]:
+        """Item `index`, its JPEG decoded at reduced size where `plan` allows it."""
         path, label = self.samples[index]
-        return load_rgb(path), label
+        return load_rgb(path, plan), label
+
+
+def fetch(dataset: Dataset, index: int, plan: ReducedDecode | None) -> tuple[Any, int]:
+    """Item `index` of `dataset`, decoded as `plan` allows where the images are read from files here
+    (an ImageFolderDataset, also inside Subsets); anything else as `dataset[index]` serves it."""
+    if plan is not None:
+        if type(dataset) is Subset:
+            return fetch(dataset.dataset, dataset.indices[index], plan)
+        if type(dataset) is ImageFolderDataset:
+            return dataset.load(index, plan)
+    return dataset[index]
 
 
 def _names(paths: list[Path] | list[str], shown: int = 3) -> str:

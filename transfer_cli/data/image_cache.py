@@ -3,7 +3,9 @@
 The cache holds each image as a uint8 tensor resized as the eval transform's first step
 resizes it (short side, both sides or long side, by the crop mode; with PIL where the dataset
 gives PIL images, as the eval transform does), so evaluation sees the same pixels as
-decoding; random crops and flips of training run on the cached tensors.
+decoding; random crops and flips of training run on the cached tensors. A JPEG is decoded at the
+reduced size the eval transform's DecodePlan allows (decode.py), and resized from there to what
+`resize` makes of it; the digest that identifies a split (`content_identity`) is of these pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.decode import DecodePlan
+from transfer_cli.data.folder import fetch
 
 
 log = logging.getLogger(__name__)
@@ -33,11 +37,14 @@ def estimated_bytes(count: int, resize_size: int | tuple[int, int]) -> int:
 
 
 class DecodedImages(Dataset):
-    """Every item of `base`, decoded and resized once (in threads: PIL decoding releases the GIL)."""
+    """Every item of `base`, decoded and resized once (in threads: PIL decoding releases the GIL); with
+    `draft`, JPEG files at the reduced size `resize` allows (a v2.Resize or KeepRatioResize: DecodePlan)."""
 
-    def __init__(self, base: Dataset, resize: Callable[[Any], Any], workers: int = 4) -> None:
+    def __init__(self, base: Dataset, resize: Callable[[Any], Any], workers: int = 4, draft: bool = False) -> None:
+        plan = DecodePlan(resize) if draft else None
+
         def decode(index: int) -> tuple[torch.Tensor, int]:
-            image, label = base[index]
+            image, label = fetch(base, index, plan)
             return v2.functional.to_image(resize(image)).contiguous(), int(label)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -71,7 +78,7 @@ class DecodedImages(Dataset):
 
 
 def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: Callable[[Any], Any],
-                resize_size: int | tuple[int, int], name: str, workers: int) -> Dataset:
+                resize_size: int | tuple[int, int], name: str, workers: int, draft: bool = False) -> Dataset:
     """`dataset` as DecodedImages when `mode` says so (auto: when the estimate fits the budget)."""
     mode = str(mode).lower()
     if mode not in MODES:
@@ -82,7 +89,7 @@ def maybe_cache(dataset: Dataset, mode: str, budget_mb: float, resize: Callable[
             log.info("%s split: ~%.0f MB decoded exceeds dataset.cache_budget_mb=%g, decoding every epoch",
                      name, estimate_mb, budget_mb)
         return dataset
-    cached = DecodedImages(dataset, resize, workers)
+    cached = DecodedImages(dataset, resize, workers, draft)
     log.info("%s split: %d images decoded once and kept in memory (%.0f MB)", name, len(cached),
              cached.nbytes() / 2**20)
     return cached

@@ -15,12 +15,16 @@ import os
 import random
 import signal
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from transfer_cli.config.schema import TrainerConfig
+from transfer_cli.data.folder import fetch
+
+
+T = TypeVar("T")
 
 
 class SampleKey(NamedTuple):
@@ -37,13 +41,27 @@ def sample_seed(key: SampleKey) -> int:
     return int.from_bytes(digest, "little")
 
 
+def seeded(seed: int, draw: Callable[[], T]) -> T:
+    """`draw()` under torch's (CPU) and Python's RNGs seeded with `seed`, inside a fork of both: the
+    caller's streams are left where they were."""
+    python_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
+            random.seed(seed)
+            return draw()
+    finally:
+        random.setstate(python_state)
+
+
 class TransformedDataset(Dataset):
     """Applies `transform` to the image of each (image, label) item of `base`.
 
     A `SampleKey` transforms under torch's and Python's RNGs seeded from the key, inside a fork
     of both, so the draws are the same in any worker and the caller's RNG streams (dropout,
     MixUp; the main process's own when num_workers=0) are left untouched. A plain int index
-    (validation, feature computation: deterministic transforms) uses the ambient RNGs.
+    (validation, feature computation: deterministic transforms) uses the ambient RNGs. A file-backed
+    base decodes JPEGs at the reduced size the transform's `decode` plan allows (folder.fetch).
     """
 
     def __init__(self, base: Dataset, transform: Callable) -> None:
@@ -54,19 +72,12 @@ class TransformedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        plan = getattr(self.transform, "decode", None)
         if not isinstance(key, SampleKey):
-            image, label = self.base[key]
+            image, label = fetch(self.base, key, plan)
             return self.transform(image), label
-        image, label = self.base[key.index]
-        seed = sample_seed(key)
-        python_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
-                random.seed(seed)
-                return self.transform(image), label
-        finally:
-            random.setstate(python_state)
+        image, label = fetch(self.base, key.index, plan)
+        return seeded(sample_seed(key), lambda: self.transform(image)), label
 
 
 class EpochSampler(Sampler[int | SampleKey]):
@@ -144,8 +155,31 @@ def _kill_daemonic_children() -> None:
 atexit.register(_kill_daemonic_children)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int, seed: int,
-                pin_memory: bool, rank: int = 0, world_size: int = 1) -> DataLoader:
+def resolve_workers(num_workers: int | str) -> int:
+    """trainer.num_workers as a count: `auto` is min(8, CPU count), as the GPU benchmark measures; a number
+    is capped at the CPU count."""
+    cpus = os.cpu_count() or 1
+    if num_workers == "auto":
+        return min(8, cpus)
+    return min(int(num_workers), cpus)
+
+
+class DeviceDecodingLoader(DataLoader):
+    """Batches of a dataset that collates encoded images (device_decode.EncodedImages), decoded and
+    transformed on `device` as they are drawn, in the main process: uint8 (N, 3, H, W) there."""
+
+    def __init__(self, dataset: Any, *, device: torch.device, **options: Any) -> None:
+        super().__init__(dataset, collate_fn=dataset.collate, **options)
+        self.device = device
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for encoded, labels in super().__iter__():
+            yield self.dataset.decode_batch(encoded, self.device), labels
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int | str, seed: int,
+                pin_memory: bool, rank: int = 0, world_size: int = 1,
+                decode_on: torch.device | None = None) -> DataLoader:
     """Train loaders shuffle with an EpochSampler and drop a ragged last batch.
 
     With `world_size` > 1 the loader yields this rank's share (`batch_size` is per process).
@@ -153,8 +187,9 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     The loader's own generator supplies the base seed DataLoader draws for each new iterator: from
     the global RNG (dropout, MixUp) that draw would come once per epoch without workers but once per
     run with persistent ones, so a resumed run's global stream would drift from an uninterrupted run's.
+    With `decode_on`, `dataset` is an EncodedImages and its batches are decoded on that device.
     """
-    num_workers = min(num_workers, os.cpu_count() or 1)
+    num_workers = resolve_workers(num_workers)
     if train:
         keyed = isinstance(dataset, TransformedDataset)
         sampler: EpochSampler | ShardSampler | None = EpochSampler(len(dataset), seed, rank, world_size, keyed)
@@ -162,8 +197,10 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     else:
         sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None
         drop_last = False
-    return DataLoader(
+    kind, where = (DataLoader, {}) if decode_on is None else (DeviceDecodingLoader, {"device": decode_on})
+    return kind(
         dataset,
+        **where,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,

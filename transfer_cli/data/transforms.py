@@ -1,4 +1,9 @@
-"""Preprocessing that follows the weights, and augmentation built from config data."""
+"""Preprocessing that follows the weights, and augmentation built from config data.
+
+A pipeline also says how small a JPEG may be decoded for it (`Pipeline.decode`, a DecodePlan):
+datasets that read files themselves decode at reduced size where the first step shrinks the
+image anyway (data/folder.py's `fetch`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from torchvision.transforms import v2
 
 from transfer_cli.config.schema import CROP_MODES, AugmentConfig, TransformsConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.decode import DecodePlan, Pipeline
 from transfer_cli.models.backbones import PretrainedPreprocessing
 
 
@@ -80,7 +86,11 @@ def resolve_preprocessing(weights: PretrainedPreprocessing, overrides: Transform
     return chosen
 
 
-def _finish(pre: Preprocessing) -> list[v2.Transform]:
+def _finish(pre: Preprocessing, normalize: bool) -> list[v2.Transform]:
+    """Float and normalized; or nothing (`normalize=False`): uint8 batches that Precision.to_device
+    converts and normalizes on the device (4x fewer bytes cross to it)."""
+    if not normalize:
+        return []
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(pre.mean), std=list(pre.std))]
 
 
@@ -91,12 +101,16 @@ class KeepRatioResize:
     def __init__(self, size: tuple[int, int], interpolation: v2.InterpolationMode, longest: bool) -> None:
         self.size, self.interpolation, self.longest = tuple(size), interpolation, longest
 
-    def __call__(self, image: ImageLike) -> ImageLike:
-        _, height, width = v2.functional.get_dimensions(image)
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) this resizes a height x width image to."""
         ratios = (height / self.size[0], width / self.size[1])
         ratio = max(ratios) if self.longest else min(ratios)
-        return v2.functional.resize(image, [round(height / ratio), round(width / ratio)],
-                                    interpolation=self.interpolation, antialias=True)
+        return round(height / ratio), round(width / ratio)
+
+    def __call__(self, image: ImageLike) -> ImageLike:
+        _, height, width = v2.functional.get_dimensions(image)
+        return v2.functional.resize(image, list(self.output_size(height, width)), interpolation=self.interpolation,
+                                    antialias=True)
 
     def __repr__(self) -> str:
         return f"KeepRatioResize(size={self.size}, interpolation={self.interpolation.value}, longest={self.longest})"
@@ -142,10 +156,12 @@ def _crop(pre: Preprocessing) -> Callable[[ImageLike], ImageLike]:
     return CenterCropOrPad(pre.size, pre.mean) if pre.crop_mode == "border" else v2.CenterCrop(pre.size)
 
 
-def eval_transform(pre: Preprocessing) -> v2.Compose:
-    """timm's eval transform: resize as `crop_mode` says, centre-crop, normalize. The image cache
-    holds the resized image, whose second resize here is a no-op."""
-    return v2.Compose([cache_resize(pre), _crop(pre), v2.ToImage(), *_finish(pre)])
+def eval_transform(pre: Preprocessing, *, draft: bool = True, normalize: bool = True) -> Pipeline:
+    """timm's eval transform: resize as `crop_mode` says, centre-crop, normalize (`normalize=False`: stop at
+    uint8). The image cache holds the resized image, whose second resize here is a no-op; so does a JPEG
+    decoded at reduced size (`draft`, see DecodePlan)."""
+    first = cache_resize(pre)
+    return Pipeline([first, _crop(pre), v2.ToImage(), *_finish(pre, normalize)], DecodePlan(first) if draft else None)
 
 
 # augment.policy -> the torchvision v2 transform (on uint8 images, before normalization)
@@ -156,8 +172,10 @@ POLICIES: dict[str, Callable[[Any], Callable[[ImageLike], ImageLike]]] = {
 }
 
 
-def train_transform(pre: Preprocessing, augment: AugmentConfig) -> v2.Compose:
-    """Augmentation from `augment`; with nothing random it equals the eval transform."""
+def train_transform(pre: Preprocessing, augment: AugmentConfig, *, draft: bool = True,
+                    normalize: bool = True) -> Pipeline:
+    """Augmentation from `augment`; with nothing random it equals the eval transform (`draft`, `normalize`:
+    as there)."""
     mode = INTERPOLATIONS[pre.interpolation]
     if augment.random_resized_crop is not None:
         steps: list[Callable[[ImageLike], ImageLike]] = [v2.RandomResizedCrop(
@@ -175,7 +193,7 @@ def train_transform(pre: Preprocessing, augment: AugmentConfig) -> v2.Compose:
         steps.append(v2.RandomAffine(degrees=0, translate=tuple(augment.translate), interpolation=mode))
     if augment.policy is not None:
         steps.append(POLICIES[augment.policy](mode))
-    return v2.Compose(steps + _finish(pre))
+    return Pipeline(steps + _finish(pre, normalize), DecodePlan(steps[0]) if draft else None)
 
 
 def is_deterministic(augment: AugmentConfig) -> bool:

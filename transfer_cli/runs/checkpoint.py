@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from transfer_cli.core.files import atomic_file
+from transfer_cli.runs.frozen import resolve
 
 
 def rng_state() -> dict[str, Any]:
@@ -37,8 +38,9 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`: tensors and plain containers only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with `weights_only=True` (tensors and plain containers only), made whole again from
+    the run's frozen file where it references one (runs/frozen.py)."""
+    return resolve(torch.load(path, map_location="cpu", weights_only=True), Path(path))
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

@@ -1,9 +1,11 @@
 """Metric sinks besides metrics.jsonl and summary.json: TensorBoard, MLflow and W&B (optional extras).
 
-A logger has four methods: `log_params(config)` once at the start (the resolved config as
+A logger has five methods: `log_params(config)` once at the start (the resolved config as
 nested dicts), `log_metrics(record, step)` after every epoch (the metrics.jsonl record;
 numbers only, nested keys joined with '/', e.g. `lr/head`), `log_image(name, path)` for the
-run's figures (curves.png) and `close(status)` at the end. Only rank 0 of a DDP run logs.
+run's figures (curves.png), `log_confusion(confusion)` when training ends (the val split's
+confusion matrix after the last epoch, each `eval_splits` split's of best.pt) and `close(status)`
+at the end. Only rank 0 of a DDP run logs.
 `logger=tensorboard`, `logger=mlflow`, `logger=wandb` or a list (`logger=[tensorboard,mlflow,wandb]`)
 choose them; the packages come with `pip install -e ".[tensorboard]"`, `".[mlflow]"`, `".[wandb]"`.
 """
@@ -16,6 +18,7 @@ import math
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,12 +34,25 @@ MLFLOW_RUN_ID_FILE = "mlflow_run_id"
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
+@dataclass(frozen=True)
+class Confusion:
+    """One split's confusion matrix: rows are true classes, columns predicted ones (counts of images)."""
+
+    name: str  # the split: val, test, ...
+    classes: list[str]
+    matrix: list[list[int]]
+    title: str  # which network, which split, its top-1
+    figure: Path | None = None  # the matrix drawn (confusion_matrix.png), for trackers that show images
+
+
 class Logger(Protocol):
     def log_params(self, config: dict[str, Any]) -> None: ...
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None: ...
 
     def log_image(self, name: str, path: Path) -> None: ...
+
+    def log_confusion(self, confusion: Confusion) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -79,6 +95,10 @@ class Loggers:
         for logger in self.loggers:
             logger.log_image(name, path)
 
+    def log_confusion(self, confusion: Confusion) -> None:
+        for logger in self.loggers:
+            logger.log_confusion(confusion)
+
     def close(self, status: str = "FINISHED") -> None:
         for logger in self.loggers:
             try:
@@ -88,6 +108,11 @@ class Loggers:
 
 
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+def chosen(cfg: LoggerConfig) -> bool:
+    """Whether any logger is configured (the same answer on every rank, unlike the rank-0 `build`)."""
+    return any(getattr(cfg, name) is not None for name in PACKAGES)
 
 
 def check_available(cfg: LoggerConfig) -> None:
@@ -131,6 +156,10 @@ class TensorBoardLogger:
         from PIL import Image
 
         self.writer.add_image(name, np.asarray(Image.open(path).convert("RGB")), dataformats="HWC")
+
+    def log_confusion(self, confusion: Confusion) -> None:
+        if confusion.figure is not None:
+            self.log_image(f"confusion/{confusion.name}", confusion.figure)
 
     def close(self, status: str = "FINISHED") -> None:
         self.writer.close()
@@ -192,6 +221,15 @@ class MLflowLogger:
     def log_image(self, name: str, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_confusion(self, confusion: Confusion) -> None:
+        """confusion/<split>/confusion_matrix.json (as `transfer eval` writes it) and its figure."""
+        folder = f"confusion/{confusion.name}"
+        self.client.log_dict(self.run_id, {"classes": confusion.classes, "rows": "true class",
+                                           "columns": "predicted class", "matrix": confusion.matrix,
+                                           "title": confusion.title}, f"{folder}/confusion_matrix.json")
+        if confusion.figure is not None:
+            self.client.log_artifact(self.run_id, str(confusion.figure), artifact_path=folder)
+
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
 
@@ -220,6 +258,17 @@ class WandbLogger:
         import wandb
 
         self.run.log({name: wandb.Image(str(path))})
+
+    def log_confusion(self, confusion: Confusion) -> None:
+        """W&B's own confusion-matrix chart (`wandb.plot.confusion_matrix`, its table under media/table/),
+        fed one (true, predicted) pair per counted image."""
+        import wandb
+
+        pairs = [(true, predicted) for true, row in enumerate(confusion.matrix)
+                 for predicted, count in enumerate(row) for _ in range(count)]
+        chart = wandb.plot.confusion_matrix(y_true=[true for true, _ in pairs], preds=[p for _, p in pairs],
+                                            class_names=confusion.classes, title=confusion.title)
+        self.run.log({f"confusion/{confusion.name}": chart})
 
     def close(self, status: str = "FINISHED") -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)

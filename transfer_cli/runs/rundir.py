@@ -75,6 +75,8 @@ def _load_checkpoint_file(file: Path) -> dict[str, Any]:
     from transfer_cli.runs import checkpoint as checkpoints
     try:
         payload = checkpoints.load(file)
+    except TransferError:  # its frozen file missing or changed: already one line
+        raise
     except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: the same user-facing problem
         raise TransferError(f"cannot read checkpoint {file}: {torch_file_problem(file, error)}") from error
     if not isinstance(payload, dict):

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from transfer_cli.config.schema import StrategyConfig, TrainConfig, to_plain
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.datasets import RawSplits, load_splits
+from transfer_cli.data.device_decode import EncodedImages
 from transfer_cli.data.image_cache import maybe_cache
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.mixing import batch_mixer
@@ -26,11 +28,17 @@ from transfer_cli.data.transforms import (
 )
 from transfer_cli.models.model import HEAD, TransferModel, build_model, starts_pretrained
 from transfer_cli.parallel import distributed
-from transfer_cli.training.engine import StepRunner
+from transfer_cli.training.engine import EMA, StepRunner
 from transfer_cli.training.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
 from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.training.optim import StagedOptimizer
-from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision, seed_everything
+from transfer_cli.training.runtime import (
+    Precision,
+    configure_cuda_math,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from transfer_cli.training.stages import FitSetup
 from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
 
@@ -53,15 +61,11 @@ class Prepared:
 
 def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, precision: Precision,
             scaler: torch.amp.GradScaler | None, num_classes: int) -> StepRunner:
-    forward = torch.compile(model.model) if cfg.trainer.compile else model.model
-    ema = None
-    if cfg.trainer.ema_decay is not None:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model.model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.trainer.ema_decay),
-            use_buffers=True)
-    return StepRunner(forward, optimizer.optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing),
-                      precision, scaler, cfg.trainer.grad_clip, ema, model.model if ema is not None else None,
-                      batch_mixer(cfg.augment, num_classes))
+    # the plain network: torch.compile comes at each stage's start (stages.stage_run), after its freezing
+    ema = EMA(model.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay is not None else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    return StepRunner(model.model, optimizer.optimizer, loss_fn, precision, scaler, cfg.trainer.grad_clip, ema,
+                      model.model if ema is not None else None, batch_mixer(cfg.augment, num_classes))
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
@@ -69,6 +73,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     seed_everything(cfg.trainer.seed)
     device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
+    configure_cuda_math(device)  # cudnn.benchmark and TF32 on CUDA, as the bench measures
     batch_size = distributed.per_process_batch(cfg.trainer.batch_size)  # DDP: batch_size is the global batch
     eval_batch_size = max(1, (cfg.trainer.eval_batch_size or cfg.trainer.batch_size) // distributed.world_size())
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
@@ -87,12 +92,15 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         splits = _decoded_once(splits, cfg, preprocessing)
     pin = device.type == "cuda"
     shard = {"rank": distributed.rank(), "world_size": distributed.world_size()}
-    train_loader = make_loader(TransformedDataset(splits.train, train_transform(preprocessing, cfg.augment)),
-                               batch_size, train=True, num_workers=cfg.trainer.num_workers,
+    precision = _normalizing(cfg, precision, preprocessing)
+    images, decode_on = _device_decoding(cfg, stages, precision)
+    tf = {"draft": cfg.transforms.draft_decode and decode_on is None, "normalize": precision.normalize is None}
+    train_loader = make_loader(images(splits.train, train_transform(preprocessing, cfg.augment, **tf)),
+                               batch_size, train=True, num_workers=cfg.trainer.num_workers, decode_on=decode_on,
                                seed=cfg.trainer.seed, pin_memory=pin, **shard)
-    val_loader = make_loader(TransformedDataset(splits.val, eval_transform(preprocessing)),
-                             eval_batch_size, train=False,
-                             num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed, pin_memory=pin, **shard)
+    val_loader = make_loader(images(splits.val, eval_transform(preprocessing, **tf)), eval_batch_size, train=False,
+                             num_workers=cfg.trainer.num_workers, decode_on=decode_on, seed=cfg.trainer.seed,
+                             pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     runner = _runner(cfg, model, optimizer, precision, scaler, num_classes)
     obstacles = _cache_obstacles(cfg, model, runner, strategy)
@@ -107,6 +115,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every), log_every=cfg.trainer.log_every,
         limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
+        accumulate_steps=cfg.trainer.accumulate_steps,
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
         stage_data=stage_data, compile=cfg.trainer.compile,
     )
@@ -115,11 +124,33 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
 
 
+def _normalizing(cfg: TrainConfig, precision: Precision, preprocessing: Preprocessing) -> Precision:
+    """`precision`, normalizing uint8 batches on the device where trainer.normalize_on_device says (auto: on
+    CUDA): the loaders then stop before ToDtype and Normalize, and 4x fewer bytes cross to the device."""
+    mode = str(cfg.trainer.normalize_on_device).lower()
+    on = precision.device.type == "cuda" if mode == "auto" else mode == "true"
+    if not (on or cfg.trainer.decode_on_device):  # device-decoded batches are uint8 too
+        return precision
+    return replace(precision, normalize=(preprocessing.mean, preprocessing.std))
+
+
+def _device_decoding(cfg: TrainConfig, stages: list[Stage], precision: Precision) -> tuple[type, torch.device | None]:
+    """The dataset type the loaders wrap the splits in, and the device that decodes their batches
+    (trainer.decode_on_device), or None: TransformedDataset, decoded in the loader."""
+    if not cfg.trainer.decode_on_device:
+        return TransformedDataset, None
+    if any(stage.bn == "reestimate" for stage in stages):
+        raise TransferError("trainer.decode_on_device=true cannot re-estimate BatchNorm statistics (a stage with "
+                            "bn=reestimate reads the training set through a plain DataLoader): drop one or the other")
+    return EncodedImages, precision.device
+
+
 def _decoded_once(splits: RawSplits, cfg: TrainConfig, preprocessing: Preprocessing) -> RawSplits:
     """The splits with their images decoded and resized once, in memory, where dataset.cache_images allows."""
     def kept(data: Any, split: str) -> Any:
         return maybe_cache(data, cfg.dataset.cache_images, cfg.dataset.cache_budget_mb, cache_resize(preprocessing),
-                           preprocessing.resize_size, split, workers=max(1, min(4, os.cpu_count() or 1)))
+                           preprocessing.resize_size, split, workers=max(1, min(4, os.cpu_count() or 1)),
+                           draft=cfg.transforms.draft_decode)
 
     return replace(splits, train=kept(splits.train, "train"), val=kept(splits.val, "val"))
 
@@ -149,7 +180,7 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
     if not exact:
         log.warning("trainer.cache_features=true: head-only stages train on one centre view per image "
                     "(no augmentation, no backbone dropout)")
-    eval_tf = eval_transform(preprocessing)
+    eval_tf = eval_transform(preprocessing, draft=cfg.transforms.draft_decode, normalize=precision.normalize is None)
     batch, eval_batch = batch_sizes  # per process under DDP
     cache_dir = Path(cfg.trainer.cache_dir).expanduser() if cfg.trainer.cache_dir else default_feature_cache()
     memo: dict[str, Any] = {}

@@ -6,6 +6,7 @@ inside the loop is the finite-loss check every `check_every` steps.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
@@ -90,9 +92,59 @@ def topk_for(num_classes: int) -> tuple[int, ...]:
     return (1, 5) if num_classes >= 5 else (1,)
 
 
+class EMA(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of a network's parameters and buffers: AveragedModel with
+    `get_ema_multi_avg_fn(decay)` and `use_buffers=True` (the same numbers, the same state_dict), whose
+    update never waits for the device.
+
+    AveragedModel keeps its counter `n_averaged` on the CPU unless built with `device=`, and copies it to
+    the device for every dtype group each step (a blocking copy), or, on the device, reads it each step to
+    decide whether to copy or average: 2 host syncs per step on an H200. Here the counter lives beside the
+    weights and is only added to; the host remembers whether the average has begun (read back once after
+    `load_state_dict`).
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        device = next(model.parameters()).device
+        super().__init__(model, device=device, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay),
+                         use_buffers=True)
+        self.decay = decay
+        self._begun: bool | None = False  # n_averaged > 0, known on the host (None: read it at the next update)
+        self.register_load_state_dict_post_hook(EMA._forget_begun)
+
+    @staticmethod
+    def _forget_begun(module: nn.Module, incompatible_keys: Any) -> None:
+        module._begun = None
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        """Copy `model` at the first update, then average it in: lerp towards it by 1 - decay, per dtype
+        group as AveragedModel does (integer buffers, BatchNorm's batch counter: decay-weighted and truncated)."""
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [tensor.detach() for tensor in (*model.parameters(), *model.buffers())]
+        if len(averaged) != len(current):
+            raise ValueError(f"EMA: the network has {len(current)} tensors, the average {len(averaged)}")
+        if self._begun is None:
+            self._begun = bool(self.n_averaged.item() > 0)  # once, after loading a state
+        if not self._begun:
+            for mine, theirs in zip(averaged, current):
+                mine.copy_(theirs)
+            self._begun = True
+        else:
+            groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+            for mine, theirs in zip(averaged, current):
+                group = groups.setdefault((mine.device, mine.dtype), ([], []))
+                group[0].append(mine)
+                group[1].append(theirs.to(mine.device))
+            for mine_group, theirs_group in groups.values():
+                self.multi_avg_fn(mine_group, theirs_group, self.n_averaged)
+        self.n_averaged += 1
+
+
 @dataclass(frozen=True)
 class StepRunner:
-    """One optimizer step: forward under autocast, backward (scaled), clip, step, EMA."""
+    """One batch: forward under autocast, backward (scaled); at the last batch of an optimizer step, clip,
+    step, EMA."""
 
     model: nn.Module  # what runs forward (compiled or not)
     optimizer: Optimizer
@@ -100,7 +152,7 @@ class StepRunner:
     precision: Precision
     scaler: torch.amp.GradScaler | None = None
     grad_clip: float | None = None
-    ema: torch.optim.swa_utils.AveragedModel | None = None
+    ema: EMA | None = None
     # what the EMA averages: the whole network, also where `model` is its compiled or DDP wrapper,
     # or its head alone on cached features (the frozen rest still enters the average, as uncached)
     averaged: nn.Module | None = None
@@ -110,19 +162,34 @@ class StepRunner:
         if self.ema is not None and self.averaged is None:
             raise ValueError("StepRunner: an EMA needs `averaged`, the whole network it averages")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally) -> None:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally, part: int = 0,
+                 parts: int = 1) -> None:
+        """Batch `part` of the `parts` whose gradients add up to one optimizer step (trainer.accumulate_steps):
+        each backpropagates its loss / `parts`, so the step sees their mean; the first clears the gradients,
+        the last clips, steps and updates the EMA. Under DDP only the last one all-reduces (no_sync before)."""
         targets = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)
-        with self.precision.autocast():
-            logits = self.model(images)
-            loss = self.loss_fn(logits, targets)
-        self.optimizer.zero_grad(set_to_none=True)
+        last = part == parts - 1
+        with contextlib.nullcontext() if last else _no_sync(self.model):
+            with self.precision.autocast():
+                logits = self.model(images)
+                loss = self.loss_fn(logits, targets)
+            if part == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            share = loss / parts if parts > 1 else loss
+            if self.scaler is not None:
+                self.scaler.scale(share).backward()
+            else:
+                share.backward()
+        if last:
+            self._step()
+        tally.add(loss, logits, labels)
+
+    def _step(self) -> None:
+        """The optimizer step over the accumulated gradients (unscaled, clipped), then the EMA."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
         if self.grad_clip is not None:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -133,7 +200,13 @@ class StepRunner:
             self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.averaged)
-        tally.add(loss, logits, labels)
+
+
+def _no_sync(model: nn.Module) -> Any:
+    """DDP's no_sync (its gradients stay local until the last batch of a step), also through torch.compile;
+    a no-op context for any other module."""
+    wrapped = getattr(model, "_orig_mod", model)
+    return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
 
 
 def train_one_epoch(
@@ -148,27 +221,41 @@ def train_one_epoch(
     description: str = "train",
     progress: EpochProgress | None = None,
     max_steps: int | None = None,
+    accumulate: int = 1,
+    total_steps: int | None = None,
 ) -> dict[str, float]:
-    """Train over `loader` (already positioned at `start_step`), stepping `scheduler` per batch.
+    """Train over `loader` (already positioned at `start_step`), stepping the optimizer and `scheduler` once
+    every `accumulate` batches and after the epoch's last batch (`total_steps` batches: a shorter last group
+    is the mean of its own batches).
 
-    `on_step(step)` runs after every step (mid-epoch checkpoints, interrupts); `progress` shows the
-    epoch to a person (a bar, or log lines), else a plain tqdm bar titled `description`. The caller
-    sets train mode and holds frozen BatchNorm in eval mode before calling.
+    A step here is one batch (`start_step`, `max_steps`, `check_every`, `progress`). `on_step(step)` runs
+    after every optimizer step, with the batches done (mid-epoch checkpoints, interrupts: only there do the
+    weights, optimizer and schedule stand at a whole step); `progress` shows the epoch to a person (a bar,
+    or log lines), else a plain tqdm bar titled `description`. The caller sets train mode and holds frozen
+    BatchNorm in eval mode before calling.
     """
     start = time.perf_counter()
     counted = tally.count
     step = start_step
+    if accumulate > 1 and total_steps is None:
+        raise ValueError("train_one_epoch: accumulating batches needs total_steps, where the epoch's last group ends")
+    end = total_steps if max_steps is None or total_steps is None else min(total_steps, max_steps)
     batches = progress.wrap(loader) if progress else tqdm(loader, desc=description, leave=False, disable=None)
     for images, labels in batches:
         if max_steps is not None and step >= max_steps:  # trainer.limit_train_batches
             break
         images, labels = runner.precision.to_device(images, labels)
-        runner(images, labels, tally)
-        scheduler.step()
+        first = step - step % accumulate  # groups start at multiples of `accumulate` from the epoch's start
+        parts = min(accumulate, end - first) if accumulate > 1 else 1
+        runner(images, labels, tally, step - first, parts)
         step += 1
+        stepped = step - first == parts
+        if stepped:
+            scheduler.step()
         if step % check_every == 0 and tally.any_nonfinite():
             raise NonFiniteLoss(f"non-finite loss at step {step}")
-        on_step(step)
+        if stepped:
+            on_step(step)
         if progress:
             progress.step(step, tally)
     if tally.any_nonfinite():

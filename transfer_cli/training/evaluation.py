@@ -30,7 +30,7 @@ from transfer_cli.data.transforms import Preprocessing, eval_transform
 from transfer_cli.runs import runlog
 from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, require_run_dir
 from transfer_cli.training.engine import topk_for, topk_hits
-from transfer_cli.training.runtime import Precision, resolve_device, resolve_precision
+from transfer_cli.training.runtime import Precision, configure_cuda_math, resolve_device, resolve_precision
 
 
 # Only these groups change what eval does; the network itself comes from the checkpoint.
@@ -51,7 +51,8 @@ class Counts:
 def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision, num_classes: int) -> Counts:
     """Confusion matrix, top-k hits and summed cross-entropy over `loader`, in eval mode.
 
-    Top-1 is the first of the top-k indices, as in engine.evaluate, so ties break alike.
+    Top-1 is the first of the top-k indices, as in engine.evaluate, so ties break alike. The counts add up on
+    the device; the host reads them once, at the end.
     """
     model.eval()
     topk = topk_for(num_classes)
@@ -67,7 +68,8 @@ def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision
         loss += F.cross_entropy(logits, labels, reduction="sum").double()
         batch_hits, predicted = topk_hits(logits, labels, topk)
         hits += batch_hits
-        confusion += torch.bincount(labels * num_classes + predicted, minlength=num_classes * num_classes)
+        # into the fixed-size matrix on the device: bincount sizes its output from the data, a host sync per batch
+        confusion.index_add_(0, labels * num_classes + predicted, torch.ones_like(predicted))
     return Counts(confusion.view(num_classes, num_classes).tolist(), dict(zip(topk, hits.tolist())), loss.item())
 
 
@@ -107,6 +109,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], P
     _, model, classes = load_trained_model(run_dir, checkpoint)
     device = resolve_device(cfg.trainer.device)
     precision, _ = resolve_precision(cfg.trainer, device)
+    configure_cuda_math(device)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     loader = _split_loader(cfg, classes, preprocessing_of(cfg, model), pin_memory=device.type == "cuda")
     counts = count_predictions(model.model, loader, precision, len(classes))

@@ -143,13 +143,40 @@ def weights_digest(model: TransferModel) -> str:
     return digest.hexdigest()
 
 
+# Shares of the CUDA device's free memory: what the features may take while they are computed (before they
+# cross to the host), and what the cached features of both splits may take while the head trains on them.
+GATHER_SHARE = 0.25
+RESIDENT_SHARE = 0.5
+
+
 @torch.inference_mode()
 def compute_features(model: TransferModel, loader: DataLoader,
                      precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's input for every image of `loader`, in loader order, with the backbone in eval mode."""
-    captured: list[torch.Tensor] = []
+    """The head's input for every image of `loader`, in loader order, with the backbone in eval mode, on the CPU.
+
+    The features gather on the device and cross to the host in one copy at the end (a `.cpu()` per batch
+    would wait for the device every batch), or in one per GATHER_SHARE of its free memory they fill.
+    """
+    budget = _free_memory(precision.device) * GATHER_SHARE
+    gathered: list[torch.Tensor] = []  # on the device, since the last move to the host
+    moved: list[torch.Tensor] = []
+    held = [0]  # bytes in `gathered`
+
+    def keep(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        features = args[0].to(torch.float32, copy=True)  # a copy: the head may not change what is kept
+        gathered.append(features)
+        held[0] += features.numel() * features.element_size()
+        if held[0] > budget:
+            move()
+
+    def move() -> None:
+        if gathered:
+            moved.append(torch.cat(gathered).cpu())  # waits for the device: once per GATHER_SHARE, not per batch
+            gathered.clear()
+            held[0] = 0
+
     head = model.model.get_submodule(model.head_path)
-    hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].float().cpu()))
+    hook = head.register_forward_pre_hook(keep)
     was_training = model.model.training
     model.model.eval()
     labels = []
@@ -162,10 +189,28 @@ def compute_features(model: TransferModel, loader: DataLoader,
                 with precision.autocast():
                     model.model(images)
                 labels.append(targets)
+        move()
     finally:
         hook.remove()
         model.model.train(was_training)
-    return torch.cat(captured), torch.cat(labels)
+    return moved[0] if len(moved) == 1 else torch.cat(moved), torch.cat(labels)
+
+
+def _free_memory(device: torch.device) -> float:
+    """Free bytes on a CUDA device (the driver's count); unbounded for the CPU, whose features are in place."""
+    if device.type != "cuda":
+        return float("inf")
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free)
+
+
+def feature_home(nbytes: int, device: torch.device) -> torch.device:
+    """Where `nbytes` of cached features live while the head trains: on the CUDA device while they take at most
+    RESIDENT_SHARE of its free memory (batches are then gathered there: no copy per step), else in host memory
+    (pinned by the loaders, so each step's copy overlaps); a CPU run keeps them where they are."""
+    if device.type == "cuda" and nbytes <= _free_memory(device) * RESIDENT_SHARE:
+        return device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -185,7 +230,8 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
     so both see samples in the same order. An entry is keyed by the split, the backbone
     weights, `key_extra` (preprocessing, precision) and the data's content identity, and is
     served only if it holds the run's labels. Raises NoIdentity, before any work, when a
-    split's content cannot be pinned down.
+    split's content cannot be pinned down. On CUDA the features stay in device memory where they fit
+    (feature_home), else the loaders pin their batches.
     """
     splits = {"train": (train_data, train_labels), "val": (val_data, val_labels)}
     identities = {split: dataset_identity(data) for split, (data, _) in splits.items()}
@@ -199,9 +245,15 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
             features, computed = compute_features(model, make(data, eval_batch_size, False), precision)
             stored = {"key": key, "features": features, "labels": computed}
             _store(stored, path, split, unchanged=_identity_or_none(data) == identities[split])
-        tensors[split] = TensorDataset(stored["features"], stored["labels"])
-    train_loader = make_loader(tensors["train"], batch_size, train=True, num_workers=0, seed=seed, pin_memory=False)
-    val_loader = make_loader(tensors["val"], eval_batch_size, train=False, num_workers=0, seed=seed, pin_memory=False)
+        tensors[split] = (stored["features"], stored["labels"])
+    home = feature_home(sum(t.numel() * t.element_size() for pair in tensors.values() for t in pair),
+                        precision.device)
+    served = {split: TensorDataset(*(t.to(home) for t in pair)) for split, pair in tensors.items()}
+    pin = home.type == "cpu" and precision.device.type == "cuda"
+    if precision.device.type == "cuda":
+        log.info("the head trains on cached features in %s memory", "GPU" if home.type == "cuda" else "pinned host")
+    train_loader = make_loader(served["train"], batch_size, train=True, num_workers=0, seed=seed, pin_memory=pin)
+    val_loader = make_loader(served["val"], eval_batch_size, train=False, num_workers=0, seed=seed, pin_memory=pin)
     return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader)
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -16,6 +15,8 @@ from transfer_cli.config.schema import EarlyStoppingConfig, SchedulerConfig
 from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
+from transfer_cli.runs.frozen import FrozenStore
+from transfer_cli.training.compiled import CompileWatch, compile_for_stage
 from transfer_cli.training.engine import StepRunner
 from transfer_cli.training.feature_cache import CachedSplits
 from transfer_cli.training.optim import StagedOptimizer, build_scheduler
@@ -46,9 +47,11 @@ class FitSetup:
     log_every: int = 50  # progress lines where no terminal shows a bar
     limit_train_batches: int | None = None  # debug=fast: at most this many steps per epoch
     limit_val_batches: int | None = None  # debug=fast: at most this many val batches
+    accumulate_steps: int = 1  # batches per optimizer step (trainer.accumulate_steps)
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
-    compile: bool = False  # DDP: compile the wrapped model at each stage boundary
+    compile: bool = False  # torch.compile the network (DDP: its wrapper) afresh at each stage's start
+    frozen_store: FrozenStore = field(default_factory=FrozenStore)  # the untrained tensors, written once per run
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class StageRun:
     train_loader: DataLoader
     scheduler: Any
     cached: CachedSplits | None = None
+    compiled: CompileWatch | None = None  # trainer.compile=true: what torch.compile did in this stage
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -76,17 +80,20 @@ def enter_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool = T
 
 def stage_run(setup: FitSetup, index: int, scheduler: Any) -> StageRun:
     """The runner and data of an entered stage (a resumed one's after its weights are loaded: the cached
-    features are computed from them)."""
+    features are computed from them); with trainer.compile, the runner's forward is compiled afresh here."""
     stage, runner, train_loader = setup.stages[index], setup.runner, setup.train_loader
     if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
-        wrapped = distributed.wrap(setup.model.model, runner.precision.device)
-        runner = replace(runner, model=torch.compile(wrapped) if setup.compile else wrapped)
+        runner = replace(runner, model=distributed.wrap(setup.model.model, runner.precision.device))
     cached = setup.stage_data(stage)
+    watch = None
     if cached is not None:  # the head alone, on features computed once
         precision = replace(runner.precision, channels_last=False)
         head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
         runner, train_loader = replace(runner, model=head, precision=precision), cached.train_loader
-    return StageRun(index, stage, runner, train_loader, scheduler, cached)
+    elif setup.compile:  # a fresh compile per stage, after its freezing (compiled.py says why)
+        forward, watch = compile_for_stage(runner.model, stage.name)
+        runner = replace(runner, model=forward)
+    return StageRun(index, stage, runner, train_loader, scheduler, cached, watch)
 
 
 def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) -> Any:
@@ -105,11 +112,17 @@ def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) 
     log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
              stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()),
              progress.params_trainable[stage.name])
-    steps = stage.epochs * epoch_steps(setup, setup.train_loader)
+    steps = stage.epochs * optimizer_steps(setup, epoch_batches(setup, setup.train_loader))
     return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, steps)
 
 
-def epoch_steps(setup: FitSetup, loader: DataLoader) -> int:
-    """Optimizer steps in an epoch over `loader`: all of them, or trainer.limit_train_batches (debug=fast)."""
+def epoch_batches(setup: FitSetup, loader: DataLoader) -> int:
+    """Batches in an epoch over `loader`: all of them, or trainer.limit_train_batches (debug=fast)."""
     full = steps_per_epoch(loader)
     return min(full, setup.limit_train_batches) if setup.limit_train_batches else full
+
+
+def optimizer_steps(setup: FitSetup, batches: int) -> int:
+    """Optimizer steps in an epoch of `batches`: one per trainer.accumulate_steps batches, and one for a
+    shorter last group, so schedules count the steps that move the weights."""
+    return -(-batches // setup.accumulate_steps)

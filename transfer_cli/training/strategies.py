@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from transfer_cli.config.loading import load_strategy, strategy_file
 from transfer_cli.config.schema import StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
-from transfer_cli.data.apportion import apportion
 from transfer_cli.models.model import HEAD, LayerGroup, TransferModel
 from transfer_cli.training.runtime import Precision
+from transfer_cli.training.stage_epochs import scale_epochs
 
 
 @dataclass(frozen=True)
@@ -88,19 +88,6 @@ def _settings_to_carry(table: StrategyConfig) -> dict[str, Any]:
     own = load_strategy(table.name) if strategy_file(table.name).is_file() else StrategyConfig(name=table.name)
     return {spec.name: getattr(table, spec.name) for spec in fields(StrategyConfig)
             if spec.name not in TABLE_ONLY | {"stages"} and getattr(table, spec.name) != getattr(own, spec.name)}
-
-
-def scale_epochs(epochs: list[int], total: int | None) -> list[int]:
-    """Stage lengths rescaled to `total` in proportion (largest remainder, each >= 1)."""
-    if any(count <= 0 for count in epochs):
-        raise TransferError(f"stage epochs must be positive, got {epochs}: fix strategy.stages[*].epochs")
-    if total is None or total == sum(epochs):
-        return list(epochs)
-    if total < len(epochs):
-        raise TransferError(
-            f"trainer.epochs={total} is fewer than the strategy's {len(epochs)} stages: give at least {len(epochs)}"
-        )
-    return apportion(epochs, total)
 
 
 def _selected_groups(selectors: list[str], model: TransferModel) -> list[str]:

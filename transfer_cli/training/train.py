@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +19,7 @@ from transfer_cli.data.datasets import check_classes
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, prepare
-from transfer_cli.training.evaluation import check_split, evaluate_run
+from transfer_cli.training.evaluation import check_split, count_predictions, evaluate_run, plot_confusion
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
 from transfer_cli.training.progress import FitResult, Progress, check_history
@@ -59,6 +61,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     if distributed.active():
         log.info("data parallel: %d processes, %d images per process per step (global batch %d)",
                  distributed.world_size(), prepared.setup.train_loader.batch_size, cfg.trainer.batch_size)
+    if cfg.trainer.accumulate_steps > 1:
+        log.info("gradient accumulation: %d batches of %d images per optimizer step (effective batch %d)",
+                 cfg.trainer.accumulate_steps, cfg.trainer.batch_size,
+                 cfg.trainer.accumulate_steps * cfg.trainer.batch_size)
     done = resume["progress"]["epoch"] if resume is not None else 0
     history = [record for record in runlog.read_metrics(run_dir) if record["epoch"] <= done]
     check_history(run_dir, history, done)
@@ -72,8 +78,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     summary = _summary(result, prepared, cfg)
+    # every rank: under DDP each counts its val shard
+    confusions = [_final_val_confusion(prepared, summary)] if loggers.chosen(cfg.logger) and not result.error else []
     if main and cfg.eval_splits and not result.error:
-        summary["eval"] = _held_out(run_dir, cfg.eval_splits)
+        summary["eval"], held_out = _held_out(run_dir, cfg.eval_splits)
+        confusions += held_out
     summary["wall_time_s"] = time.perf_counter() - started
     if main:
         runlog.write_json(run_dir / "summary.json", summary)
@@ -82,6 +91,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
                                title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
     sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")},
                       summary["epochs_run"])
+    with tempfile.TemporaryDirectory() as scratch:
+        for confusion in confusions if main else []:
+            if confusion.figure is None:  # the val matrix: drawn as `transfer eval` draws its own
+                figure = Path(scratch) / confusion.name / "confusion_matrix.png"
+                figure.parent.mkdir()
+                plot_confusion(confusion.matrix, confusion.classes, figure, confusion.title)
+                confusion = replace(confusion, figure=figure)
+            sinks.log_confusion(confusion)
     if (run_dir / "curves.png").is_file():
         sinks.log_image("curves", run_dir / "curves.png")
     sinks.close("FAILED" if result.error else "FINISHED")
@@ -90,14 +107,36 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     return summary
 
 
-def _held_out(run_dir: Path, splits: list[str]) -> dict[str, dict[str, Any]]:
-    """best.pt scored on each of `eval_splits` as `transfer eval` scores it (eval/<split>/ written too)."""
-    scores = {}
+def _held_out(run_dir: Path, splits: list[str]) -> tuple[dict[str, dict[str, Any]], list[loggers.Confusion]]:
+    """best.pt scored on each of `eval_splits` as `transfer eval` scores it (eval/<split>/ written too), and
+    the confusion matrix of each."""
+    scores, confusions = {}, []
     for split in splits:
-        metrics, _ = evaluate_run(run_dir, [f"dataset.val_split={split}"])
+        metrics, out = evaluate_run(run_dir, [f"dataset.val_split={split}"])
         scores[split] = {key: metrics[key] for key in ("images", "acc1", "acc5", "macro_f1", "loss") if key in metrics}
         log.info("eval_splits: %s split, best.pt: top-1 %.4f", split, metrics["acc1"])
-    return scores
+        written = json.loads((out / "confusion_matrix.json").read_text(encoding="utf-8"))
+        confusions.append(loggers.Confusion(split, written["classes"], written["matrix"],
+                                            f"{split} split, best.pt: top-1 {metrics['acc1']:.3f}",
+                                            out / "confusion_matrix.png"))
+    return scores, confusions
+
+
+def _final_val_confusion(prepared: Prepared, summary: dict[str, Any]) -> loggers.Confusion:
+    """The confusion matrix of the network validated last (the EMA where there is one) over the whole val split,
+    as its last epoch left it. Under DDP every rank counts its shard (every rank must call this) and the counts
+    are summed."""
+    setup = prepared.setup
+    network = setup.runner.ema.module if setup.runner.ema is not None else setup.model.model
+    counts = count_predictions(network, setup.val_loader, setup.runner.precision, setup.num_classes)
+    matrix = counts.confusion
+    if distributed.active():
+        matrix = distributed.all_reduce_sum(torch.tensor(matrix, device=setup.runner.precision.device)).tolist()
+    total = max(sum(map(sum, matrix)), 1)
+    top1 = sum(matrix[i][i] for i in range(len(matrix))) / total
+    # named apart from an eval_splits split `val`, which is best.pt's
+    return loggers.Confusion("val_last_epoch", list(prepared.splits.classes), matrix,
+                             f"val split, epoch {summary['epochs_run']} (the last): top-1 {top1:.3f}")
 
 
 def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:

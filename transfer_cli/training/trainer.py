@@ -30,7 +30,7 @@ from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.progress import FitResult, Progress, update_early_stopping
 from transfer_cli.training.reporting import EpochProgress
 from transfer_cli.training.runtime import Precision
-from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, epoch_steps, prepare_stage, stage_run
+from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, epoch_batches, prepare_stage, stage_run
 from transfer_cli.training.strategies import hold_frozen_batchnorm
 
 
@@ -48,8 +48,16 @@ def _stage_start(setup: FitSetup, index: int) -> int:
 
 
 def _eval_model(run: StageRun) -> nn.Module:
-    """What validation runs: the EMA, else the training forward (without its DDP wrapper: shards are uneven)."""
-    return run.runner.ema.module if run.runner.ema is not None else distributed.unwrap(run.runner.model)
+    """What validation runs: the EMA, else the network the stage trains, without its DDP wrapper (shards are
+    uneven) and never compiled (an inference-mode forward and a ragged last batch would add recompiles to the
+    training graph's). Validation follows the epoch's training steps: where a compiled stage says what
+    torch.compile did in them."""
+    if run.compiled is not None:
+        run.compiled.report()
+    if run.runner.ema is not None:
+        return run.runner.ema.module
+    forward = run.runner.model
+    return distributed.unwrap(getattr(forward, "_orig_mod", forward))
 
 
 def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None, name: str) -> None:
@@ -73,7 +81,14 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
         **({"rng_by_rank": rng_by_rank, "world_size": len(rng_by_rank)} if rng_by_rank else {}),
         **setup.checkpoint_extra,
     }
-    checkpoint.save_atomic(payload, setup.run_dir / "checkpoints" / name)
+    if name == "best.pt":  # what eval, predict and export read: the weights, never the state a resume needs
+        payload = {key: value for key, value in payload.items() if key not in RESUME_ONLY}
+    folder = setup.run_dir / "checkpoints"
+    checkpoint.save_atomic(setup.frozen_store.shrink(payload, setup.model.model, folder), folder / name)
+    setup.frozen_store.remove_unreferenced(folder, ("last.pt", "best.pt"))
+
+
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "tally", "rng", "rng_by_rank", "world_size")
 
 
 def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, StageRun, Tally | None]:
@@ -87,6 +102,7 @@ def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, StageRun,
         raise TransferError(f"checkpoints/last.pt does not fit the model this version builds for the run "
                             f"({problem}): it cannot be resumed; start a new run")
     setup.model.model.load_state_dict(state["model"])
+    setup.frozen_store.adopt(state)
     setup.optimizer.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if setup.runner.scaler is not None and state.get("scaler"):
@@ -169,15 +185,22 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
         _save(setup, scheduler, progress, tally, "last.pt")
         raise interrupt.stopped(f"in epoch {epoch} at step {progress.step}")
 
-    def on_step(step: int) -> None:
+    previous = {"step": progress.step}  # batches done at the optimizer step before this one
+
+    def on_step(step: int) -> None:  # after each optimizer step: `step` batches done
+        before, previous["step"] = previous["step"], step
         progress.step = step
         progress.step_ran(upcoming["lrs"])
         upcoming["lrs"] = setup.optimizer.lrs_by_group()
         every = setup.checkpoint_every_steps
+
+        def reached(count: int) -> bool:  # a multiple of `count` batches (accumulated ones step together)
+            return step // count > before // count
+
         # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
-        if (not distributed.active() or step % setup.check_every == 0) and _stop_requested(setup, interrupt):
+        if (not distributed.active() or reached(setup.check_every)) and _stop_requested(setup, interrupt):
             checkpoint_and_stop()
-        if every and step % every == 0:
+        if every and reached(every):
             _save(setup, scheduler, progress, tally, "last.pt")
             saved["step"] = step
 
@@ -186,6 +209,7 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}",
                                 progress=_epoch_progress(setup, run, epoch, progress.step),
+                                accumulate=setup.accumulate_steps, total_steps=epoch_batches(setup, train_loader),
                                 max_steps=setup.limit_train_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
@@ -223,7 +247,8 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
 def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int) -> EpochProgress:
     """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only)."""
     total = _stage_start(setup, len(setup.stages))
-    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", epoch_steps(setup, run.train_loader), start_step,
+    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", epoch_batches(setup, run.train_loader),
+                         start_step,
                          run.train_loader.batch_size * distributed.world_size(), setup.optimizer.lrs_by_group,
                          setup.log_every, bar=None if distributed.is_main() else False)
 
