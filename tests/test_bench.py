@@ -139,6 +139,7 @@ def test_gpu_code_path_runs_on_cpu(one_thread: None) -> None:
                                steps=2, jpegs=16)
     figures = result["models"]["mobilenet_v3_small"]
     assert result["available"] and figures["synthetic_images_per_s"] > 0 and figures["jpeg_images_per_s"] > 0
+    assert figures["jpeg_decode_on_device_images_per_s"] > 0  # trainer.decode_on_device=true, on the CPU here
     assert figures["amp"] is None and figures["channels_last"] is True  # CPU: fp32, channels_last
     assert figures["jpeg_train_images"] < 16  # the folder's held-out share is not trained on
     assert "mobilenet_v3_small jpeg img/s" in bench.format_table({"gpu": result})

@@ -185,3 +185,31 @@ def test_transforms_draft_decode_reaches_the_loaders_and_the_cache(photos: Image
     assert all(decoded == (250, 188) for _, decoded in drafts)
     for loader in (prepared.setup.train_loader, prepared.setup.val_loader):
         assert (loader.dataset.transform.decode is not None) == draft
+
+
+@pytest.mark.parametrize("draft", [True, False], ids=["draft", "full"])
+def test_eval_predict_and_the_api_decode_as_the_run_trained(photos: ImageFolderDataset, tmp_path: Path, draft: bool,
+                                                            drafts: list) -> None:
+    """A run trained with transforms.draft_decode=true|false is evaluated and predicted on decoded the same way."""
+    from omegaconf import OmegaConf
+
+    import transfer_cli
+    from transfer_cli.cli import main
+    from transfer_cli.commands.predict import predict_images
+    from transfer_cli.training.train import train
+
+    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={photos.root}",
+                         "dataset.val_fraction=0.5", "dataset.cache_images=false",
+                         "strategy=feature_extract", "trainer.epochs=1",
+                         f"transforms.draft_decode={str(draft).lower()}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.structured(cfg), run / "config.yaml", resolve=True)
+    train(cfg, run)
+    files = [path for path, _ in photos.samples]
+    uses = {"eval": lambda: main(["eval", str(run)]), "predict": lambda: predict_images(run, files, top_k=1),
+            "api": lambda: transfer_cli.load_run(run).predict(files, top_k=1)}
+    for name, use in uses.items():
+        drafts.clear()
+        use()
+        assert bool(drafts) == draft and all(decoded[0] < stored[0] for stored, decoded in drafts), name

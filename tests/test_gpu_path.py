@@ -106,6 +106,19 @@ def test_benchmark_mode_can_be_left_off_for_repeatable_numbers(cuda_math_off: No
     assert cuda_math() == (False, True, True)
 
 
+def test_trainer_deterministic_turns_autotuning_and_tf32_off(cuda_math_off: None, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        configure_cuda_math(CUDA, deterministic=True)
+        assert cuda_math() == (False, False, False) and torch.backends.cudnn.deterministic
+    finally:
+        torch.backends.cudnn.deterministic = False
+    asked: list[dict] = []
+    monkeypatch.setattr(assemble, "configure_cuda_math", lambda device, **kw: asked.append(kw))
+    assemble.prepare(compose_train(FAST + ["trainer.deterministic=true"]), tmp_path)
+    assert asked == [{"deterministic": True}]
+
+
 def test_a_cpu_run_leaves_the_cuda_settings_alone(cuda_math_off: None) -> None:
     configure_cuda_math(CPU)
     assert cuda_math() == (False, False, False)

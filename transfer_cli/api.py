@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import Dataset
 
 from transfer_cli.commands.predict import Prediction, find_images, readable, top_k_predictions
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
-from transfer_cli.data.folder import image_files, load_rgb, to_rgb
+from transfer_cli.data.folder import FileImages, image_files, load_rgb, to_rgb
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, read_summary
@@ -151,7 +150,7 @@ def _process_state_kept() -> Iterator[None]:
 # --------------------------------------------------------------------------- load_run
 
 
-class _Images(Dataset):
+class _Images(FileImages):
     """(RGB image, index) per file or PIL image, decoded as `transfer predict` decodes files."""
 
     def __init__(self, items: list[Path | Image.Image]) -> None:
@@ -160,9 +159,10 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int, plan: Any = None) -> tuple[Image.Image, int]:
+        """Item `index`, a file's JPEG decoded at the reduced size the run's eval transform allows (as eval)."""
         item = self.items[index]
-        return (load_rgb(item) if isinstance(item, Path) else to_rgb(item)), index
+        return (load_rgb(item, plan) if isinstance(item, Path) else to_rgb(item)), index
 
 
 class LoadedRun:
@@ -182,7 +182,7 @@ class LoadedRun:
         self._precision, _ = resolve_precision(trainer, self.device)
         memory_format = torch.channels_last if self._precision.channels_last else torch.contiguous_format
         self.model: nn.Module = transfer_model.model.to(self.device, memory_format=memory_format)
-        self.transform = eval_transform(preprocessing_of(cfg, transfer_model))
+        self.transform = eval_transform(preprocessing_of(cfg, transfer_model), draft=cfg.transforms.draft_decode)
 
     def __repr__(self) -> str:
         return (f"LoadedRun({str(self.run_dir)!r}, checkpoint={self.checkpoint!r}, "

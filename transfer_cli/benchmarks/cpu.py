@@ -266,6 +266,7 @@ def format_table(report: dict[str, Any]) -> str:
     for model, figures in gpu.get("models", {}).items():
         add(f"gpu {model} synthetic img/s", f"{figures['synthetic_images_per_s']:.0f}")
         add(f"gpu {model} jpeg img/s", f"{figures['jpeg_images_per_s']:.0f}")
+        add(f"gpu {model} jpeg, decode_on_device img/s", f"{figures['jpeg_decode_on_device_images_per_s']:.0f}")
     table = aligned(rows, right=(1,))
     return table + (f"\ngpu: {gpu.get('reason', 'not measured')}" if not gpu.get("available") else "")
 

@@ -54,7 +54,11 @@ def gpu_figures(data_root: str | None = None, *, device: str = "cuda", models: t
                          "augment=basic", f"transforms.image_size={image_size}", f"trainer.device={device}",
                          f"trainer.batch_size={batch}", f"trainer.num_workers={workers}",
                          "trainer.cache_features=false"]
-            result["models"][name] = _gpu_model(compose_config(overrides), Path(tmp) / name, warmup, steps)
+            figures = _gpu_model(compose_config(overrides), Path(tmp) / name, warmup, steps)
+            on_device = _gpu_model(compose_config([*overrides, "trainer.decode_on_device=true"]),
+                                   Path(tmp) / f"{name}-decode", warmup, steps, synthetic=False)
+            figures["jpeg_decode_on_device_images_per_s"] = on_device["jpeg_images_per_s"]
+            result["models"][name] = figures
     return result
 
 
@@ -64,10 +68,13 @@ def _device_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else device
 
 
-def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int) -> dict[str, Any]:
+def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int, synthetic: bool = True) -> dict[str, Any]:
+    """Images/s on synthetic tensors (`synthetic`) and on the folder through the run's own train pipeline
+    (trainer.decode_on_device=true: JPEG bytes from the workers, decoded and augmented on the device)."""
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
+    from transfer_cli.data.loaders import DeviceDecodingLoader
     from transfer_cli.training.assemble import prepare
     from transfer_cli.training.engine import Tally
     from transfer_cli.training.progress import Progress
@@ -96,13 +103,15 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int) -> dict[str, An
     labels = torch.randint(0, setup.num_classes, (batch,))
     if cuda:
         images, labels = images.pin_memory(), labels.pin_memory()
-    synthetic = images_per_s(iter(lambda: (images, labels), None))
+    synthetic_figure = images_per_s(iter(lambda: (images, labels), None)) if synthetic else None
     # one long epoch over the folder (our dataset and train transform), so every worker stays busy
     dataset = setup.train_loader.dataset
-    loader = DataLoader(dataset, batch_size=batch, num_workers=setup.train_loader.num_workers, pin_memory=cuda,
-                        sampler=RandomSampler(dataset, replacement=True, num_samples=batch * (warmup + steps)))
+    on_device = isinstance(setup.train_loader, DeviceDecodingLoader)
+    kind, where = (DeviceDecodingLoader, {"device": precision.device}) if on_device else (DataLoader, {})
+    loader = kind(dataset, **where, batch_size=batch, num_workers=setup.train_loader.num_workers, pin_memory=cuda,
+                  sampler=RandomSampler(dataset, replacement=True, num_samples=batch * (warmup + steps)))
     jpeg = images_per_s(iter(loader))
-    return {"synthetic_images_per_s": synthetic, "jpeg_images_per_s": jpeg,
+    return {"synthetic_images_per_s": synthetic_figure, "jpeg_images_per_s": jpeg,
             "amp": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None,
             "channels_last": precision.channels_last, "grad_scaler": runner.scaler is not None,
             "jpeg_train_images": len(dataset)}

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import write_text
 from transfer_cli.core.tables import aligned
-from transfer_cli.data.folder import decode_problem, image_files, load_rgb
+from transfer_cli.data.folder import FileImages, ReducedDecode, decode_problem, image_files, load_rgb
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.runs.rundir import CHECKPOINTS, load_trained_model, preprocessing_of
@@ -38,7 +38,7 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, probability), most probable first
 
 
-class _ImageFiles(Dataset):
+class _ImageFiles(FileImages):
     """(RGB image, index) per file, so predictions map back to their paths."""
 
     def __init__(self, paths: list[Path]) -> None:
@@ -47,8 +47,9 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return load_rgb(self.paths[index]), index
+    def load(self, index: int, plan: ReducedDecode | None = None) -> tuple[Image.Image, int]:
+        """File `index`, its JPEG decoded at the reduced size the run's eval transform allows (as eval)."""
+        return load_rgb(self.paths[index], plan), index
 
 
 def find_images(paths: list[Path]) -> list[Path]:
@@ -98,7 +99,8 @@ def predict_images(run_dir: Path, paths: list[Path], top_k: int = 5, checkpoint:
     precision, _ = resolve_precision(cfg.trainer, torch_device)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.model.to(torch_device, memory_format=memory_format)
-    dataset = TransformedDataset(_ImageFiles(images), eval_transform(preprocessing_of(cfg, model)))
+    transform = eval_transform(preprocessing_of(cfg, model), draft=cfg.transforms.draft_decode)
+    dataset = TransformedDataset(_ImageFiles(images), transform)
     loader = eval_loader(dataset, cfg.trainer, pin_memory=torch_device.type == "cuda")
     return top_k_predictions(model.model, loader, precision, classes, [str(image) for image in images], top_k)
 

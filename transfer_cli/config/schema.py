@@ -237,6 +237,7 @@ class TrainerConfig:
     # e.g. 0.999: evaluate and checkpoint an EMA of the weights
     ema_decay: Optional[float] = field(default=None, metadata=rule(between(0, 1, low_open=True)))
     compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # CUDA: no cuDNN autotuning, no TF32 (repeatable numbers over speed)
     # also checkpoint mid-epoch (long epochs)
     checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE)
     # steps between host syncs that check the loss is finite (every step on CPU)

@@ -87,7 +87,18 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
 
 
-class ImageFolderDataset(Dataset):
+class FileImages(Dataset):
+    """Items read from image files here, so a JPEG can be decoded at the reduced size a pipeline allows
+    (`load(index, plan)`; folder datasets, `transfer predict`'s and the API's files)."""
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index)
+
+    def load(self, index: int, plan: ReducedDecode | None = None) -> tuple[Image.Image, int]:
+        raise NotImplementedError
+
+
+class ImageFolderDataset(FileImages):
     """Images under `root/<class>/`, labelled by `classes`, decoded once up front; loaded as RGB PIL images.
 
     Unreadable files are skipped with a warning (listed in `skipped`) or, with
@@ -127,9 +138,6 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        return self.load(index)
-
     def load(self, index: int, plan: ReducedDecode | None = None) -> tuple[Image.Image, int]:
         """Item `index`, its JPEG decoded at reduced size where `plan` allows it."""
         path, label = self.samples[index]
@@ -138,11 +146,11 @@ class ImageFolderDataset(Dataset):
 
 def fetch(dataset: Dataset, index: int, plan: ReducedDecode | None) -> tuple[Any, int]:
     """Item `index` of `dataset`, decoded as `plan` allows where the images are read from files here
-    (an ImageFolderDataset, also inside Subsets); anything else as `dataset[index]` serves it."""
+    (FileImages, also inside Subsets); anything else as `dataset[index]` serves it."""
     if plan is not None:
         if type(dataset) is Subset:
             return fetch(dataset.dataset, dataset.indices[index], plan)
-        if type(dataset) is ImageFolderDataset:
+        if isinstance(dataset, FileImages):
             return dataset.load(index, plan)
     return dataset[index]
 

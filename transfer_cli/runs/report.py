@@ -185,7 +185,7 @@ def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
 # how a run was carried out, not what it is: never a difference between experiments
 MACHINERY = ("logger", "trainer.num_workers", "trainer.device", "trainer.cache_dir", "trainer.cache_features",
              "trainer.log_every", "trainer.checkpoint_every_steps", "dataset.cache_images", "dataset.cache_budget_mb",
-             "dataset.download")
+             "dataset.download", "trainer.normalize_on_device")
 
 
 def differing_keys(runs: list[Run]) -> list[str]:

@@ -73,7 +73,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     seed_everything(cfg.trainer.seed)
     device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
-    configure_cuda_math(device)  # cudnn.benchmark and TF32 on CUDA, as the bench measures
+    configure_cuda_math(device, deterministic=cfg.trainer.deterministic)  # cudnn.benchmark, TF32: as the bench
     batch_size = distributed.per_process_batch(cfg.trainer.batch_size)  # DDP: batch_size is the global batch
     eval_batch_size = max(1, (cfg.trainer.eval_batch_size or cfg.trainer.batch_size) // distributed.world_size())
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies

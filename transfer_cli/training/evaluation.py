@@ -109,7 +109,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], P
     _, model, classes = load_trained_model(run_dir, checkpoint)
     device = resolve_device(cfg.trainer.device)
     precision, _ = resolve_precision(cfg.trainer, device)
-    configure_cuda_math(device)
+    configure_cuda_math(device, deterministic=cfg.trainer.deterministic)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     loader = _split_loader(cfg, classes, preprocessing_of(cfg, model), pin_memory=device.type == "cuda")
     counts = count_predictions(model.model, loader, precision, len(classes))
@@ -162,7 +162,8 @@ def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preproces
     except ValueError as error:  # torchvision's answer to a split name it does not know
         raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
     check_classes(splits.classes, classes, "evaluate on data with the same class folders")
-    return eval_loader(TransformedDataset(splits.val, eval_transform(preprocessing)), cfg.trainer, pin_memory)
+    transform = eval_transform(preprocessing, draft=cfg.transforms.draft_decode)
+    return eval_loader(TransformedDataset(splits.val, transform), cfg.trainer, pin_memory)
 
 
 def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:

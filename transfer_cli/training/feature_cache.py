@@ -30,6 +30,7 @@ from transfer_cli.data.folder import ImageFolderDataset
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.models.model import HEAD, TransferModel
 from transfer_cli.runs import checkpoint
+from transfer_cli.runs.frozen import tensors_digest
 from transfer_cli.training.runtime import Precision
 from transfer_cli.training.strategies import Stage, frozen_modules
 
@@ -134,13 +135,8 @@ _SAMPLES: dict[type, Callable[[Any], str]] = {
 def weights_digest(model: TransferModel) -> str:
     """Identity of the frozen backbone: its class and every non-head tensor (name, shape, dtype, values)."""
     head = set(model.group(HEAD).params)
-    digest = hashlib.sha256(type(model.model).__qualname__.encode())
-    for name, tensor in model.model.state_dict().items():
-        if name in head:
-            continue
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    backbone = {name: tensor for name, tensor in model.model.state_dict().items() if name not in head}
+    return _digest(type(model.model).__qualname__, tensors_digest(backbone))
 
 
 # Shares of the CUDA device's free memory: what the features may take while they are computed (before they

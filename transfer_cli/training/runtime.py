@@ -93,16 +93,17 @@ def native_bf16() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def configure_cuda_math(device: torch.device, *, benchmark: bool = True) -> None:
+def configure_cuda_math(device: torch.device, *, benchmark: bool = True, deterministic: bool = False) -> None:
     """How a CUDA run computes, as `transfer bench --gpu` measures: cuDNN picks the fastest convolution
-    algorithms for the run's shapes (`benchmark`: off where repeatable numbers matter more), and fp32
-    matmuls and convolutions (outside autocast) run on TF32 tensor cores. Process-wide settings; a CPU
-    run leaves them alone."""
+    algorithms for the run's shapes (`benchmark`), and fp32 matmuls and convolutions (outside autocast) run on
+    TF32 tensor cores; `deterministic` (trainer.deterministic) turns both off and asks cuDNN for deterministic
+    kernels, for repeatable numbers. Process-wide settings; a CPU run leaves them alone."""
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = benchmark
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = benchmark and not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
 
 
 def flag(value: str) -> bool:
