@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint train smoke clean bench bench-gpu
+.PHONY: help setup test test-fast lint train smoke clean bench bench-gpu gpu-check
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ bench: ## CPU benchmarks -> outputs/bench/bench.json + table; exits 1 if a targe
 
 bench-gpu: ## GPU images/s: resnet50, efficientnet_b0, AMP + channels_last (needs CUDA; ARGS="--data-root DIR")
 	$(BIN)/transfer bench --gpu $(ARGS)
+
+gpu-check: ## every CUDA code path in one call (.ci/gpu-check.sh, 6-9 min on a GPU); CPU dry run: DEVICE=cpu SMALL=1 COMPILE_BACKEND=eager
+	PY=$(BIN)/python bash .ci/gpu-check.sh $(or $(OUT),outputs/gpu-check)
 
 clean: ## delete run outputs and caches
 	rm -rf outputs/runs outputs/multirun .pytest_cache

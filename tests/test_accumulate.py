@@ -240,6 +240,7 @@ def crash_at_batch(monkeypatch: pytest.MonkeyPatch, epoch: int, batch: int) -> N
     monkeypatch.setattr(trainer, "train_one_epoch", crashing)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_accumulation_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """6 batches an epoch, 3 per step, a checkpoint every 2 batches: last.pt lands on step boundaries (batch 3, 6);
     killed in batch 5 of epoch 2, the run resumes from batch 3 and ends as one never interrupted."""

@@ -125,6 +125,7 @@ def test_a_mistake_found_by_the_job_raises_and_leaves_no_run(tmp_path: Path,
 
 
 @pytest.mark.parametrize("ending", [RuntimeError("boom"), KeyboardInterrupt()])
+@pytest.mark.slow
 def test_a_bug_or_ctrl_c_in_the_job_is_raised_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          ending: BaseException) -> None:
     """Not the command's one line and exit code: the exception itself, the run without a checkpoint discarded."""

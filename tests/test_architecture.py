@@ -104,6 +104,7 @@ def test_hydra_and_omegaconf_stay_in_the_config_package() -> None:
 
 @pytest.mark.parametrize("module", ["transfer_cli.training.engine", "transfer_cli.training.trainer",
                                     "transfer_cli.commands.predict"])
+@pytest.mark.slow
 def test_the_training_loop_and_predict_load_no_hydra(module: str) -> None:
     code = (f"import sys, {module}; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'omegaconf'}))")
@@ -111,6 +112,7 @@ def test_the_training_loop_and_predict_load_no_hydra(module: str) -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
+@pytest.mark.slow
 def test_predict_loads_neither_the_trainer_nor_the_optimizer() -> None:
     code = ("import sys, transfer_cli.commands.predict; "
             "print(sorted(set(sys.modules) & {'transfer_cli.training.trainer', 'transfer_cli.training.optim'}))")

@@ -160,6 +160,7 @@ def test_reestimate_sets_the_stats_to_the_training_images_then_holds_them(tmp_pa
     assert all(torch.equal(value, settled[key]) for key, value in stats(model).items()), "held after re-estimation"
 
 
+@pytest.mark.slow
 def test_reestimate_is_not_repeated_when_a_run_resumes_mid_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     overrides = FAST + ["strategy=gradual", "strategy.bn=reestimate", "trainer.checkpoint_every_steps=2"]

@@ -133,6 +133,7 @@ def one_thread() -> None:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_gpu_code_path_runs_on_cpu(one_thread: None) -> None:
     """The CUDA benchmark's code (prepare, StepRunner, JPEG loader), on CPU with a tiny workload."""
     result = bench_gpu.gpu_figures(device="cpu", models=("mobilenet_v3_small",), image_size=32, batch=4, warmup=1,

@@ -163,6 +163,7 @@ def test_another_split_or_subset_is_not_served_the_old_one(layout: str, before: 
 
 
 @pytest.mark.parametrize("cache_images", ["false", "true"])
+@pytest.mark.slow
 def test_equal_size_splits_never_share_features(cache_images: str, tmp_path: Path, cache: Path,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Synthetic train and val of one size: before, val was served the train features."""
@@ -180,6 +181,7 @@ def test_equal_size_splits_never_share_features(cache_images: str, tmp_path: Pat
     assert run_metrics(tmp_path / "again") == run_metrics(tmp_path / "cached")
 
 
+@pytest.mark.slow
 def test_an_entry_with_other_labels_or_damaged_is_recomputed(tmp_path: Path, weights: Path, cache: Path,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """A stale entry under the right name (its labels differ) or a torn one is never served."""
@@ -216,6 +218,7 @@ def _unidentified(cfg, seed: int) -> RawSplits:
     return RawSplits(train, val, list(CLASSES), *labels)
 
 
+@pytest.mark.slow
 def test_data_without_identity_is_not_cached_and_says_why_once(tmp_path: Path, cache: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:

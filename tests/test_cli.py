@@ -37,6 +37,7 @@ def test_unknown_command_is_one_line_error() -> None:
     assert "did you mean 'train'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_train_help_shows_config_groups_without_importing_torch() -> None:
     code = ("import sys\nfrom transfer_cli.cli import main\ntry:\n    main(['train', '--help'])\n"
             "finally:\n    print('torch' in sys.modules)")  # Hydra's --help ends with sys.exit(0)
@@ -99,6 +100,7 @@ def test_a_user_mistake_is_a_one_line_error_from_the_installed_command(tmp_path:
 
 
 @pytest.mark.parametrize(("overrides", "message"), USER_MISTAKES)
+@pytest.mark.slow
 def test_user_and_config_mistakes_are_one_line_errors_and_leave_no_run_dir(
         tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str], overrides: list[str],
         message: str) -> None:

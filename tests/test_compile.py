@@ -69,6 +69,7 @@ def eager_compile(monkeypatch: pytest.MonkeyPatch) -> list[nn.Module]:
 GRADUAL = [*FAST, "strategy=gradual", "trainer.epochs=4", "dataset.val_size=45", "trainer.cache_features=false"]
 
 
+@pytest.mark.slow
 def test_a_gradual_run_compiles_once_per_stage_and_never_recompiles(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         dynamo_log: Records, eager_compile: list[nn.Module]) -> None:

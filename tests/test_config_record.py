@@ -75,6 +75,7 @@ class Crash(Exception):
     """Stands for the process dying in epoch 2."""
 
 
+@pytest.mark.slow
 def test_a_rescaled_run_resumes_with_the_same_plan_and_metrics(finished: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     real = trainer.train_one_epoch

@@ -219,6 +219,7 @@ BACKBONE_FILES = {
 
 
 @pytest.mark.parametrize("damage", list(BACKBONE_FILES))
+@pytest.mark.slow
 def test_train_from_a_damaged_backbone_checkpoint_is_one_line_and_leaves_no_run_dir(
         trained: Path, tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str],
         damage: str) -> None:

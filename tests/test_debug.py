@@ -39,6 +39,7 @@ def test_debug_fast_runs_every_stage_on_a_few_batches(tmp_path: Path, monkeypatc
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_debug_overfit_drives_the_training_loss_to_about_zero(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=smoke", "debug=overfit", "strategy=fine_tune"])
     assert (cfg.dataset.train_subset, cfg.trainer.epochs, cfg.augment.name) == (32, 40, "none")

@@ -188,6 +188,7 @@ def test_transforms_draft_decode_reaches_the_loaders_and_the_cache(photos: Image
 
 
 @pytest.mark.parametrize("draft", [True, False], ids=["draft", "full"])
+@pytest.mark.slow
 def test_eval_predict_and_the_api_decode_as_the_run_trained(photos: ImageFolderDataset, tmp_path: Path, draft: bool,
                                                             drafts: list) -> None:
     """A run trained with transforms.draft_decode=true|false is evaluated and predicted on decoded the same way."""

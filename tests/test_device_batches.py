@@ -93,6 +93,7 @@ def test_uint8_batches_give_the_float_paths_logits_and_loss(tmp_path: Path, extr
 @pytest.mark.parametrize("extra", [["strategy=gradual", "augment=none"],
                                    ["strategy=fine_tune", "augment=basic", "augment.mixup_alpha=0.4"]],
                          ids=["feature-cached head, then fine-tuning", "augmented+mixup"])
+@pytest.mark.slow
 def test_a_run_normalizing_on_the_device_logs_the_same_metrics(tmp_path: Path, extra: list[str]) -> None:
     for on in ("false", "true"):
         train(compose_train(FAST + ["trainer.epochs=3", f"trainer.normalize_on_device={on}", *extra]), tmp_path / on)
@@ -195,6 +196,7 @@ def test_a_run_decoding_on_the_device_trains(tmp_path: Path, jpeg_folder: Path) 
     assert any(not torch.equal(a, b) for a, b in zip(before, device.model.model.parameters()))
 
 
+@pytest.mark.slow
 def test_generated_images_train_alike_decoded_on_the_device(tmp_path: Path) -> None:
     """Synthetic images are uint8 tensors: on the device only the transform moves, so the run is the same."""
     for decode in ("false", "true"):

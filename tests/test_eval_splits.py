@@ -29,6 +29,7 @@ def write_folders(root: Path, per_class: int = 8) -> None:
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_held_out_splits_are_scored_like_transfer_eval(tmp_path: Path, hydra_in_process: None) -> None:
     data, run_dir = tmp_path / "data", tmp_path / "run"
     write_folders(data)

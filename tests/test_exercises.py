@@ -106,6 +106,7 @@ def test_exercise3_discriminative_lrs_vs_uniform_on_2000_cifar10(resnet18) -> No
         ("all", 15, dict.fromkeys(LESSON_DISCRIMINATIVE, 1e-4))]
 
 
+@pytest.mark.slow
 def test_exercise3_on_lite0_maps_the_lesson_rates_onto_its_blocks(lite0) -> None:
     rates = {"blocks.1": 1e-5, "blocks.2": 3e-5, "blocks.3": 1e-4, "blocks.4": 1e-4, "blocks.5": 3e-4, "blocks.6": 3e-4,
              "head": 1e-3}
@@ -176,6 +177,7 @@ def expand(overrides: list[str], experiment_sweep: dict[str, str]) -> list[list[
 
 @needs_make
 @pytest.mark.parametrize("quick", [False, True], ids=["real", "quick"])
+@pytest.mark.slow
 def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> None:
     variables = ["QUICK=1"] if quick else []
     model = lite0 if quick else resnet18
@@ -352,6 +354,7 @@ def predict(model: torch.nn.Module, images: list[np.ndarray], mean, std, among: 
 
 
 @needs_make
+@pytest.mark.slow
 def test_exercise5_scores_the_imagenet_head_under_three_normalizations(in_process, tmp_path: Path) -> None:
     import timm
 

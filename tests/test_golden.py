@@ -38,6 +38,9 @@ from PIL import Image
 from transfer_cli.cli import main
 
 
+pytestmark = pytest.mark.slow  # every test here trains or reads recorded runs: `make test` runs them
+
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 RECORDING = os.environ.get("TRANSFER_RECORD_GOLDEN") == "1"
 REL, ABS = 1e-4, 1e-6

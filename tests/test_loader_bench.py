@@ -47,6 +47,7 @@ def test_the_report_divides_the_figures_and_names_the_bound() -> None:
     assert bench.TARGETS["draft_decode_speedup"] == (">=", 2.0)
 
 
+@pytest.mark.slow
 def test_the_child_times_each_workloads_loader_with_and_without_reduced_decoding(tmp_path: Path) -> None:
     spec = {**loader_spec(bench.QUICK, tmp_path, bench._smoke), "photos": 4, "rounds": 1, "model_steps": 1}
     result = loader_figures(spec)

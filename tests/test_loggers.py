@@ -65,6 +65,7 @@ def test_tensorboard_gets_every_epoch(tmp_path: Path) -> None:
     assert (tmp_path / "summary.json").is_file() and len(metrics) == 2
 
 
+@pytest.mark.slow
 def test_mlflow_gets_params_metrics_and_status(tmp_path: Path) -> None:
     needs("mlflow", "mlflow")
     from mlflow.tracking import MlflowClient
@@ -87,6 +88,7 @@ def test_mlflow_gets_params_metrics_and_status(tmp_path: Path) -> None:
     again.close()
 
 
+@pytest.mark.slow
 def test_mlflow_default_store_is_a_database_mlflows_own_client_opens(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The default store (sqlite under outputs/) needs no MLFLOW_ALLOW_FILE_STORE: a fresh process with a clean
@@ -129,6 +131,7 @@ class FakeWandb(types.ModuleType):
         return run
 
 
+@pytest.mark.slow
 def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeWandb()
@@ -162,6 +165,7 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     assert fake.inits[1]["id"] == init["id"]
 
 
+@pytest.mark.slow
 def test_three_trackers_at_once_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`WANDB_MODE=offline logger=[tensorboard,mlflow,wandb]`: TensorBoard events, an MLflow run in the default
     database, and a W&B offline run in the run directory."""
@@ -206,6 +210,7 @@ def write_split_folders(root: Path, per_class: int = 8) -> None:
                 Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The val split's matrix after the last epoch equals `transfer eval checkpoint=last` on it; an eval_splits
     split's equals eval/<split>/confusion_matrix.json (best.pt). W&B's offline run holds both as tables, MLflow

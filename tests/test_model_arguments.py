@@ -28,6 +28,7 @@ def built(*overrides: str) -> nn.Module:
     return build_model(cfg.backbone, cfg.head, 3, pretrained=False).model
 
 
+@pytest.mark.slow
 def test_timm_drop_path_rate_and_kwargs() -> None:
     assert not [p for p in drop_probs(built()) if p > 0]
     rates = drop_probs(built("backbone.drop_path_rate=0.2"))

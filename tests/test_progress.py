@@ -64,6 +64,7 @@ def test_a_resumed_epoch_counts_from_where_it_resumed(caplog: pytest.LogCaptureF
         "epoch 2/4 [all] step 8/10", "epoch 2/4 [all] step 10/10"]
 
 
+@pytest.mark.slow
 def test_a_run_with_stdout_in_a_file_logs_progress_inside_each_epoch(tmp_path: Path) -> None:
     out = tmp_path / "stdout.txt"
     run_dir = tmp_path / "run"
@@ -83,6 +84,7 @@ def test_a_run_with_stdout_in_a_file_logs_progress_inside_each_epoch(tmp_path: P
             assert inside and max(inside) < summary, "progress comes during the epoch, before its summary line"
 
 
+@pytest.mark.slow
 def test_the_feature_cache_says_why_it_is_off_for_a_head_only_stage(tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="transfer_cli.training.assemble"):

@@ -173,18 +173,21 @@ def without_lr(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("epoch", [1, 2], ids=["head_stage", "last_block_stage"])
+@pytest.mark.slow
 def test_mid_epoch_checkpoint_resumes_to_identical_losses_and_accuracies(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uninterrupted: Callable, epoch: int) -> None:
     expected, resumed = crash_and_resume(tmp_path, monkeypatch, uninterrupted, FAST, epoch)
     assert without_lr(resumed) == without_lr(expected)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_records_the_same_lrs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               uninterrupted: Callable) -> None:
     expected, resumed = crash_and_resume(tmp_path, monkeypatch, uninterrupted, FAST, epoch=2)
     assert [r["lr"] for r in resumed] == [r["lr"] for r in expected]
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_repeats_random_augmentation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                       uninterrupted: Callable) -> None:
     # horizontal flips only: one draw per image, so a shifted RNG stream never falls back into step
@@ -193,6 +196,7 @@ def test_mid_epoch_resume_repeats_random_augmentation(tmp_path: Path, monkeypatc
     assert without_lr(resumed) == without_lr(expected)
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_with_accumulated_batches_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             uninterrupted: Callable) -> None:
     """trainer.accumulate_steps=2: 6 batches an epoch make 3 optimizer steps; the checkpoint after batch 4 stands

@@ -43,6 +43,7 @@ def interrupted_run(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("change", ["rename", "add", "swap-order"])
+@pytest.mark.slow
 def test_resume_refuses_data_whose_classes_changed(interrupted_run: tuple[Path, Path], change: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str], hydra_in_process: None) -> None:
     data, run_dir = interrupted_run

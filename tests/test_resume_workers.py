@@ -90,6 +90,7 @@ def test_sigkill_in_epoch_3_with_workers_resumes_to_the_uninterrupted_metrics(
     assert comparable(read_metrics(run_dir)) == acceptance_reference, f"{where}, resumed from step {step}"
 
 
+@pytest.mark.slow
 def test_the_metrics_do_not_depend_on_the_worker_count(tmp_path: Path) -> None:
     """One run in the main process, one in two persistent workers: same augmentation, dropout, MixUp."""
     overrides = RANDOM + ["trainer.epochs=2"]
@@ -98,6 +99,7 @@ def test_the_metrics_do_not_depend_on_the_worker_count(tmp_path: Path) -> None:
     assert in_workers == in_main
 
 
+@pytest.mark.slow
 def test_dropout_and_mixup_with_workers_resume_exactly_at_an_epoch_boundary(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fresh workers in the resumed run must not shift the main process's RNG (dropout, MixUp) in epoch 3."""
@@ -172,6 +174,7 @@ def test_a_sample_is_augmented_by_seed_epoch_and_index_alone() -> None:
     assert by_sample(in_workers) == full
 
 
+@pytest.mark.slow
 def test_a_process_exits_while_its_workers_are_alive(tmp_path: Path) -> None:
     """Workers ignore SIGTERM, and multiprocessing SIGTERMs live daemonic workers at exit and waits:
     without our exit hook, a process leaving a loader's workers running never ends."""

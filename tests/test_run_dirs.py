@@ -103,6 +103,7 @@ def test_training_into_a_finished_run_changes_no_byte(
     assert main(["resume", str(finished)]) == 0 and tree(finished) == before  # finished: not even locked
 
 
+@pytest.mark.slow
 def test_a_bug_after_a_checkpoint_keeps_the_run_resumable_and_a_new_run_may_not_take_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
@@ -130,6 +131,7 @@ def test_a_bug_after_a_checkpoint_keeps_the_run_resumable_and_a_new_run_may_not_
 # --------------------------------------------------------------------------- the error boundary
 
 
+@pytest.mark.slow
 def test_a_bug_before_the_first_checkpoint_leaves_no_run_dir(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def broken_plan(*args: Any) -> Any:
@@ -197,6 +199,7 @@ def test_a_locked_run_dir_refuses_a_second_writer_and_changes_nothing(
     assert runlock.holder(run_dir) is None
 
 
+@pytest.mark.slow
 def test_a_sweep_job_locks_its_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep = tmp_path / "sweep"
     with runlock.acquire(sweep / "0", "transfer resume"):

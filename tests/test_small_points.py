@@ -87,6 +87,7 @@ def _val_indices(overrides: list[str]) -> list[int]:
     return load_splits(compose_train(overrides).dataset).val.indices
 
 
+@pytest.mark.slow
 def test_training_seeds_share_the_split_and_the_split_seed_moves_it(tmp_path: Path) -> None:
     folder = ["dataset=folder", f"dataset.root={image_folder(tmp_path / 'data')}", "dataset.val_fraction=0.3"]
     first = _val_indices(folder + ["trainer.seed=1"])

@@ -66,6 +66,7 @@ def test_smoke_learns_with_every_strategy(tmp_path: Path, strategy: str) -> None
     assert summary["best_val_acc"] > 0.6, "4 classes: chance is 0.25"
 
 
+@pytest.mark.slow
 def test_two_seeded_runs_give_identical_metrics(tmp_path: Path) -> None:
     overrides = FAST + ["strategy=gradual", "augment=basic"]
     train(compose_train(overrides), tmp_path / "a")

@@ -119,6 +119,7 @@ def test_a_diverging_lr_fails_the_run_instead_of_training_on_nan(tmp_path: Path)
 # --------------------------------------------------------------------------- early stopping
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_when_the_monitor_does_not_improve(tmp_path: Path) -> None:
     overrides = FAST + ["strategy=fine_tune", "trainer.epochs=4", "trainer.early_stopping.patience=1",
                         "trainer.early_stopping.monitor=val/loss", "trainer.early_stopping.min_delta=1000"]
@@ -148,6 +149,7 @@ def test_early_stopping_on_an_unknown_metric_is_a_user_error(tmp_path: Path) -> 
 # --------------------------------------------------------------------------- label smoothing
 
 
+@pytest.mark.slow
 def test_label_smoothing_applies_to_the_training_loss_only(tmp_path: Path, runners: Runners) -> None:
     base = FAST + ["strategy=fine_tune", "trainer.epochs=1"]
     cfg = compose_train(base + ["trainer.label_smoothing=0.2"])
@@ -274,6 +276,7 @@ def test_biases_and_norm_parameters_get_no_weight_decay(tmp_path: Path) -> None:
     assert any(d == 0.05 for d in decay_of.values()) and any(d == 0.0 for d in decay_of.values())
 
 
+@pytest.mark.slow
 def test_decay_free_groups_keep_their_weight_decay_in_training(tmp_path: Path) -> None:
     """The groups reach the optimizer that steps: the saved optimizer state holds them."""
     train(compose_train(FAST + ["strategy=gradual", "optimizer=adamw", "optimizer.weight_decay=0.05"]), tmp_path)
