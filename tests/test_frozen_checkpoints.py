@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from transfer_cli.cli import main
 from transfer_cli.runs import checkpoint
-from transfer_cli.runs.frozen import FrozenStore, tensors_digest, untrained_tensors
+from transfer_cli.runs.frozen import FrozenStore, file_name, tensors_digest, untrained_tensors
 from transfer_cli.runs.rundir import load_trained_model
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.train import train
@@ -201,3 +201,32 @@ def test_file_modes_follow_the_umask(run: Path) -> None:
     os.umask(umask)
     for path in (run / "checkpoints").iterdir():
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_frozen_files_no_checkpoint_names_are_removed_and_named_ones_kept(tmp_path: Path) -> None:
+    """A resume that could not adopt the old frozen file writes a new one: the old stays while best.pt names it,
+    an orphan goes, and nothing goes while a checkpoint cannot be read."""
+    def frozen_model(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+        model[0].requires_grad_(False)
+        return model
+
+    old, new, orphan = FrozenStore(), FrozenStore(), FrozenStore()
+    checkpoint.save_atomic(old.shrink({"model": frozen_model(0).state_dict()}, frozen_model(0), tmp_path),
+                           tmp_path / "best.pt")
+    orphan.shrink({"model": frozen_model(1).state_dict()}, frozen_model(1), tmp_path)
+    checkpoint.save_atomic(new.shrink({"model": frozen_model(2).state_dict()}, frozen_model(2), tmp_path),
+                           tmp_path / "last.pt")
+    assert len(list(tmp_path.glob("frozen-*.pt"))) == 3
+
+    (tmp_path / "best.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:40])  # torn: might name any of them
+    new.remove_unreferenced(tmp_path, ("last.pt", "best.pt"))
+    assert len(list(tmp_path.glob("frozen-*.pt"))) == 3
+
+    checkpoint.save_atomic(old.shrink({"model": frozen_model(0).state_dict()}, frozen_model(0), tmp_path),
+                           tmp_path / "best.pt")
+    new.remove_unreferenced(tmp_path, ("last.pt", "best.pt"))
+    assert sorted(p.name for p in tmp_path.glob("frozen-*.pt")) == sorted([file_name(old.digest),
+                                                                           file_name(new.digest)])
+    assert torch.equal(checkpoint.load(tmp_path / "best.pt")["model"]["0.weight"], frozen_model(0)[0].weight)

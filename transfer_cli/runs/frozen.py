@@ -115,7 +115,10 @@ class FrozenStore:
         used = {file_name(self.digest)} if self.digest else set()
         for name in checkpoints:
             if (folder / name).is_file():
-                reference = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True).get(FROZEN)
+                try:
+                    reference = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True).get(FROZEN)
+                except Exception:  # noqa: BLE001 - unreadable: it may still need any of them; delete nothing
+                    return
                 used.add(file_name(reference["digest"]) if reference else "")
         for path in paths:
             if path.name not in used:
