@@ -142,6 +142,37 @@ def test_a_bug_or_ctrl_c_in_the_job_is_raised_as_itself(tmp_path: Path, monkeypa
         assert "full traceback in" in ending.__notes__[0]
 
 
+@pytest.mark.slow
+def test_train_and_predict_from_a_plain_python_process(tmp_path: Path) -> None:
+    """The README's notebook example in a fresh interpreter (no test fixture has registered anything), once as it
+    is and once after the caller initialised Hydra for its own configs, which is given back untouched."""
+    code = f"""
+import sys
+from pathlib import Path
+from PIL import Image
+import transfer_cli
+caller = sys.argv[1] == "caller"
+if caller:
+    from hydra import initialize
+    from hydra.core.global_hydra import GlobalHydra
+    initialize(version_base="1.3")
+    theirs = GlobalHydra.instance().hydra
+summary = transfer_cli.train({TINY!r} + ["trainer.epochs=1", "strategy=feature_extract"], run_dir=sys.argv[2])
+images = Path(sys.argv[2]).parent / "images"
+images.mkdir(exist_ok=True)
+Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
+predictions = transfer_cli.load_run(summary.run_dir).predict([images], top_k=2)
+assert summary["epochs_run"] == 1 and len(predictions) == 1 and len(predictions[0].top) == 2, predictions
+if caller:
+    assert GlobalHydra.instance().hydra is theirs
+print("ok")
+"""
+    for mode in ("plain", "caller"):
+        done = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path / mode / "run")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (mode, done.stderr[-2000:])
+
+
 def test_importing_the_package_loads_neither_torch_nor_hydra() -> None:
     code = "import sys, transfer_cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'hydra'}))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)

@@ -132,11 +132,15 @@ class _RaisedOutcomes:
 
 @contextlib.contextmanager
 def _process_state_kept() -> Iterator[None]:
-    """Hydra sets sys.argv and gives the root logger its console and train.log handlers: undone afterwards."""
+    """Hydra sets sys.argv and gives the root logger its console and train.log handlers, and a caller's own
+    Hydra state would stop ours from starting: each undone or set aside, then given back."""
+    from transfer_cli.config.compose import callers_hydra_set_aside
+
     argv, root = sys.argv, logging.getLogger()
     args, handlers, level = list(argv), list(root.handlers), root.level
     try:
-        yield
+        with callers_hydra_set_aside():
+            yield
     finally:
         argv[:] = args
         sys.argv = argv  # the same list object, as it was

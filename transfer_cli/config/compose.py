@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
@@ -131,6 +133,7 @@ def _one_line(report: str) -> str:
 def planned_dir(overrides: list[str], sweep: bool) -> tuple[Path, bool, bool]:
     """The directory Hydra would write (a sweep's: its dir), resolved here the way Hydra resolves it;
     whether its name comes from the clock (`${now:...}`); whether this is a sweep (-m or hydra.mode)."""
+    register_configs()
     setup_globals()  # Hydra's ${now:} and ${hydra:} resolvers
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -179,3 +182,18 @@ def run_hydra_main(argv: list[str], job: Callable[[HydraJob], float | None]) -> 
 
     sys.argv = ["transfer train", *argv]
     task()
+
+
+@contextmanager
+def callers_hydra_set_aside() -> Iterator[None]:
+    """Hydra's process-wide state as a caller left it (a notebook that ran `hydra.initialize(...)` for its own
+    configs), set aside while `transfer_cli.train` composes and runs ours, and given back afterwards."""
+    theirs = GlobalHydra.instance().hydra
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        state = GlobalHydra.instance()  # Hydra's run may have swapped its singletons: ask again
+        state.clear()
+        if theirs is not None:
+            state.initialize(theirs)
