@@ -185,3 +185,18 @@ def assert_same_metrics(a: Path, b: Path) -> None:
         for key, value in one.items():
             expected = pytest.approx(other[key], rel=1e-5, abs=1e-7) if isinstance(value, float) else other[key]
             assert value == expected, key
+
+
+def write_split_folders(root: Path, per_class: int = 8) -> None:
+    """train/, val/ and test/ with two classes of flat colours plus noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+            folder = root / split / f"class_{index}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")

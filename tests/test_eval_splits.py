@@ -6,33 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
 from transfer_cli.training.train import train
 
 from conftest import FAST, compose_train
-
-
-def write_folders(root: Path, per_class: int = 8) -> None:
-    """train/, val/ and test/ with two classes of flat colours plus noise."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
-            folder = root / split / f"class_{index}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+from helpers import write_split_folders
 
 
 @pytest.mark.slow
 def test_held_out_splits_are_scored_like_transfer_eval(tmp_path: Path, hydra_in_process: None) -> None:
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    write_folders(data)
+    write_split_folders(data)
     assert main(["train", *FAST, "dataset=folder", f"dataset.root={data}", "strategy=fine_tune", "trainer.epochs=2",
                  "eval_splits=[test,val]", f"hydra.run.dir={run_dir}"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -49,7 +36,7 @@ def test_held_out_splits_are_scored_like_transfer_eval(tmp_path: Path, hydra_in_
 
 def test_a_split_that_does_not_exist_fails_before_training(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    write_folders(data)
+    write_split_folders(data)
     cfg = compose_train(FAST + ["dataset=folder", f"dataset.root={data}", "eval_splits=[holdout]"])
     with pytest.raises(TransferError, match="holdout"):
         train(cfg, tmp_path / "run")

@@ -20,6 +20,7 @@ from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.train import train
 
 from conftest import FAST, compose_train
+from helpers import write_split_folders
 
 
 QUICK = FAST + ["strategy=feature_extract", "trainer.epochs=2"]
@@ -165,16 +166,22 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     assert fake.inits[1]["id"] == init["id"]
 
 
-@pytest.mark.slow
-def test_three_trackers_at_once_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`WANDB_MODE=offline logger=[tensorboard,mlflow,wandb]`: TensorBoard events, an MLflow run in the default
-    database, and a W&B offline run in the run directory."""
+@pytest.fixture
+def offline_trackers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """All three trackers installed (else skip), run from tmp_path (MLflow's default outputs/mlflow.db there),
+    W&B offline and quiet."""
     for module, extra in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")):
         needs(module, extra)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.mark.slow
+def test_three_trackers_at_once_offline(tmp_path: Path, offline_trackers: None) -> None:
+    """`WANDB_MODE=offline logger=[tensorboard,mlflow,wandb]`: TensorBoard events, an MLflow run in the default
+    database, and a W&B offline run in the run directory."""
     run_dir = tmp_path / "run"
     train(compose_train(QUICK + ["logger=[tensorboard,mlflow,wandb]"]), run_dir)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -195,35 +202,15 @@ def as_matrix(true: list[int], predicted: list[int], classes: int) -> list[list[
     return matrix
 
 
-def write_split_folders(root: Path, per_class: int = 8) -> None:
-    """train/, val/ and test/ with two classes of flat colours plus noise."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
-        for index, colour in enumerate(((200, 40, 40), (40, 40, 200))):
-            folder = root / split / f"class_{index}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-
-
 @pytest.mark.slow
-def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   offline_trackers: None) -> None:
     """The val split's matrix after the last epoch equals `transfer eval checkpoint=last` on it; an eval_splits
     split's equals eval/<split>/confusion_matrix.json (best.pt). W&B's offline run holds both as tables, MLflow
     both as JSON artifacts with their figures, TensorBoard both figures."""
-    for module, extra in (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb")):
-        needs(module, extra)
     import transfer_cli
     from transfer_cli.training.evaluation import evaluate_run
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
     data, run_dir = tmp_path / "data", tmp_path / "run"
     write_split_folders(data)

@@ -1,10 +1,12 @@
 """The fixed costs of a run, each measured in a child process of its own (benchmarks/children.py):
 
-- checkpoint_bytes: bytes a feature-extraction run writes into checkpoints/ per epoch, against what the
-  same saves weighed when every one held the whole network and the optimizer (what last.pt and best.pt were
-  before runs/frozen.py); the frozen file, written once per run, is reported beside them.
-- first_step: seconds from starting `transfer train experiment=smoke` to its first optimizer step, imports and
-  all, with the share of the three big imports (torch, torchvision, timm) measured in the same process.
+- checkpoint_bytes (a child of benchmarks/children.py): bytes a feature-extraction run writes into
+  checkpoints/ per epoch, against what the same saves weighed when every one held the whole network and the
+  optimizer (what last.pt and best.pt were before runs/frozen.py); the frozen file, written once per run, is
+  reported beside them.
+- FIRST_STEP (a `python -c` script of its own, so the command runs as a user starts it): seconds from starting
+  `transfer train experiment=smoke` to its first optimizer step, imports and all, with the share of the three big
+  imports (torch, torchvision, timm) measured in the same process.
 """
 
 from __future__ import annotations
@@ -83,10 +85,6 @@ runpy.run_module("transfer_cli", run_name="__main__")
 # libraries import themselves): plots come at the end, the rest with their option (logger=..., export, launchers)
 UNNEEDED_BEFORE_FIRST_STEP = ("matplotlib", "mlflow", "tensorboard", "torch.utils.tensorboard", "wandb", "onnx",
                               "onnxruntime", "safetensors", "joblib", "optuna", "pandas", "sklearn", "scipy")
-
-
-class _FirstStep(BaseException):
-    """Raised past the CLI's error handling once the first step is done: the measurement ends there."""
 
 
 def measure_first_step(run_dir: Path, env: dict[str, str], runs: int = 3) -> dict[str, Any]:
