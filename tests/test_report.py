@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from transfer_cli.cli import main
-from transfer_cli.runs import report
+from transfer_cli.runs import report, report_runs
 
 from conftest import REPO
 
@@ -153,9 +153,9 @@ def test_runs_are_found_in_natural_order_and_overridden_subkeys_are_shown(tmp_pa
     write_run(tmp_path / "10", "feature_extract", 0, [0.5], True, lr=0.5)
     write_run(tmp_path / "9", "feature_extract", 0, [0.5], True, lr=0.1)
     write_run(tmp_path / "2", "fine_tune", 0, [0.5], True)
-    found = report.find_run_dirs([tmp_path])
+    found = report_runs.find_run_dirs([tmp_path])
     assert [p.name for p in found] == ["2", "9", "10"]
-    runs = [report.load_run(p) for p in found]
+    runs = [report_runs.load_run(p) for p in found]
     assert report.shown_keys(runs, report.differing_keys(runs)) == ["strategy.name", "strategy.lr"]
 
 
@@ -187,7 +187,7 @@ def test_config_falls_back_to_the_composed_hydra_config(tmp_path: Path) -> None:
     write_run(tmp_path / "0", "fine_tune", 0, [0.5], True)
     write_run(tmp_path / "1", "feature_extract", 0, [0.5], True)
     (tmp_path / "1" / "config.yaml").rename(tmp_path / "1" / ".hydra" / "config.yaml")
-    runs = [report.load_run(p) for p in report.find_run_dirs([tmp_path])]
+    runs = [report_runs.load_run(p) for p in report_runs.find_run_dirs([tmp_path])]
     assert runs[1].config["strategy.name"] == "feature_extract"
     assert report.differing_keys(runs) == ["strategy.name", "strategy.lr"]
 

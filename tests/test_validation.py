@@ -164,13 +164,12 @@ def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path,
         assert err == f"transfer: error: {run_dir / 'config.yaml'}: trainer.grad_clip=-1.0: must be > 0\n"
 
 
-# Fields left free, and why: names, paths and text any value of which is meaningful here; the
-# monitor's metric names depend on the data (the trainer checks them against the metrics it logs).
+# Fields left free, and why: names, paths and text any value of which is meaningful here.
 FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "backbone.kwargs", "strategy.name",
         "strategy.description",
         "strategy.stages.name", "strategy.stages.train", "strategy.by_train_size.strategy", "dataset.root",
-        "dataset.train_split", "dataset.val_split", "eval_splits", "augment.name", "trainer.seed", "trainer.cache_dir",
-        "trainer.early_stopping.monitor", "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",
+        "dataset.train_split", "dataset.val_split", "eval_splits", "augment.name", "trainer.cache_dir",
+        "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",
         "logger.mlflow.experiment", "logger.mlflow.run_name", "logger.wandb.project", "logger.wandb.entity",
         "logger.wandb.name"}  # free text: names and paths
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
-from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, TransferError, bug_line, report_user_error
+from transfer_cli.core.errors import INTERRUPT_EXIT, TransferError, failure, report_user_error
 
 
 USAGE = """usage: transfer <command> [options] [key=value overrides]
@@ -55,8 +56,16 @@ def _completion_query(argv: list[str]) -> list[str]:
     return argv
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                     line: str | None = None) -> str:
+    """warnings.formatwarning for the CLI: a library's warning as one line, without Python's default second line
+    (the library's own source line, which says nothing to a user)."""
+    return f"transfer: warning: {' '.join(str(message).split())} ({category.__name__})\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `transfer` console script."""
+    warnings.formatwarning = one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(USAGE)
@@ -82,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("transfer: interrupted", file=sys.stderr)
         return INTERRUPT_EXIT
-    except Exception as error:  # noqa: BLE001 - a bug: one line here, the traceback in a file
-        print(bug_line(error, None), file=sys.stderr)
-        return BUG_EXIT
+    except Exception as error:  # noqa: BLE001 - a full disk, or a bug: one line here (a bug's traceback in a file)
+        code, line = failure(error, None)
+        print(line, file=sys.stderr)
+        return code

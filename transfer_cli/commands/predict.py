@@ -20,7 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
-from transfer_cli.core.files import write_text
+from transfer_cli.core.files import csv_cell, write_text
 from transfer_cli.core.tables import aligned
 from transfer_cli.data.folder import FileImages, ReducedDecode, decode_problem, image_files, load_rgb
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
@@ -133,7 +133,8 @@ def check_out(out: Path | None) -> None:
 
 
 def render(predictions: list[Prediction], suffix: str) -> str:
-    """CSV (one row per image: path, class_1, probability_1, ...) or JSON (a list of {path, top})."""
+    """CSV (one row per image: path, class_1, probability_1, ...; a path or class name that starts like a
+    spreadsheet formula gets a leading single quote) or JSON (a list of {path, top}, the names as they are)."""
     if suffix == ".json":
         rows = [{"path": p.path, "top": [{"class": c, "probability": prob} for c, prob in p.top]} for p in predictions]
         return json.dumps(rows, indent=2, allow_nan=False) + "\n"
@@ -142,7 +143,7 @@ def render(predictions: list[Prediction], suffix: str) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", *(f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class", "probability"))])
     for p in predictions:
-        writer.writerow([p.path, *(value for c, prob in p.top for value in (c, f"{prob:.6f}"))])
+        writer.writerow([csv_cell(p.path), *(value for c, prob in p.top for value in (csv_cell(c), f"{prob:.6f}"))])
     return buffer.getvalue()
 
 

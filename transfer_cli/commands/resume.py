@@ -11,11 +11,16 @@ from transfer_cli.core.errors import TransferError
 
 
 def _log_to(run_dir: Path) -> None:
-    """Console and the run's train.log, as Hydra sets up for `transfer train`."""
+    """Console and the run's train.log, as Hydra sets up for `transfer train`; train.log is appended to only
+    where it is the run's own file, never through a symbolic link (NotOwnFile)."""
+    from transfer_cli.core.files import append_own
+
     formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
+    log_file = logging.FileHandler(run_dir / "train.log", delay=True)
+    log_file.stream = append_own(run_dir / "train.log")
+    for handler in (logging.StreamHandler(sys.stdout), log_file):
         handler.setFormatter(formatter)
         root.addHandler(handler)
 
@@ -32,15 +37,17 @@ def resume(run_dir_arg: str) -> int:
     main = distributed.is_main()
     if _finished(run_dir, main):
         return 0
+    _check_resumable(run_dir)
     with runlock.hold_on_main(run_dir, "transfer resume"):  # one writer; a finished run is not even locked
         return _continue(run_dir, main)
 
 
 def _finished(run_dir: Path, main: bool) -> bool:
-    """A run with a (readable) summary.json is finished; a damaged one is a one-line error, not 'finished'."""
+    """A run with a (readable) summary.json is finished; a damaged one (or a folder of that name, which the
+    finished run could not write its summary over) is a one-line error, not 'finished'."""
     from transfer_cli.runs.rundir import read_summary
 
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / "summary.json").exists():
         read_summary(run_dir / "summary.json")
         if main:
             print(f"{run_dir} already finished (summary.json exists): nothing to resume")
@@ -48,10 +55,21 @@ def _finished(run_dir: Path, main: bool) -> bool:
     return False
 
 
+def _check_resumable(run_dir: Path) -> None:
+    """Before the lock and any training: a run directory resume cannot write, or a metrics.jsonl record the end
+    of the run would fail to read back, is refused now rather than after the remaining epochs."""
+    from transfer_cli.runs.rundir import require_writable
+    from transfer_cli.runs.runlog import check_metrics
+
+    require_writable(run_dir)
+    check_metrics(run_dir)
+
+
 def _continue(run_dir: Path, main: bool) -> int:
     """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
-    from transfer_cli.core.errors import BUG_EXIT, INTERRUPT_EXIT, Interrupted, bug_line
+    from transfer_cli.core.errors import INTERRUPT_EXIT, Interrupted, failure
     from transfer_cli.runs.rundir import format_result, resume_point, resume_position
+    from transfer_cli.runs.runlock import resume_command
     from transfer_cli.training.train import train
 
     if _finished(run_dir, main):  # the writer this one waited for finished it
@@ -60,7 +78,7 @@ def _continue(run_dir: Path, main: bool) -> int:
     if main:
         _log_to(run_dir)
     logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(state))
-    again = f"; continue with: transfer resume {run_dir}"
+    again = f"; continue with: {resume_command(run_dir)}"
     try:
         summary = train(cfg, run_dir, resume=state)
     except Interrupted as stop:
@@ -73,10 +91,11 @@ def _continue(run_dir: Path, main: bool) -> int:
         return INTERRUPT_EXIT
     except TransferError:  # a mistake (changed data, say): one line from cli.py
         raise
-    except Exception as error:  # noqa: BLE001 - a bug: one line, its traceback in the run's error.log
+    except Exception as error:  # noqa: BLE001 - a full disk, or a bug: one line (a bug's traceback in error.log)
+        code, line = failure(error, run_dir / "error.log", again, run_dir)
         if main:
-            print(bug_line(error, run_dir / "error.log", again), file=sys.stderr)
-        return BUG_EXIT
+            print(line, file=sys.stderr)
+        return code
     if main:
         print(f"run dir: {run_dir}")
         print(format_result(summary))

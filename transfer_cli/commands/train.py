@@ -3,15 +3,23 @@
 A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
 finished run (summary.json) is skipped and reports its stored result, a job that had
 started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
-it, and a directory holding a run with another config is an error, never overwritten.
+it, and a directory holding a run with another config is an error, never overwritten. Hydra
+writes a job's `.hydra/` and appends to its train.log before the job starts, so a re-run is
+checked before Hydra starts: each job of Hydra's basic sweeper (its directory and config are
+known up front, see config.compose.sweep_jobs) whose directory exists must hold that job's
+own run, or no entry a run writes, and no symbolic link there; otherwise the whole sweep is
+refused with every byte as it was. A sweeper that picks its jobs as it goes (Optuna) gets
+that check for every folder of the sweep dir but the config comparison, which stays per job.
 
 A run directory belongs to one run (see runs/runlock.py): a single run's directory is
 resolved, checked and locked before Hydra writes anything in it, so a directory that holds
-a run is refused with every file left as it was, and a clock-made name (`${now:}`) taken by
-a run started in the same second gets a suffix. A sweep job locks its own directory. User
+a run, or holds an entry a run writes (train.log, .hydra, ...) that would be the user's, is
+refused with every file left as it was, and a clock-made name (`${now:}`) taken by a run
+started in the same second gets a suffix. A sweep job locks its own directory. User
 mistakes (TransferError) become one line on stderr and exit code 2; a bug (any other
 exception) ends with one line naming it and a file with its traceback (exit 1); a run that
-saved no checkpoint leaves nothing behind, one that did stays resumable.
+saved no checkpoint leaves nothing behind but what its directory held before it started,
+one that did stays resumable.
 """
 
 from __future__ import annotations
@@ -33,19 +41,20 @@ from transfer_cli.config.compose import (
     planned_dir,
     register_configs,
     run_hydra_main,
+    sweep_jobs,
 )
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.config.schema import to_plain
 from transfer_cli.core.errors import (
-    BUG_EXIT,
     INTERRUPT_EXIT,
     USER_ERROR_EXIT,
     Interrupted,
     TransferError,
-    bug_line,
+    failure,
     report_user_error,
 )
 from transfer_cli.core.extras import missing_plugin
+from transfer_cli.core.files import NotOwnFile, link_problem
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.loggers import flatten
@@ -56,11 +65,11 @@ from transfer_cli.training.stage_epochs import as_run
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
 
 
-def _discard_unstarted(run_dir: Path, keep: set[str]) -> None:
+def _discard_unstarted(run_dir: Path, keep: frozenset[str]) -> None:
     """Remove what a new run that saved no checkpoint wrote, keeping the entries in `keep` (what the
     directory held before it); the directory goes too when nothing else is left. A run with
     checkpoints/last.pt or summary.json is kept: it can be resumed or read."""
-    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "summary.json").is_file():
+    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "summary.json").exists():
         return
     for entry in run_dir.iterdir():
         if entry.name not in keep:
@@ -72,16 +81,20 @@ def _discard_unstarted(run_dir: Path, keep: set[str]) -> None:
         run_dir.rmdir()  # only when empty
 
 
-def _entries_before(run_dir: Path) -> set[str]:
-    """What a job's directory held before this run (Hydra's own files and the lock are the run's)."""
+def _entries_before(run_dir: Path) -> frozenset[str]:
+    """What a sweep job's directory held before this run: Hydra's own files and the lock are the run's (a
+    directory that held a train.log or .hydra/ of the user's was refused before Hydra started)."""
     names = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() else set()
-    return names - HYDRA_ONLY_FILES - {runlock.LOCK_NAME}
+    return frozenset(names - HYDRA_ONLY_FILES - {runlock.LOCK_NAME})
 
 
 def main(argv: list[str]) -> int:
     """`transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
     outcomes = _Outcomes()
-    train_jobs(argv, outcomes)
+    try:
+        train_jobs(argv, outcomes)
+    except TransferError as error:  # refused before any job started: one line, as a job's mistake is
+        outcomes.user_error(error)
     return outcomes.report()
 
 
@@ -100,10 +113,12 @@ def train_jobs(argv: list[str], outcomes: Any) -> list[Path]:
     launcher_pid = os.getpid()
     trained: list[Path] = []
 
+    held_before = lock.held_before if lock else None
+
     def job(started: HydraJob) -> float | None:
         trained.append(started.run_dir)
         distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
-        return _job(started, outcomes, worker=os.getpid() != launcher_pid)
+        return _job(started, outcomes, worker=os.getpid() != launcher_pid, held_before=held_before)
 
     with lock or contextlib.nullcontext():  # a single run's directory stays locked until Hydra is done with it
         run_hydra_main([*argv, *where], job)
@@ -156,9 +171,36 @@ def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
     """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
     planned, from_clock, sweep = planned_dir(overrides, sweep)
     if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
-        return (f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}" if from_clock else None), None
+        if from_clock:
+            return f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}", None
+        _check_rerun(overrides, planned)
+        return None, None
     lock = runlock.claim_new(planned, from_clock, "transfer train")
     return f"hydra.run.dir={quoted(str(lock.run_dir))}", lock
+
+
+def _check_rerun(overrides: list[str], sweep_dir: Path) -> None:
+    """Refuse a sweep into an existing `sweep_dir` before Hydra writes a job's .hydra/ and train.log there, where
+    a job's directory holds a run with another config, an entry a run writes but no run, or a link."""
+    if not sweep_dir.is_dir():
+        return
+    if (sweep_dir / "multirun.yaml").is_symlink():  # Hydra's sweeper rewrites it
+        raise NotOwnFile(link_problem(sweep_dir / "multirun.yaml"))
+    jobs = sweep_jobs(overrides)
+    if jobs is None:  # the sweeper picks its jobs as it goes: every folder might be one
+        found = [(child, None) for child in sorted(sweep_dir.iterdir()) if child.is_dir() and child.name[:1] != "."]
+    else:
+        found = [(job.run_dir, job) for job in jobs if os.path.lexists(job.run_dir)]
+    for run_dir, job in found:
+        if run_dir.is_symlink():
+            raise NotOwnFile(link_problem(run_dir))
+        runlock.refuse_links(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            runlock.refuse_written_names(run_dir)
+        elif job is not None:
+            attempt = _previous_attempt(run_dir, job.config())
+            if attempt["kind"] == "other":
+                raise TransferError(_another_config(run_dir, attempt["differences"]))
 
 
 def quoted(value: str) -> str:
@@ -167,23 +209,25 @@ def quoted(value: str) -> str:
     return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
 
 
-def _job(started: HydraJob, outcomes: _Outcomes, worker: bool) -> float | None:
+def _job(started: HydraJob, outcomes: _Outcomes, worker: bool, held_before: frozenset[str] | None) -> float | None:
     """One job in its locked directory (a sweep job locks its own here); however it ends goes to `outcomes`.
-    A launcher's worker (`worker`) also fails where its launcher sees it."""
+    A launcher's worker (`worker`) also fails where its launcher sees it. `held_before`: what a single run's
+    directory held before its claim (None for a sweep job: read here), all of it kept when the run is discarded."""
     run_dir, sweep_job = started.run_dir, started.sweep_job
     main = distributed.is_main()
-    finished = (run_dir / "summary.json").is_file() if main else None  # a re-run's skip reads only: no lock
+    finished = (run_dir / "summary.json").exists() if main else None  # a re-run's skip reads only: no lock
     locked = sweep_job and not distributed.broadcast_object(finished)
     try:
         with runlock.hold_on_main(run_dir, "a transfer train -m job") if locked else contextlib.nullcontext():
-            keep, new = _entries_before(run_dir), not (run_dir / "config.yaml").is_file()
+            keep = held_before if held_before is not None else _entries_before(run_dir)
+            new = not (run_dir / "config.yaml").is_file()
             discard = (lambda: _discard_unstarted(run_dir, keep)) if main and new else (lambda: None)
             try:
                 return _train_job(started, discard)
             except BaseException as error:  # noqa: BLE001 - each ending is settled in one place
                 _settle(error, run_dir, discard, outcomes, worker)
                 return None
-    except runlock.RunDirBusy as error:  # another process's run: left alone
+    except (runlock.RunDirBusy, NotOwnFile) as error:  # another process's run, or a link in it: left alone
         outcomes.user_error(error)
         if worker:
             report_user_error(error)
@@ -197,13 +241,13 @@ def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], ou
     file); a new run without a checkpoint is discarded. Anything else (SystemExit) goes on up."""
     if isinstance(error, Interrupted):
         outcomes.add(getattr(error, "exit_code", INTERRUPT_EXIT),
-                     f"transfer: {error}; continue with: transfer resume {run_dir}")
+                     f"transfer: {error}; continue with: {runlock.resume_command(run_dir)}")
         return
     if not isinstance(error, (Exception, KeyboardInterrupt)):
         raise error
     discard()
-    resumable = runlock.holds_run(run_dir) and not (run_dir / "summary.json").is_file()
-    then = f"; continue with: transfer resume {run_dir}" if resumable else ""
+    resumable = runlock.holds_run(run_dir) and not (run_dir / "summary.json").exists()
+    then = f"; continue with: {runlock.resume_command(run_dir)}" if resumable else ""
     if isinstance(error, TransferError):
         outcomes.user_error(error)
         if worker:
@@ -212,8 +256,8 @@ def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], ou
     elif isinstance(error, KeyboardInterrupt):
         outcomes.add(INTERRUPT_EXIT, f"transfer: interrupted{then or ' before the first checkpoint: nothing kept'}")
     else:
-        line = bug_line(error, run_dir / "error.log" if runlock.holds_run(run_dir) else None, then)
-        outcomes.add(BUG_EXIT, line)
+        code, line = failure(error, run_dir / "error.log" if runlock.holds_run(run_dir) else None, then, run_dir)
+        outcomes.add(code, line)  # a full disk: 2, a bug: 1
         if worker:
             print(line, file=sys.stderr)
             raise error
@@ -230,9 +274,7 @@ def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
     if sweep_job:
         found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
         if found["kind"] == "other":
-            raise TransferError(f"{run_dir} holds a run with another config ({found['differences'][0]}"
-                                f"{' and more' if len(found['differences']) > 1 else ''}): "
-                                "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
+            raise TransferError(_another_config(run_dir, found["differences"]))
         if found["kind"] == "done":
             return _report_done(run_dir, found["summary"])
         if found["kind"] == "partial":
@@ -272,9 +314,15 @@ def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
     if differences:
         return {"kind": "other", "differences": differences}
     summary = run_dir / "summary.json"
-    if summary.is_file():
+    if summary.exists():
         return {"kind": "done", "summary": read_summary(summary)}
     return {"kind": "partial"}
+
+
+def _another_config(run_dir: Path, differences: list[str]) -> str:
+    more = " and more" if len(differences) > 1 else ""
+    return (f"{run_dir} holds a run with another config ({differences[0]}{more}): "
+            "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -100,6 +100,12 @@ def count_at_least(bound: int) -> Rule:
                 f"must be a whole number >= {bound}")
 
 
+def whole_number(low: int, high: int, why: str) -> Rule:
+    """A whole number in [low, high], `why` saying where the bounds come from."""
+    return Rule(lambda value: isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+                f"must be a whole number from {low} to {high} ({why})")
+
+
 def auto_or_count(bound: int) -> Rule:
     """`auto` or a whole number >= `bound` (trainer.num_workers)."""
     return Rule(lambda value: value == "auto" or (isinstance(value, int) and not isinstance(value, bool)

@@ -1,8 +1,9 @@
 """The Hydra boundary: the schema in Hydra's ConfigStore, composition, and `hydra.main` for a train job.
 
 Nothing outside the config package imports Hydra: a command asks here for a composed
-TrainConfig (`compose_config`), for the directory Hydra would write (`planned_dir`), or
-for Hydra to run its job function (`run_hydra_main`), which receives a `HydraJob`.
+TrainConfig (`compose_config`), for the directory Hydra would write (`planned_dir`), for
+the jobs a sweep will launch (`sweep_jobs`: checked before Hydra writes into their
+directories), or for Hydra to run its job function (`run_hydra_main`), which receives a `HydraJob`.
 A composition mistake is one TransferError line, before anything is written.
 """
 
@@ -26,7 +27,7 @@ from hydra.core.override_parser.types import ValueType
 from hydra.core.utils import setup_globals
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from transfer_cli.config.loading import config_dir
@@ -36,6 +37,7 @@ from transfer_cli.core.extras import installed
 
 
 SWEEP_FLAGS = {"-m", "--multirun"}
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
 def register_configs() -> None:
@@ -147,6 +149,43 @@ def planned_dir(overrides: list[str], sweep: bool) -> tuple[Path, bool, bool]:
         raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
     pattern = str(OmegaConf.to_container(node, resolve=False)["dir"])
     return planned, "${now:" in pattern, sweep
+
+
+def sweep_jobs(overrides: list[str]) -> list[HydraJob] | None:
+    """Each job Hydra's basic sweeper will launch for `transfer train -m <overrides>`, in its order: the job's
+    directory (hydra.sweep.dir / hydra.sweep.subdir with its job number) and config, composed as its launcher
+    composes them, so a re-run can be checked before Hydra writes anything; None for another sweeper (Optuna
+    picks its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    register_configs()
+    setup_globals()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            master = compose("train", overrides=value_by_value(overrides)[0], return_hydra_config=True)
+            if master.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
+                return None
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            parsed = parser.parse_overrides(overrides)
+            params = [f"{key}={value}" for key, value in (master.hydra.sweeper.params or {}).items()]
+            task = parser.parse_overrides(params) + [o for o in parsed if not o.is_hydra_override()]
+            on_hydra = [o.input_line for o in parsed if o.is_hydra_override()]
+            batches = BasicSweeper.split_arguments(task, None)
+            return [_sweep_job(num, [*on_hydra, *job]) for num, job in enumerate(batches[0])]
+    except (HydraException, OmegaConfBaseException) as error:
+        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+
+
+def _sweep_job(num: int, overrides: list[str]) -> HydraJob:
+    """Job `num` of a sweep, as the basic launcher sets it up (job id and number, then its directory)."""
+    composed = compose("train", overrides=overrides, return_hydra_config=True)
+    with read_write(composed.hydra), open_dict(composed.hydra):
+        composed.hydra.job.id = num
+        composed.hydra.job.num = num
+    run_dir = Path(str(composed.hydra.sweep.dir)) / str(composed.hydra.sweep.subdir)
+    with read_write(composed), open_dict(composed):
+        del composed["hydra"]
+    return HydraJob(run_dir, True, composed)
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,15 @@ def load_run_config(run_dir: Path) -> TrainConfig:
 
     file = run_dir / "config.yaml"
     try:
+        check_bounded_yaml(file)
         tree = OmegaConf.load(file)
     except yaml.MarkedYAMLError as error:
         where = f" (line {error.problem_mark.line + 1})" if error.problem_mark else ""
         raise TransferError(f"{file} is not valid YAML{where}: {error.problem or error.context}") from error
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise TransferError(f"{file} is unreadable: {first_line(error)}") from error
+    except RecursionError as error:
+        raise TransferError(f"{file} is nested too deeply to be a run's config: {DAMAGED}") from error
     if not isinstance(tree, DictConfig):
         raise TransferError(f"{file} is damaged: it holds a list, not a config mapping")
     _split_as_trained(tree)
@@ -62,6 +65,44 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         raise TransferError(f"{file} does not fit the config schema: {first_line(error)}") from error
     except TransferError as error:
         raise TransferError(f"{file}: {error}") from error
+
+
+# a run's config.yaml is some 10 KB and a few hundred YAML nodes; a file far past these is not one, and aliases
+# that expand exponentially (a "billion laughs" file) would keep OmegaConf busy for ever
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_NODES = 100_000
+DAMAGED = "restore the run's own file or train a new run"
+
+
+def check_bounded_yaml(file: Path) -> None:
+    """Refuse a run's YAML file that is too large, or whose aliases expand past MAX_CONFIG_NODES, before a
+    loader expands them."""
+    import yaml
+
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise TransferError(f"{file} is {file.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a run's config "
+                            f"can be: {DAMAGED}")
+    root = yaml.compose(file.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)  # aliases stay shared nodes
+    if root is not None and _expanded_size(root, {}, set()) > MAX_CONFIG_NODES:
+        raise TransferError(f"{file} expands to over {MAX_CONFIG_NODES:,} YAML nodes through its aliases, far more "
+                            f"than a run's config: {DAMAGED}")
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes in `node` with every alias expanded, each shared node sized once (capped just past the limit)."""
+    import yaml
+
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:  # an alias inside its own anchor: endless
+        return MAX_CONFIG_NODES + 1
+    open_.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode) else
+                [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+    sizes[key] = min(1 + sum(_expanded_size(child, sizes, open_) for child in children), MAX_CONFIG_NODES + 1)
+    open_.discard(key)
+    return sizes[key]
 
 
 def _split_as_trained(tree: Any) -> None:
@@ -87,4 +128,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as error:
             raise TransferError(f"override '{item}': {str(error).splitlines()[0]}") from error
-    return OmegaConf.to_object(merged)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:  # an interpolation (${...}) that does not resolve
+        key = getattr(error, "full_key", None) or "?"
+        item = next((item for item in reversed(overrides) if item.partition("=")[0].strip() == key), key)
+        raise TransferError(f"override '{item}': {first_line(error)}: give a plain value or an interpolation "
+                            "that resolves (e.g. ${trainer.seed})") from error

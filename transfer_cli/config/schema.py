@@ -27,6 +27,7 @@ from transfer_cli.config.checks import (
     one_of,
     ordered,
     rule,
+    whole_number,
 )
 
 
@@ -40,6 +41,12 @@ BN_POLICIES = ("frozen_stats", "reestimate", "train")
 MISSING = "???"  # OmegaConf's marker for a value the config must give
 AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
 DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
+# torch takes 64-bit seeds, and the sampler and the synthetic images derive theirs as seed * 1_000_003 + epoch
+# (or image index): from a seed within 2**40 of 0, every derived one stays within 64 bits
+SEED = rule(whole_number(-2**40, 2**40 - 1, "seeds derived from it must fit in 64 bits"))
+# a network input: the backbones downsample 32x (ResNet, EfficientNet and ConvNeXt stages; ViT patches of 14 to 32
+# px), so a smaller one leaves their last stage under a pixel; a side over 4096 is a typo (a batch of 32 is 6 GB)
+INPUT_SIZE = rule(whole_number(32, 4096, "the backbones downsample 32x; over 4096 px a batch fills memory"))
 
 
 @dataclass
@@ -125,7 +132,7 @@ class DatasetConfig:
     on_bad_image: str = field(default="skip", metadata=rule(one_of("skip", "error")))
     # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
     # from trainer.seed, so a seed sweep varies training alone (a run saved without it used trainer.seed)
-    split_seed: int = field(default=42, metadata=rule(Rule(lambda v: -2**63 <= v < 2**63, "must be a 64-bit integer")))
+    split_seed: int = field(default=42, metadata=SEED)
     # stratified, seeded subset of the training split
     train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
@@ -138,7 +145,7 @@ class DatasetConfig:
     num_classes: int = field(default=4, metadata=rule(at_least(2)))
     train_size: int = field(default=256, metadata=POSITIVE)
     val_size: int = field(default=128, metadata=POSITIVE)
-    image_size: int = field(default=64, metadata=POSITIVE)
+    image_size: int = field(default=64, metadata=rule(whole_number(1, 4096, "a side in pixels")))
 
 
 CROP_MODES = ("center", "squash", "border")  # timm's, see TransformsConfig
@@ -152,7 +159,7 @@ class TransformsConfig:
     side, padded with the mean colour); crop_pct > 1 leaves a border (timm's volo_*_448: 1.15),
     and below 1.5 the image still fills two thirds of each side."""
 
-    image_size: Optional[int] = field(default=None, metadata=POSITIVE)  # square; null: the weights' (maybe not square)
+    image_size: Optional[int] = field(default=None, metadata=INPUT_SIZE)  # square; null: the weights' (maybe not)
     crop_pct: Optional[float] = field(default=None, metadata=rule(between(0, 1.5, low_open=True)))
     crop_mode: Optional[str] = field(default=None, metadata=rule(one_of(*CROP_MODES)))
     interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
@@ -202,11 +209,15 @@ class SchedulerConfig:
     warmup_pct: float = field(default=0.1, metadata=rule(UNIT))
 
 
+MONITORS = ("val/loss", "val/acc1", "val/acc5")  # what every epoch records of validation
+
+
 @dataclass
 class EarlyStoppingConfig:
     # epochs without improvement before stopping; null: never stop early
     patience: Optional[int] = field(default=None, metadata=POSITIVE)
-    monitor: str = "val/acc1"  # any val/* metric; loss-like metrics are minimized, the rest maximized
+    # val/loss (minimized), val/acc1 or val/acc5 (maximized; top-5 needs 5 classes, checked once the data is known)
+    monitor: str = field(default="val/acc1", metadata=rule(one_of(*MONITORS)))
     min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 
@@ -220,7 +231,7 @@ class TrainerConfig:
                                                               "must be one of auto, cpu, cuda, cuda:N, mps")))
     amp: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA) | true | false
     channels_last: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA and CPU) | true | false
-    seed: int = 42  # any integer
+    seed: int = field(default=42, metadata=SEED)
     # DataLoader worker processes: auto is min(8, CPU count), as `transfer bench --gpu` measures; or a count
     num_workers: Any = field(default="auto", metadata=rule(auto_or_count(0)))
     # uint8 batches cross to the device, which converts and normalizes them (4x fewer bytes than float32):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 import tempfile
 import traceback
@@ -46,7 +49,9 @@ def bug_line(error: BaseException, log: Path | None, then: str = "") -> str:
     text = f"command: {' '.join(sys.argv)}\n" + "".join(traceback.format_exception(error))
     if log is not None:
         try:
-            log.write_text(text, encoding="utf-8")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW  # a link there: the temp file instead
+            with open(os.open(log, flags, 0o666), "w", encoding="utf-8") as file:
+                file.write(text)
         except OSError:  # the run dir is gone or full: the traceback still goes somewhere
             log = None
     if log is None:
@@ -57,6 +62,43 @@ def bug_line(error: BaseException, log: Path | None, then: str = "") -> str:
     message = str(error).strip().splitlines()
     what = f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
     return f"transfer: internal error ({what}); full traceback in {log}{then}"
+
+
+def failure(error: BaseException, log: Path | None, then: str = "", run_dir: Path | None = None) -> tuple[int, str]:
+    """The exit code and the one line an unexpected exception ends a command with: a full disk is the user's to
+    fix (2: what was being written, free space, and `then` or run it again), anything else a bug (1: bug_line)."""
+    full = _disk_full(error)
+    if full is None:
+        return BUG_EXIT, bug_line(error, log, then)
+    file = _written_file(full.filename)
+    where = f" writing {file}" if file else f" writing into {run_dir}" if run_dir else ""
+    next_step = f"free space, then {then.removeprefix('; ')}" if then else "free space and run the command again"
+    what = (full.strerror or "no space left on device").lower()
+    return USER_ERROR_EXIT, f"transfer: error: {what}{where}: {next_step}"
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota spent
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The full-disk OSError behind `error`, if any: torch.save reports one as a RuntimeError raised while
+    handling it, so the chain of causes is searched."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in FULL:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _written_file(name: object) -> str:
+    """The file a write was for ("" where unknown): atomic writes go through `.<name>.<random>.tmp` beside it."""
+    if not isinstance(name, (str, bytes)):
+        return ""
+    path = Path(os.fsdecode(name))
+    temp = re.fullmatch(r"\.(.+)\.[^.]+\.tmp", path.name)
+    return str(path.with_name(temp.group(1)) if temp else path)
 
 
 def first_line(error: BaseException) -> str:

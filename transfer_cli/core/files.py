@@ -1,13 +1,25 @@
-"""Writing a file so that a reader sees its old content or all of the new one, never a part of it."""
+"""Writing files: whole or not at all (`atomic_file`), never through a symbolic link (`append_own`, `open_own`),
+and CSV cells a spreadsheet shows as text rather than runs as formulas (`csv_cell`).
+
+`atomic_file` renames a temp file over its target, which replaces a symbolic link there rather
+than following it; it creates the temp file in the target's folder as the caller names it (an
+`--out` folder may well be a link the user made). A run directory's own entries are checked for
+links where the directory is locked for writing (runs/runlock.py), before any of them is written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from transfer_cli.core.errors import TransferError
 
 
 def _umask() -> int:
@@ -54,3 +66,47 @@ def remove_temp_files(folder: Path) -> list[Path]:
     for path in found:
         path.unlink(missing_ok=True)
     return found
+
+
+class NotOwnFile(TransferError):
+    """A run directory's entry that is a symbolic link (or no plain file): writing through it would change
+    something outside the run directory."""
+
+
+def link_problem(path: Path) -> str:
+    return f"{path} is a symbolic link: a run directory's files must be its own; remove the link"
+
+
+def open_own(path: Path, flags: int) -> int:
+    """`os.open(path, flags)` that never follows a symbolic link at `path` and opens only a plain file (a FIFO
+    would block, a device would be written): anything else is a NotOwnFile line."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotOwnFile(link_problem(path)) from None
+        if error.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise NotOwnFile(f"{path} is not a plain file: a run directory's files must be its own; remove it")
+    return fd
+
+
+def append_own(path: Path) -> IO[str]:
+    """`path` opened to append text (created if missing), never through a symbolic link."""
+    return os.fdopen(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8")
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` as a CSV cell no spreadsheet runs as a formula: text that starts like one (= + - @, a tab, a CR) gets
+    a leading single quote, as careful CSV writers do; numbers, and text that is a plain number, stay as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START) and not PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value

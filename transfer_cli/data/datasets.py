@@ -6,11 +6,14 @@ use; with no network the error names that folder and how to use local data inste
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
@@ -35,6 +38,7 @@ class RawSplits:
     train_labels: list[int]
     val_labels: list[int]
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
+    identity: dict[str, Any] = field(default_factory=dict)  # which images each split holds (split_identity)
 
 
 # builder(cfg, split_seed): the split seed decides val_fraction splits and generated images
@@ -81,7 +85,73 @@ def load_splits(cfg: DatasetConfig) -> RawSplits:
         indices = stratified_subset(splits.val_labels, cfg.val_subset, seed, option="dataset.val_subset")
         val, val_labels = _subset(splits.val, splits.val_labels, indices)
         splits = replace(splits, val=val, val_labels=val_labels)
-    return splits
+    return replace(splits, identity=split_identity(splits, str(Path(cfg.root).expanduser()) if cfg.root else cfg.name))
+
+
+def split_identity(splits: RawSplits, source: str) -> dict[str, Any]:
+    """Which images each split holds, saved in checkpoints so a resume can tell whether it continues on the run's
+    images (check_same_splits): per split its size, its size per class and a digest of its items in order, each
+    one's file (relative to its dataset's root) and label; items not read from files (synthetic, CIFAR) by their
+    labels alone. It pins down which files each split holds and their labels, not their pixels: a file edited in
+    place keeps its record."""
+    return {"source": source, "train": _split_record(splits.train, splits.train_labels, splits.classes),
+            "val": _split_record(splits.val, splits.val_labels, splits.classes)}
+
+
+def _split_record(dataset: Dataset, labels: list[int], classes: list[str]) -> dict[str, Any]:
+    names = _file_names(dataset) or [""] * len(labels)
+    listed = "\n".join(f"{name}\t{label}" for name, label in zip(names, labels, strict=True))
+    per_class = Counter(labels)
+    return {"images": len(labels), "per_class": {name: per_class[label] for label, name in enumerate(classes)},
+            "digest": hashlib.sha256(listed.encode()).hexdigest()}
+
+
+def _file_names(dataset: Dataset) -> list[str] | None:
+    """Each item's file, relative to its dataset's root where it lies under it; None where items are not files."""
+    if type(dataset) is Subset:
+        names = _file_names(dataset.dataset)
+        return None if names is None else [names[i] for i in dataset.indices]
+    torchvision = type(dataset).__module__.startswith("torchvision.datasets")
+    if isinstance(dataset, ImageFolderDataset):
+        paths = [path for path, _ in dataset.samples]
+    elif torchvision and hasattr(dataset, "_samples"):  # Imagenette
+        paths = [path for path, _ in dataset._samples]
+    elif torchvision and hasattr(dataset, "_image_files"):  # Flowers102, DTD
+        paths = list(dataset._image_files)
+    else:
+        return None
+    root = os.path.join(str(getattr(dataset, "root", "")), "")
+    return [name[len(root):] if name.startswith(root) else name for name in map(str, paths)]
+
+
+def check_same_splits(data: dict[str, Any], run: dict[str, Any] | None) -> None:
+    """A resume continues on the images the run started on: files added, removed, renamed or moved to another
+    class folder since its checkpoint would re-draw a held-out val split, and the remaining epochs would train or
+    be scored on other images. `run` is None for a checkpoint of an earlier version, which recorded no splits:
+    accepted, with a warning that nothing could be compared."""
+    if run is None:
+        log.warning("the checkpoint predates split records: resuming without checking that %s still holds the "
+                    "images the run started on", data.get("source"))
+        return
+    changed = [split for split in ("train", "val") if data.get(split) != run.get(split)]
+    if not changed:
+        return
+    what = " and ".join(changed) + (" splits" if len(changed) > 1 else " split")
+    details = "; ".join(f"{split} {_change(run.get(split) or {}, data.get(split) or {})}" for split in changed)
+    consequence = "score the remaining epochs on another val split" if "val" in changed else \
+        "train the remaining epochs on other images"
+    raise TransferError(f"the {what} of {data.get('source')} changed since the run started ({details}): resume "
+                        f"would {consequence}; restore the data as it was, or start a new run")
+
+
+def _change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """How a split's record changed, in its counts where they differ."""
+    if before.get("images") != after.get("images"):
+        return f"{before.get('images')} -> {after.get('images')} images"
+    was, now = before.get("per_class") or {}, after.get("per_class") or {}
+    moved = [f"{name} {was.get(name, 0)} -> {now.get(name, 0)}" for name in dict.fromkeys([*was, *now])
+             if was.get(name, 0) != now.get(name, 0)]
+    return f"images per class: {', '.join(moved)}" if moved else "other files, as many per class"
 
 
 @DATASETS.register("synthetic")
@@ -114,10 +184,26 @@ def _folder(cfg: DatasetConfig, seed: int) -> RawSplits:
         log.info("%s has no val folder: holding out dataset.val_fraction=%g of each class of %s/",
                  cfg.root, cfg.val_fraction, layout.train.name)
     everything = ImageFolderDataset(layout.train, classes, cfg.on_bad_image)
+    _check_enough_to_hold_out(everything, cfg)
     train_idx, val_idx = stratified_split(everything.targets, cfg.val_fraction, seed)
     train, train_labels = _subset(everything, everything.targets, train_idx)
     val, val_labels = _subset(everything, everything.targets, val_idx)
     return RawSplits(train, val, classes, train_labels, val_labels, _paths(everything.skipped))
+
+
+def _check_enough_to_hold_out(images: ImageFolderDataset, cfg: DatasetConfig) -> None:
+    """Holding out a share of every class needs two images of each: one to train on, one to score
+    (a class folder with none is refused when it is scanned)."""
+    counts = Counter(images.targets)
+    for label, name in enumerate(images.classes):
+        if counts[label] < 2:
+            folder, root = images.root / name, Path(cfg.root).expanduser()
+            skipped = sum(folder in path.parents for path in images.skipped)
+            unreadable = f" ({skipped} more unreadable, skipped)" if skipped else ""
+            raise TransferError(f"class folder {name!r} ({folder}) holds a single readable image{unreadable}: "
+                                f"holding out dataset.val_fraction={cfg.val_fraction:g} of each class needs at least "
+                                f"2; add images to it, or split the data yourself into {root}/train/<class>/ and "
+                                f"{root}/val/<class>/")
 
 
 def _paths(paths: list[Path]) -> list[str]:

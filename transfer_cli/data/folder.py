@@ -8,6 +8,7 @@ Loading can decode a JPEG at reduced size where the pipeline allows it (`fetch`,
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,15 @@ def check_bad_image_choice(on_bad_image: str) -> None:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    """Image files at any depth under `folder`, sorted. Hidden entries (a name starting with '.') are left out
+    at every depth: `.thumbs/` folders, `.DS_Store`, and the AppleDouble `._x.jpg` files macOS writes beside
+    `x.jpg`, which are not images. Symlinks to folders are not followed."""
+    found = []
+    for parent, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]  # os.walk does not enter them
+        found.extend(Path(parent, name) for name in files
+                     if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS)
+    return sorted(path for path in found if path.is_file())
 
 
 class FileImages(Dataset):

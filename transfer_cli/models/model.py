@@ -9,6 +9,7 @@ own, or the equivalent for torchvision families), so a strategy can say `last:1`
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,34 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
     groups = layer_groups(raw.model, raw.group_matcher, raw.classifier_path)
     return TransferModel(raw.model, groups, raw.preprocessing, raw.weights_source,
                          starts_pretrained(backbone, pretrained), raw.classifier_path)
+
+
+BATCH_STATISTICS = ("train", "reestimate")  # BatchNorm policies that normalize by each batch's own statistics
+
+
+def check_batch_statistics(model: TransferModel, stages: Sequence[Any], smallest_batch: int, batch_size: int) -> None:
+    """Before training: BatchNorm on batch statistics cannot normalize a batch of one image (one value per channel
+    where a stage pools to 1x1, and at best an image normalized by itself), so refuse a training batch of one
+    where a stage runs BatchNorm that way (`train`: in its trained groups; `reestimate`: every layer)."""
+    if smallest_batch != 1:
+        return
+    for stage in stages:
+        if stage.bn in BATCH_STATISTICS and _batchnorm_in(model, None if stage.bn == "reestimate" else stage.lrs):
+            what, fix = (("trainer.batch_size=1", "use trainer.batch_size=2 or more") if batch_size == 1 else
+                         ("the training split has 1 image", "give it 2 images or more"))
+            raise TransferError(f"{what}: stage '{stage.name}' runs BatchNorm on batch statistics (bn={stage.bn}), "
+                                f"which needs at least 2 images per batch: {fix}, or set strategy.bn=frozen_stats")
+
+
+def _batchnorm_in(model: TransferModel, groups: Any) -> bool:
+    """Whether a BatchNorm layer has parameters in `groups` (None: anywhere; a layer without any counts as in)."""
+    names = None if groups is None else {name for g in model.groups if g.name in groups for name in g.params}
+    for path, module in model.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = [f"{path}.{name}" for name, _ in module.named_parameters(recurse=False)]
+            if names is None or not params or any(name in names for name in params):
+                return True
+    return False
 
 
 def starts_pretrained(backbone: BackboneConfig, pretrained: bool = True) -> bool:

@@ -1,7 +1,15 @@
-"""Checkpoints that survive a crash mid-write and load without unpickling code."""
+"""Checkpoints that survive a crash mid-write, load without unpickling code, and prove their bytes.
+
+Every file `save_atomic` writes carries a sha256 digest of each top-level entry (its tensors by path, dtype,
+shape and bytes, and a canonical text of its other values); `load` recomputes them before anything uses the
+payload, so bit rot or a torn write inside the tensor data is refused, never served. Files written before
+digests existed carry none and load as they are. An entry removed by hand is not a damaged byte: the readers
+name what they miss themselves.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -9,8 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import atomic_file
-from transfer_cli.runs.frozen import resolve
+from transfer_cli.runs.frozen import resolve, tensors_digest
+
+
+DIGEST = "sha256"  # the payload key holding {entry: digest} for every other top-level entry
+
+
+class Damaged(TransferError):
+    """A file whose entries no longer hash to the digests saved with them."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -29,18 +45,62 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`.
+    """Write `payload` and its entries' digests (under DIGEST) to a temp file in the same folder, fsync, then
+    rename over `path`.
 
-    A crash or a full disk leaves the previous file intact, never a truncated one.
+    A crash or a full disk leaves the previous file intact, never a truncated one; `load` refuses one whose
+    bytes changed later.
     """
     with atomic_file(path, "wb") as file:
-        torch.save(payload, file)
+        torch.save({**payload, DIGEST: {key: entry_digest(value) for key, value in payload.items()}}, file)
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True` (tensors and plain containers only), made whole again from
-    the run's frozen file where it references one (runs/frozen.py)."""
-    return resolve(torch.load(path, map_location="cpu", weights_only=True), Path(path))
+    """Load a checkpoint with `weights_only=True` (tensors and plain containers only), its digests checked,
+    made whole again from the run's frozen file where it references one (runs/frozen.py)."""
+    return resolve(verified(read(path), Path(path)), Path(path))
+
+
+def read(path: Path) -> Any:
+    """A file as stored: not yet verified, nor merged with a frozen file (cheap checks may come first)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def verified(payload: Any, path: Path) -> Any:
+    """`payload` without its digests, once every entry hashes to the one saved with it; else one line saying
+    the file is damaged. A payload without digests was saved before they existed: returned as it is."""
+    record = payload.get(DIGEST) if isinstance(payload, dict) else None
+    if record is None:
+        return payload
+    body = {key: value for key, value in payload.items() if key != DIGEST}
+    changed = next((key for key, value in body.items()
+                    if not isinstance(record, dict) or record.get(key) != entry_digest(value)), None)
+    if changed is not None:
+        raise Damaged(f"{path} is damaged: its contents do not match the digest it was saved with (entry "
+                      f"{changed!r}); restore it from a copy, or retrain")
+    return body
+
+
+def entry_digest(value: Any) -> str:
+    """sha256 over one payload entry: its tensors by path (frozen.tensors_digest), then the canonical text of the
+    structure around them, so a changed number, name or nesting changes it as a changed tensor byte does."""
+    tensors: dict[str, torch.Tensor] = {}
+    text = _canonical(value, "", tensors)
+    return hashlib.sha256(f"{tensors_digest(tensors)}|{text}".encode()).hexdigest()
+
+
+def _canonical(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> str:
+    """`value` as text with each tensor replaced by a marker (and kept in `tensors` under its path); dict keys
+    in sorted order, so the text does not depend on insertion order."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value
+        return "T"
+    if isinstance(value, dict):
+        keys = sorted(value, key=repr)
+        return "{" + ",".join(f"{key!r}:{_canonical(value[key], f'{path}[{key!r}]', tensors)}" for key in keys) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_canonical(item, f"{path}[{index}]", tensors) for index, item in enumerate(value)) + "]"
+    return repr(value)
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

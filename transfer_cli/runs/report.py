@@ -1,31 +1,27 @@
-"""`transfer report DIR...`: one table and one plot comparing the runs found below DIRs.
+"""`transfer report DIR...`: one table and one plot comparing the runs found below DIRs (report_runs.py).
 
 It reads only the files `transfer train` leaves behind, so it imports neither torch nor
-Hydra; matplotlib is imported only to draw val_acc.png.
+Hydra; matplotlib is imported only to draw val_acc.png. A value that is not a finite number
+is shown as `n/a (non-finite)` or unknown and left out of the means; CSV cells that start
+like a spreadsheet formula are escaped (core/files.py: csv_cell).
 """
 
 from __future__ import annotations
 
 import csv
-import json
+import math
 import os
-import re
 import statistics
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from transfer_cli.core.errors import TransferError
-from transfer_cli.core.files import atomic_file, write_text
+from transfer_cli.core.files import atomic_file, csv_cell, write_text
 from transfer_cli.core.plotting import pyplot, save_figure
 from transfer_cli.core.tables import markdown
 from transfer_cli.runs import runlog
-from transfer_cli.runs.loggers import flatten
-from transfer_cli.runs.rundir import read_summary
+from transfer_cli.runs.report_runs import NON_FINITE, Run, find_run_dirs, load_runs
 
 
 SEED = "trainer.seed"
@@ -41,38 +37,6 @@ METRICS = {
 }
 # Counts the config fixes: "± 0" over seeds says nothing there. For measured figures it says the seeds agree.
 COUNTS = {"epochs", "params_trainable"}
-
-
-@dataclass
-class Run:
-    """One run directory, read once."""
-
-    path: Path
-    config: dict[str, str]
-    overrides: list[str]
-    records: list[dict[str, Any]]
-    summary: dict[str, Any] | None
-    name: str = ""  # its path relative to the folder all reported runs share
-    repeat_of: "Run | None" = None  # an earlier run with the same config and seed: not another seed
-
-    @property
-    def status(self) -> str:
-        if self.summary is not None:
-            return "finished"
-        return "unfinished" if self.records else "failed"
-
-    @property
-    def metrics(self) -> dict[str, float | None]:
-        """Figures from summary.json; an unfinished run still shows what its epochs reached."""
-        if self.summary is not None:
-            trainable = self.summary.get("params_trainable") or {}
-            get = self.summary.get
-            return {"best_val_acc": get("best_val_acc"), "final_val_acc": get("final_val_acc"),
-                    "epochs": get("epochs_run"), "wall_time_s": get("wall_time_s"),
-                    "params_trainable": max(trainable.values(), default=None)}
-        accs = [record["val/acc1"] for record in self.records if "val/acc1" in record]
-        return {"best_val_acc": max(accs, default=None), "final_val_acc": accs[-1] if accs else None,
-                "epochs": len(self.records) or None, "wall_time_s": None, "params_trainable": None}
 
 
 @dataclass
@@ -92,94 +56,12 @@ class Row:
     def values(self, metric: str) -> list[float]:
         return [value for run in self.runs if (value := run.metrics[metric]) is not None]
 
+    def nonfinite(self, metric: str) -> bool:
+        return any(metric in run.figures.nonfinite for run in self.runs)
+
     @property
     def names(self) -> str:
         return ", ".join(run.name for run in self.runs)
-
-
-def is_run_dir(path: Path) -> bool:
-    """Hydra writes .hydra/ into every run, even one that died before its first epoch."""
-    has_results = (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
-    return (path / ".hydra").is_dir() or ((path / "config.yaml").is_file() and has_results)
-
-
-def find_run_dirs(paths: list[Path]) -> list[Path]:
-    """Every run directory at or below `paths`, each once, in natural order."""
-    seen: set[Path] = set()
-    found: list[Path] = []
-    for path in paths:
-        if not path.exists():
-            raise TransferError(f"{path} does not exist")
-        if not path.is_dir():
-            raise TransferError(f"{path} is not a directory")
-        found.extend(_walk(path, seen))
-    if not found:
-        raise TransferError(f"no run directories under {', '.join(map(str, paths))} "
-                            "(a run directory holds .hydra/, or config.yaml with metrics.jsonl or summary.json)")
-    return found
-
-
-def _walk(path: Path, seen: set[Path]) -> Iterator[Path]:
-    if (resolved := path.resolve()) in seen:  # the same dir given twice, or a symlink loop
-        return
-    seen.add(resolved)
-    if is_run_dir(path):
-        yield path
-        return
-    try:
-        children = sorted((c for c in path.iterdir() if c.is_dir() and not c.name.startswith(".")), key=_natural)
-    except PermissionError:
-        return
-    for child in children:
-        yield from _walk(child, seen)
-
-
-def _natural(path: Path) -> list[Any]:
-    """Sort key that puts sweep job 10 after job 9."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def load_run(path: Path) -> Run:
-    """Read a run dir; a config missing from config.yaml falls back to the composed .hydra/config.yaml.
-
-    A damaged file is a TransferError naming it (metrics.jsonl: runlog drops a torn last line).
-    """
-    resolved = path / "config.yaml"
-    config = _load_yaml(resolved if resolved.is_file() else path / ".hydra" / "config.yaml", dict) or {}
-    overrides = _load_yaml(path / ".hydra" / "overrides.yaml", list) or []
-    summary_path = path / "summary.json"
-    summary = read_summary(summary_path) if summary_path.is_file() else None
-    flat = {key: value if isinstance(value, str) else json.dumps(value, allow_nan=False)
-            for key, value in flatten(config, sep=".").items()}  # comparable strings
-    return Run(path, flat, [str(o) for o in overrides], runlog.read_metrics(path), summary)
-
-
-def _load_yaml(path: Path, kind: type) -> Any:
-    """The parsed file (a `kind`), None where it is missing or empty."""
-    if not path.is_file():
-        return None
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise TransferError(f"{path} is not valid YAML: {error}".replace("\n", " ")) from error
-    if tree is not None and not isinstance(tree, kind):
-        raise TransferError(f"{path} is damaged: it holds a {type(tree).__name__}, not a {kind.__name__}")
-    return tree
-
-
-def load_runs(paths: list[Path]) -> tuple[list[Run], list[str]]:
-    """Every readable run, and one line per unreadable one (its path and what is wrong), so one
-    damaged run never blocks the report of the others."""
-    runs, unreadable = [], []
-    for path in paths:
-        try:
-            runs.append(load_run(path))
-        except TransferError as error:
-            unreadable.append(f"{path}: {error}" if str(path) not in str(error) else str(error))
-    if not runs:
-        raise TransferError(f"no readable run among {len(paths)} run director{'y' if len(paths) == 1 else 'ies'}: "
-                            f"{unreadable[0]}{' (and more)' if len(unreadable) > 1 else ''}")
-    return runs, unreadable
 
 
 # how a run was carried out, not what it is: never a difference between experiments
@@ -241,33 +123,37 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _format(values: list[float], spec: str, count: bool = False) -> str:
-    """mean ± sample std over a row's seeds (± 0.0000 too: seeds that agree exactly), the value alone for one run."""
-    mean, std = mean_std(values)
+def _format(row: Row, metric: str, spec: str) -> str:
+    """mean ± sample std over a row's seeds (± 0.0000 too: seeds that agree exactly), the value alone for one run;
+    NON_FINITE where the only values are NaN or infinite, "-" where there is none."""
+    mean, std = mean_std(row.values(metric))
     if mean is None:
-        return "-"
-    return f"{mean:{spec}}" if std is None or (count and std == 0) else f"{mean:{spec}} ± {std:{spec}}"
+        return NON_FINITE if row.nonfinite(metric) else "-"
+    if std is None or (metric in COUNTS and std == 0):
+        return f"{mean:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def markdown_table(rows: list[Row], keys: list[str]) -> str:
     """The table for people: formatted numbers, only the keys that tell the rows apart."""
     header = [*keys, "n", *(title for title, _ in METRICS.values()), "status", "run"]
     return markdown(header, [[*(row.key_value(k) for k in keys), str(len(row.runs)),
-                              *(_format(row.values(m), spec, m in COUNTS) for m, (_, spec) in METRICS.items()),
+                              *(_format(row, m, spec) for m, (_, spec) in METRICS.items()),
                               row.status, row.names] for row in rows])
 
 
 def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
-    """Raw numbers (mean and sample std per metric) and every differing key, for further analysis."""
+    """Raw numbers (mean and sample std of the finite values per metric) and every differing key, for further
+    analysis; text that starts like a spreadsheet formula is escaped."""
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
     with atomic_file(path) as file:
         writer = csv.writer(file)
         writer.writerow([*keys, "n", *stats, "status", "runs"])
         for row in rows:
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
-            writer.writerow([*(row.key_value(k) for k in keys), len(row.runs),
+            writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), len(row.runs),
                              *("" if v is None else v for v in numbers),
-                             row.status, row.names])
+                             csv_cell(row.status), csv_cell(row.names)])
 
 
 def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
@@ -277,7 +163,7 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
 
     figure, axis = plt.subplots(figsize=(9, 5), layout="constrained")  # room for the legend beside the plot
     for run in runs:
-        points = [(r["epoch"], r["val/acc1"]) for r in run.records if "val/acc1" in r]
+        points = [(r["epoch"], r["val/acc1"]) for r in run.records if math.isfinite(r.get("val/acc1", math.nan))]
         if not points:
             continue
         label = " ".join(f"{key}={run.config.get(key, '-')}" for key in keys) or run.name
@@ -296,7 +182,8 @@ def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
 
 def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the
-    table and the notes under it in results.md: how repeated runs are shown, then the unreadable runs."""
+    table and the notes under it in results.md: how repeated runs are shown, the values not shown as read,
+    then the unreadable runs."""
     runs, unreadable = load_runs(find_run_dirs(paths))
     keys = differing_keys(runs)
     shown = shown_keys(runs, keys)
@@ -306,15 +193,19 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
         run.name = run.path.resolve().relative_to(base).as_posix()
     table = markdown_table(rows, shown)
     repeats = repeat_note(rows)
+    warnings = [note for run in runs for note in run.figures.notes]
     try:
         out.mkdir(parents=True, exist_ok=True)
         skipped = "".join(f"\n- {line}" for line in unreadable)
+        odd = "".join(f"\n- {line}" for line in warnings)
         write_text(out / "results.md", table + "\n" + (f"\n{repeats}\n" if repeats else "")
+                   + (f"\nValues not shown as read:{odd}\n" if odd else "")
                    + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""))
         write_csv(out / "results.csv", rows, keys)
         plot_val_acc(out / "val_acc.png", runs, shown)
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
-    return table, [f"note: {repeats}"] * bool(repeats) + [f"skipped an unreadable run: {line}" for line in unreadable]
+    return table, ([f"note: {repeats}"] * bool(repeats) + [f"warning: {line}" for line in warnings]
+                   + [f"skipped an unreadable run: {line}" for line in unreadable])
 
 

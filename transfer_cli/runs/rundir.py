@@ -28,6 +28,21 @@ def require_run_dir(path: str | Path) -> Path:
     return run_dir
 
 
+def require_writable(run_dir: Path) -> None:
+    """Resume writes its lock, metrics and checkpoints into the run directory: one it cannot write is refused
+    before training, not after an epoch's work (a temp file without a name is made and dropped at once)."""
+    import tempfile
+
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if folder.is_dir():
+            try:
+                tempfile.TemporaryFile(dir=folder).close()
+            except OSError as error:
+                raise TransferError(f"{folder} is not writable: {error.strerror or first_line(error)}; make it "
+                                    "writable (or copy the run somewhere writable), then `transfer resume` it "
+                                    "again") from error
+
+
 def resume_point(run_dir: Path) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The saved config and checkpoints/last.pt (None: none saved yet), as resume and a sweep re-run load them."""
     return load_run_config(run_dir), load_last_checkpoint(run_dir)
@@ -61,6 +76,9 @@ def read_summary(path: Path) -> dict[str, Any]:
     """A run's summary.json, or one line saying the file is torn or not a summary."""
     import json
 
+    if path.is_dir():
+        raise TransferError(f"{path} is a directory, not a run summary (a JSON file): move it aside, then run the "
+                            "command again")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -75,7 +93,7 @@ def _load_checkpoint_file(file: Path) -> dict[str, Any]:
     from transfer_cli.runs import checkpoint as checkpoints
     try:
         payload = checkpoints.load(file)
-    except TransferError:  # its frozen file missing or changed: already one line
+    except TransferError:  # its bytes or its frozen file's changed, the frozen file missing: already one line
         raise
     except Exception as error:  # noqa: BLE001 - truncated, not a zip, pickled code: the same user-facing problem
         raise TransferError(f"cannot read checkpoint {file}: {torch_file_problem(file, error)}") from error

@@ -11,6 +11,16 @@ changes any file but `.lock`; refusing one changes nothing.
 A new run gets a directory that holds no run: a name the user chose that holds one is
 refused (pointing to `transfer resume` or a new directory), and a name made from the clock
 (`${now:...}`) gets a suffix when it is taken, so runs started in the same second differ.
+
+Nothing of the user's is written: a chosen directory that holds no run but holds an entry a
+run writes (RUN_WRITES: Hydra's `.hydra/` and `train.log` above all, which Hydra writes
+before the run starts, over or onto the user's files) is refused up front; one holding only
+other files gets the run beside them, and `claim_new` records them so that a run that fails
+before its first checkpoint removes only what it added. A run directory's files must be its
+own: locking one refuses it while an entry a run writes (or one inside `.hydra/`,
+`checkpoints/`, `eval/`) is a symbolic link, since writing, appending or cleaning up there
+would change files elsewhere; a symlinked `checkpoints/` too (put the whole run directory on
+the other disk instead). The lock file itself is opened without following a link.
 """
 
 from __future__ import annotations
@@ -19,16 +29,22 @@ import contextlib
 import datetime as _dt
 import fcntl
 import os
+import shlex
 import socket
 from pathlib import Path
 from typing import Any
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import NotOwnFile, link_problem, open_own
 from transfer_cli.parallel import distributed
 
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")  # any of them: the directory holds a run
+# every entry a run writes at the top of its directory but the lock; Hydra writes the first two before the run starts
+RUN_WRITES = ("train.log", ".hydra", *RUN_FILES, "plan.json", "curves.png", "eval", "error.log", "tensorboard", "wandb",
+              "mlflow_run_id", "wandb_run_id")
+OWN_FOLDERS = (".hydra", "checkpoints", "eval")  # folders whose entries are checked for links too
 MAX_SUFFIX = 10_000
 
 
@@ -56,6 +72,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path, fd: int) -> None:
         self.run_dir, self._fd = run_dir, fd
+        self.held_before: frozenset[str] = frozenset()  # what a new run's directory held before its claim
         _HELD.add(fd)
 
     def release(self) -> None:
@@ -72,11 +89,13 @@ class RunLock:
 
 
 def acquire(run_dir: Path, command: str) -> RunLock:
-    """Lock `run_dir` (made if missing) for this process, or raise RunDirBusy naming the holder."""
+    """Lock `run_dir` (made if missing) for this process, or raise RunDirBusy naming the holder (NotOwnFile
+    where an entry a run writes is a symbolic link: nothing is created then)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(run_dir)
     path = run_dir / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_own(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,7 +114,7 @@ def acquire(run_dir: Path, command: str) -> RunLock:
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == path.stat().st_ino
+        return os.fstat(fd).st_ino == os.lstat(path).st_ino
     except FileNotFoundError:
         return False
 
@@ -103,7 +122,7 @@ def _same_file(fd: int, path: Path) -> bool:
 def holder(run_dir: Path) -> str | None:
     """Who is writing `run_dir` now, or None; creates nothing."""
     try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -129,8 +148,33 @@ def refuse_if_run(run_dir: Path) -> None:
     if (run_dir / "summary.json").is_file():
         raise TransferError(f"{run_dir} already holds a finished run: give a new hydra.run.dir "
                             "(or none: each run gets its own under outputs/runs/)")
-    raise TransferError(f"{run_dir} holds an interrupted run: continue it with `transfer resume {run_dir}`, "
+    raise TransferError(f"{run_dir} holds an interrupted run: continue it with `{resume_command(run_dir)}`, "
                         "or give a new hydra.run.dir")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues `run_dir`, quoted for a shell (a path with spaces, commas or quotes)."""
+    return f"transfer resume {shlex.quote(str(run_dir))}"
+
+
+def refuse_written_names(run_dir: Path) -> None:
+    """One line when `run_dir` holds an entry a run writes (a link too, even a dangling one): a new run writes
+    into an empty or new directory, or beside other files, never over or onto one of them."""
+    taken = [name for name in RUN_WRITES if os.path.lexists(run_dir / name)]
+    if taken:
+        raise TransferError(f"{run_dir} is not empty and holds files this run would write ({', '.join(taken)}): "
+                            "give an empty or new directory")
+
+
+def refuse_links(run_dir: Path) -> None:
+    """NotOwnFile naming the first entry a run writes that is a symbolic link (the directory's own name, which
+    the user gave, aside)."""
+    for name in (LOCK_NAME, *RUN_WRITES):
+        path = run_dir / name
+        inside = sorted(path.iterdir()) if name in OWN_FOLDERS and path.is_dir() and not path.is_symlink() else []
+        for entry in (path, *inside):
+            if entry.is_symlink():
+                raise NotOwnFile(link_problem(entry))
 
 
 def unused_dir(run_dir: Path) -> Path:
@@ -148,17 +192,21 @@ def unused_dir(run_dir: Path) -> Path:
 
 def claim_new(run_dir: Path, from_clock: bool, command: str) -> RunLock:
     """Lock a directory for a new run: a clock-made name gets a suffix when taken, a chosen one that
-    holds a run is refused."""
+    holds a run, or an entry a run writes, is refused. The lock records what the directory held before."""
     if from_clock:
         run_dir = unused_dir(run_dir)
     else:
         refuse_if_run(run_dir)  # before anything is written, the lock file included
+        refuse_written_names(run_dir)
+    before = frozenset(entry.name for entry in run_dir.iterdir()) if run_dir.is_dir() else frozenset()
     lock = acquire(run_dir, command)
     try:
         refuse_if_run(run_dir)  # another writer may have started and ended in between
+        refuse_written_names(run_dir)
     except TransferError:
         lock.release()
         raise
+    lock.held_before = before
     return lock
 
 
@@ -168,9 +216,9 @@ def hold_on_main(run_dir: Path, command: str) -> contextlib.AbstractContextManag
     if distributed.is_main():
         try:
             lock = acquire(run_dir, command)
-        except RunDirBusy as error:
-            problem = str(error)
+        except (RunDirBusy, NotOwnFile) as error:
+            problem = error
     problem = distributed.broadcast_object(problem)
     if problem:
-        raise RunDirBusy(problem)
+        raise problem
     return lock if lock is not None else contextlib.nullcontext()

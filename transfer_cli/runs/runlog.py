@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.core.errors import TransferError
-from transfer_cli.core.files import write_text
+from transfer_cli.core.errors import TransferError, first_line
+from transfer_cli.core.files import append_own, write_text
 from transfer_cli.core.plotting import pyplot, save_figure
 
 
@@ -51,10 +51,10 @@ def _nonfinite_key(value: Any, where: str = "") -> str | None:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one epoch's record as a JSON line, flushed so a crash keeps it."""
+    """Append one epoch's record as a JSON line, flushed so a crash keeps it; never through a symbolic link."""
     path = run_dir / "metrics.jsonl"
     line = _dumps(record, path) + "\n"
-    with open(path, "a", encoding="utf-8") as file:
+    with append_own(path) as file:
         file.write(line)
         file.flush()
         os.fsync(file.fileno())
@@ -66,38 +66,83 @@ def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
     write_text(path, "".join(_dumps(record, path) + "\n" for record in records))
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def read_metrics(run_dir: Path, complete: bool = False) -> list[dict[str, Any]]:
     """The epoch records of metrics.jsonl.
 
     A damaged last line is what a crash or a full disk during `append_metrics` leaves: it is
     dropped with a warning (that epoch was never checkpointed, so resume trains it again). A
     damaged line before the last one is not explained by a crash: a TransferError naming it.
+    `complete` (resume) also wants in every record what the end of a run reads back (RESUMED),
+    and drops only a last line cut short: a whole JSON line that is no such record was not torn.
     """
     path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = [(number, line) for number, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
-    records = []
-    for position, (number, line) in enumerate(lines):
-        record = _parse_record(line)
-        if record is not None:
-            records.append(record)
-        elif position == len(lines) - 1:
-            log.warning("%s: dropped its last line (line %d, %d bytes), cut short by a crash or a full disk "
-                        "while it was written; that epoch was not checkpointed", path, number, len(line))
-        else:
-            raise TransferError(f"{path} line {number} is damaged (not a JSON epoch record of finite numbers): "
-                                "repair that line or start a new run")
+    records, torn = _records(path, complete)
+    if torn is not None:
+        log.warning("%s: dropped its last line (line %d, %d bytes), cut short by a crash or a full disk "
+                    "while it was written; that epoch was not checkpointed", path, *torn)
     return records
 
 
-def _parse_record(line: bytes) -> dict[str, Any] | None:
-    """One metrics.jsonl line as a record, or None when it is not a whole one."""
+def check_metrics(run_dir: Path) -> None:
+    """read_metrics(complete=True)'s refusals alone, for resume to make before it trains (the run itself
+    drops, and reports, a torn last line)."""
+    _records(run_dir / "metrics.jsonl", complete=True)
+
+
+def _records(path: Path, complete: bool) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
+    """The records of `path`, and (line number, bytes) of a torn last line dropped (None: none)."""
+    if not path.exists():
+        return [], None
     try:
-        record = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        data = path.read_bytes()
+    except OSError as error:
+        raise TransferError(f"cannot read {path} ({error.strerror or first_line(error)}): restore the run's "
+                            "metrics file or start a new run") from error
+    lines = [(number, line) for number, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        value = _parse_record(line)
+        problem = _record_problem(value, complete)
+        if problem is None:
+            records.append(value)
+        elif position == len(lines) - 1 and (value is TORN or not complete):
+            return records, (number, len(line))
+        else:
+            raise TransferError(f"{path} line {number} is damaged ({problem}): repair that line or start a new run")
+    return records, None
+
+
+TORN = object()  # a line that is not whole JSON
+# what the end of a resumed run reads back from each earlier epoch (the summary, curves.png)
+RESUMED = ("stage", "train/loss", "train/acc1", "train/images_per_s", "val/loss", "val/acc1")
+
+
+def _parse_record(line: bytes) -> Any:
+    """One metrics.jsonl line's JSON value, or TORN when the line is not whole JSON."""
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
     except ValueError:  # UnicodeDecodeError, JSONDecodeError and a bare NaN alike
+        return TORN
+
+
+def _record_problem(value: Any, complete: bool) -> str | None:
+    """Why a line's value is not an epoch record (None: it is one); `complete`: one holding RESUMED too."""
+    epoch = value.get("epoch") if isinstance(value, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return "not a JSON epoch record of finite numbers"
+    if not complete:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("epoch"), int) else None
+    missing = [key for key in RESUMED if key not in value]
+    if missing:
+        return f"epoch {epoch} has no {', '.join(missing)}"
+    wrong = next((key for key in RESUMED if not _fits(key, value[key])), None)
+    return None if wrong is None else f"epoch {epoch}'s {wrong} is not {'text' if wrong == 'stage' else 'a number'}"
+
+
+def _fits(key: str, value: Any) -> bool:
+    if key == "stage":
+        return isinstance(value, str)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -26,12 +26,13 @@ from transfer_cli.data.transforms import (
     resolve_preprocessing,
     train_transform,
 )
-from transfer_cli.models.model import HEAD, TransferModel, build_model, starts_pretrained
+from transfer_cli.models.model import HEAD, TransferModel, build_model, check_batch_statistics, starts_pretrained
 from transfer_cli.parallel import distributed
 from transfer_cli.training.engine import EMA, StepRunner
 from transfer_cli.training.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
 from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
 from transfer_cli.training.optim import StagedOptimizer
+from transfer_cli.training.progress import check_monitor
 from transfer_cli.training.runtime import (
     Precision,
     configure_cuda_math,
@@ -79,6 +80,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
         splits = load_splits(cfg.dataset)
         num_classes = len(splits.classes)
+        check_monitor(cfg.trainer.early_stopping, num_classes)
         strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
         if choice:
             log.info("%s", choice)
@@ -86,6 +88,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale,
                          # not model.pretrained: a dry run builds no weights
                          starts_pretrained(cfg.backbone, strategy.pretrained))
+    check_batch_statistics(model, stages, min(batch_size, len(splits.train) // distributed.world_size()), batch_size)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
     if not cfg.dry_run:
@@ -116,7 +119,7 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every), log_every=cfg.trainer.log_every,
         limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
         accumulate_steps=cfg.trainer.accumulate_steps,
-        checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes},
+        checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes, "splits": splits.identity},
         stage_data=stage_data, compile=cfg.trainer.compile,
     )
     if distributed.active():  # distinct dropout and MixUp streams per rank (augmentation is per sample)
@@ -183,7 +186,7 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
     eval_tf = eval_transform(preprocessing, draft=cfg.transforms.draft_decode, normalize=precision.normalize is None)
     batch, eval_batch = batch_sizes  # per process under DDP
     cache_dir = Path(cfg.trainer.cache_dir).expanduser() if cfg.trainer.cache_dir else default_feature_cache()
-    memo: dict[str, Any] = {}
+    memo: dict[tuple[str, ...], Any] = {}  # by the entries' keys (the backbone's weights), never by stage name
 
     def make(data: Any, size: int, train: bool) -> Any:
         return make_loader(data, size, train=train, num_workers=cfg.trainer.num_workers, seed=cfg.trainer.seed,
@@ -196,26 +199,22 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
     def for_stage(stage: Stage) -> Any:
         if set(stage.lrs) != {HEAD} or unidentified:
             return None
-        if stage.name not in memo:
-            try:
-                memo[stage.name] = cached_splits(
-                    model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
-                    train_labels=splits.train_labels, val_labels=splits.val_labels, batch_size=batch,
-                    eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
-                    cache_dir=cache_dir)
-            except NoIdentity as why:
-                unidentified.append(str(why))
-                log.log(logging.WARNING if mode == "true" else logging.INFO,
-                        "feature cache off: %s; head-only stages run the backbone on every image", why)
-                return None
-            if distributed.active():  # every rank computed all features; each trains and validates on its share
-                cached = memo[stage.name]
-                shard = {"num_workers": 0, "seed": cfg.trainer.seed, "pin_memory": False,
-                         "rank": distributed.rank(), "world_size": distributed.world_size()}
-                memo[stage.name] = replace(cached, train_loader=make_loader(cached.train_loader.dataset, batch,
-                                                                            train=True, **shard),
-                                           val_loader=make_loader(cached.val_loader.dataset, eval_batch,
-                                                                  train=False, **shard))
-        return memo[stage.name]
+        try:
+            cached = cached_splits(
+                model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
+                train_labels=splits.train_labels, val_labels=splits.val_labels, batch_size=batch,
+                eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
+                cache_dir=cache_dir, memo=memo)
+        except NoIdentity as why:
+            unidentified.append(str(why))
+            log.log(logging.WARNING if mode == "true" else logging.INFO,
+                    "feature cache off: %s; head-only stages run the backbone on every image", why)
+            return None
+        if distributed.active():  # every rank computed all features; each trains and validates on its share
+            shard = {"num_workers": 0, "seed": cfg.trainer.seed, "pin_memory": False,
+                     "rank": distributed.rank(), "world_size": distributed.world_size()}
+            cached = replace(cached, train_loader=make_loader(cached.train_loader.dataset, batch, train=True, **shard),
+                             val_loader=make_loader(cached.val_loader.dataset, eval_batch, train=False, **shard))
+        return cached
 
     return for_stage

@@ -7,8 +7,10 @@ backbone weights, the preprocessing, the split and the content identity of the d
 under the cache dir so reruns and sweep jobs share it, and train the head on the cached tensors.
 
 A wrong hit is a silently wrong number, so the cache fails closed: data whose content cannot
-be pinned down (`dataset_identity` raises NoIdentity) is not cached, and an entry is served
-only when its stored key and labels are the run's own.
+be pinned down (`dataset_identity` raises NoIdentity) is not cached, every reuse (on disk, or in
+memory by a later head-only stage) is keyed by the backbone's current weights, never by a stage
+name, and an entry is served only when its stored key and labels are the run's own and its
+bytes hash to the digests it was saved with (checkpoint.verified).
 """
 
 from __future__ import annotations
@@ -218,30 +220,44 @@ class CachedSplits:
 
 def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, make: Any, *,
                   train_labels: list[int], val_labels: list[int], batch_size: int, eval_batch_size: int,
-                  seed: int, precision: Precision, key_extra: str, cache_dir: Path) -> CachedSplits:
-    """Features for both splits (from the cache dir when already computed) as head-only loaders.
+                  seed: int, precision: Precision, key_extra: str, cache_dir: Path,
+                  memo: dict[tuple[str, ...], CachedSplits] | None = None) -> CachedSplits:
+    """Features for both splits (from `memo` or the cache dir when already computed) as head-only loaders.
 
     `make(dataset, batch_size, train)` builds the image loaders used to compute features;
     the train loader over features shuffles with the same EpochSampler as the image path,
-    so both see samples in the same order. An entry is keyed by the split, the backbone
-    weights, `key_extra` (preprocessing, precision) and the data's content identity, and is
-    served only if it holds the run's labels. Raises NoIdentity, before any work, when a
-    split's content cannot be pinned down. On CUDA the features stay in device memory where they fit
-    (feature_home), else the loaders pin their batches.
+    so both see samples in the same order. An entry is keyed by the split, the backbone's
+    current weights, `key_extra` (preprocessing, precision) and the data's content identity
+    (in `memo` too: a later head-only stage after one that trained the backbone gets fresh
+    features), and is served only if it holds the run's labels. Raises NoIdentity, before any
+    work, when a split's content cannot be pinned down.
     """
     splits = {"train": (train_data, train_labels), "val": (val_data, val_labels)}
     identities = {split: dataset_identity(data) for split, (data, _) in splits.items()}
     weights = weights_digest(model)
+    keys = {split: _digest(split, weights, key_extra, identities[split]) for split in splits}
+    if memo is not None and tuple(keys.values()) in memo:
+        return memo[tuple(keys.values())]
     tensors = {}
     for split, (data, labels) in splits.items():
-        key = _digest(split, weights, key_extra, identities[split])
-        path = cache_dir / f"{key[:32]}.pt"
-        stored = _own_entry(path, key, labels, split)
+        path = cache_dir / f"{keys[split][:32]}.pt"
+        stored = _own_entry(path, keys[split], labels, split)
         if stored is None:
             features, computed = compute_features(model, make(data, eval_batch_size, False), precision)
-            stored = {"key": key, "features": features, "labels": computed}
+            stored = {"key": keys[split], "features": features, "labels": computed}
             _store(stored, path, split, unchanged=_identity_or_none(data) == identities[split])
         tensors[split] = (stored["features"], stored["labels"])
+    served = _serve(model, tensors, batch_size, eval_batch_size, seed, precision)
+    if memo is not None:  # the latest only: features of a backbone that has since changed are not asked for again
+        memo.clear()
+        memo[tuple(keys.values())] = served
+    return served
+
+
+def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
+           eval_batch_size: int, seed: int, precision: Precision) -> CachedSplits:
+    """Head-only loaders over the features: on CUDA they stay in device memory where they fit (feature_home),
+    else the loaders pin their batches."""
     home = feature_home(sum(t.numel() * t.element_size() for pair in tensors.values() for t in pair),
                         precision.device)
     served = {split: TensorDataset(*(t.to(home) for t in pair)) for split, pair in tensors.items()}
@@ -254,15 +270,22 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
 
 
 def _own_entry(path: Path, key: str, labels: list[int], split: str) -> dict[str, Any] | None:
-    """The entry at `path` when it holds this key's features with the run's labels; else None, saying why."""
+    """The entry at `path` when it holds this key's features with the run's labels and its bytes are the ones
+    written (key and labels are checked first: no hashing for an entry that is not the run's); else None,
+    saying why."""
     if not path.is_file():
         return None
     try:
-        stored = checkpoint.load(path)
+        stored = checkpoint.read(path)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as error:
         log.warning("feature cache entry %s is unreadable (%s): recomputing it", path, error)
         return None
     problem = _entry_problem(stored, key, labels)
+    if problem is None:
+        try:
+            stored = checkpoint.verified(stored, path)
+        except checkpoint.Damaged:
+            problem = "is damaged (its bytes do not match the digest it was saved with)"
     if problem is None:
         log.info("feature cache hit for %s split: %s", split, path)
         return stored
@@ -278,6 +301,8 @@ def _entry_problem(stored: Any, key: str, labels: list[int]) -> str | None:
         return "is incomplete"
     if cached.tolist() != list(labels):
         return "holds other labels than the run's"
+    if checkpoint.DIGEST not in stored:
+        return "carries no digest of its bytes (written by an earlier version)"
     return None
 
 

@@ -67,12 +67,17 @@ def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int
                             f"epochs 1 to {epochs_done}: the run's history is incomplete; start a new run")
 
 
+def check_monitor(cfg: EarlyStoppingConfig, num_classes: int) -> None:
+    """Before training: an epoch records top-5 accuracy only with 5 classes or more (the schema allows the names)."""
+    if cfg.patience is not None and cfg.monitor == "val/acc5" and num_classes < 5:
+        raise TransferError(f"trainer.early_stopping.monitor=val/acc5: the data has {num_classes} classes, and top-5 "
+                            "accuracy needs at least 5: monitor val/acc1 or val/loss")
+
+
 def update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:
+    """After each epoch (check_monitor and the schema made sure the record holds the monitored metric)."""
     if cfg.patience is None:
         return
-    if cfg.monitor not in record:
-        known = ", ".join(k for k in record if k.startswith("val/"))
-        raise TransferError(f"trainer.early_stopping.monitor='{cfg.monitor}' is not a metric: use one of {known}")
     value = record[cfg.monitor]
     sign = -1.0 if "loss" in cfg.monitor else 1.0
     if progress.best_monitor is None or sign * (value - progress.best_monitor) > cfg.min_delta:

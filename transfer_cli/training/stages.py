@@ -108,12 +108,25 @@ def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) 
         log.info("stage '%s': re-estimated the running stats of %d BatchNorm layers on %d training images",
                  stage.name, count, images)
     setup.optimizer.enter(stage)
-    progress.params_trainable[stage.name] = count_trainable(setup.model.model)
+    trainable = count_trainable(setup.model.model)
+    progress.params_trainable[stage_labels(setup.stages)[index]] = trainable
     log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
-             stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()),
-             progress.params_trainable[stage.name])
+             stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()), trainable)
     steps = stage.epochs * optimizer_steps(setup, epoch_batches(setup, setup.train_loader))
     return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, steps)
+
+
+def stage_labels(stages: list[Stage]) -> list[str]:
+    """Each stage's key in params_trainable: its name, or, where an earlier stage took that name, the name with
+    the first free `#k` (head, all, head#2), so a strategy that repeats a name keeps one count per stage."""
+    labels: list[str] = []
+    for stage in stages:
+        label, k = stage.name, 1
+        while label in labels:
+            k += 1
+            label = f"{stage.name}#{k}"
+        labels.append(label)
+    return labels
 
 
 def epoch_batches(setup: FitSetup, loader: DataLoader) -> int:

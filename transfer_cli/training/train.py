@@ -15,7 +15,7 @@ import torch
 
 from transfer_cli.config.schema import TrainConfig, to_plain
 from transfer_cli.core.errors import Interrupted, TransferError
-from transfer_cli.data.datasets import check_classes
+from transfer_cli.data.datasets import check_classes, check_same_splits
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, prepare
@@ -48,6 +48,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     if resume is not None:
         check_classes(prepared.splits.classes, resume["classes"],
                       "restore the dataset's class folders as they were, or train a new run")
+        check_same_splits(prepared.splits.identity, resume.get("splits"))
     plan = build_plan(cfg, prepared)
     if cfg.dry_run:
         print(format_plan(plan))
@@ -66,7 +67,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
                  cfg.trainer.accumulate_steps, cfg.trainer.batch_size,
                  cfg.trainer.accumulate_steps * cfg.trainer.batch_size)
     done = resume["progress"]["epoch"] if resume is not None else 0
-    history = [record for record in runlog.read_metrics(run_dir) if record["epoch"] <= done]
+    history = [record for record in runlog.read_metrics(run_dir, complete=True) if record["epoch"] <= done]
     check_history(run_dir, history, done)
     if main:
         runlog.write_metrics(run_dir, history)  # drops epochs logged after the checkpoint

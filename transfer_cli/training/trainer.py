@@ -88,7 +88,8 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
     setup.frozen_store.remove_unreferenced(folder, ("last.pt", "best.pt"))
 
 
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "tally", "rng", "rng_by_rank", "world_size")
+# what only a resume reads; "splits": which images the run trains and validates on (datasets.split_identity)
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "tally", "rng", "rng_by_rank", "world_size", "splits")
 
 
 def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, StageRun, Tally | None]:
