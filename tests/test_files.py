@@ -29,11 +29,14 @@ def test_a_write_that_fails_keeps_the_old_file_and_leaves_no_temp_file(tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
-def test_a_killed_writes_temp_file_is_cleared_and_only_temp_files(tmp_path: Path) -> None:
+def test_a_killed_writes_temp_file_is_cleared_and_only_its_temp_files(tmp_path: Path) -> None:
     (tmp_path / ".last.pt.ab12cd34.tmp").write_bytes(b"half")
     (tmp_path / "last.pt").write_bytes(b"whole")
-    assert [p.name for p in remove_temp_files(tmp_path)] == [".last.pt.ab12cd34.tmp"]
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    users = [".draft.tmp", ".thesis.docx.tmp", ".notes.ab12cd34.tmp", ".last.pt.tmp"]  # not temp files of a target
+    for name in users:
+        (tmp_path / name).write_text("the user's")
+    assert [p.name for p in remove_temp_files(tmp_path, ("last.pt", "best.pt"))] == [".last.pt.ab12cd34.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt", *users])
 
 
 def test_checkpoints_and_text_files_follow_the_umask_not_0600(tmp_path: Path) -> None:

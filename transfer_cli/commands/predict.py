@@ -140,7 +140,7 @@ def render(predictions: list[Prediction], suffix: str) -> str:
         return json.dumps(rows, indent=2, allow_nan=False) + "\n"
     k = len(predictions[0].top)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)  # RFC 4180's CRLF rows: a CR inside a name is then quoted too, never a row break
     writer.writerow(["path", *(f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class", "probability"))])
     for p in predictions:
         writer.writerow([csv_cell(p.path), *(value for c, prob in p.top for value in (csv_cell(c), f"{prob:.6f}"))])

@@ -43,7 +43,7 @@ from transfer_cli.config.compose import (
     run_hydra_main,
     sweep_jobs,
 )
-from transfer_cli.config.loading import load_run_config
+from transfer_cli.config.loading import check_bounded_yaml, load_run_config
 from transfer_cli.config.schema import to_plain
 from transfer_cli.core.errors import (
     INTERRUPT_EXIT,
@@ -169,6 +169,11 @@ def _claim_dir(argv: list[str]) -> tuple[list[str], Any]:
 
 def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
     """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
+    empty = next((o.partition("=")[0] for o in overrides if re.fullmatch(r"hydra\.(run|sweep)\.dir=\s*(''|\"\")?", o)),
+                 None)
+    if empty:  # Hydra would take the current directory, whatever it holds
+        raise TransferError(f"{empty} is empty: give a directory, or leave it out (each run then gets its own under "
+                            "outputs/)")
     planned, from_clock, sweep = planned_dir(overrides, sweep)
     if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
         if from_clock:
@@ -184,8 +189,7 @@ def _check_rerun(overrides: list[str], sweep_dir: Path) -> None:
     a job's directory holds a run with another config, an entry a run writes but no run, or a link."""
     if not sweep_dir.is_dir():
         return
-    if (sweep_dir / "multirun.yaml").is_symlink():  # Hydra's sweeper rewrites it
-        raise NotOwnFile(link_problem(sweep_dir / "multirun.yaml"))
+    _check_multirun_file(sweep_dir / "multirun.yaml")
     jobs = sweep_jobs(overrides)
     if jobs is None:  # the sweeper picks its jobs as it goes: every folder might be one
         found = [(child, None) for child in sorted(sweep_dir.iterdir()) if child.is_dir() and child.name[:1] != "."]
@@ -201,6 +205,25 @@ def _check_rerun(overrides: list[str], sweep_dir: Path) -> None:
             attempt = _previous_attempt(run_dir, job.config())
             if attempt["kind"] == "other":
                 raise TransferError(_another_config(run_dir, attempt["differences"]))
+
+
+def _check_multirun_file(path: Path) -> None:
+    """Hydra's sweeper rewrites `multirun.yaml` (the sweep's config): where the file there is not a sweep's own
+    (a link, or no YAML mapping with a `hydra` section), it is the user's, and the sweep is refused."""
+    if path.is_symlink():
+        raise NotOwnFile(link_problem(path))
+    if not os.path.lexists(path):
+        return
+    import yaml
+
+    try:
+        check_bounded_yaml(path)
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (TransferError, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        tree = None
+    if not (isinstance(tree, dict) and "hydra" in tree):
+        raise TransferError(f"{path} is not a sweep's multirun.yaml, which this sweep would write over: give a new "
+                            "hydra.sweep.dir, or move the file aside")
 
 
 def quoted(value: str) -> str:

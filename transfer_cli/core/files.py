@@ -56,16 +56,24 @@ def write_text(path: Path, text: str) -> None:
         file.write(text)
 
 
-def remove_temp_files(folder: Path) -> list[Path]:
-    """Delete the temp files `atomic_file` leaves in `folder` when a kill (SIGKILL) interrupts it; returns them.
+def remove_temp_files(folder: Path, targets: tuple[str, ...]) -> list[Path]:
+    """Delete the temp files `atomic_file` left in `folder` for the files named by `targets` (glob patterns) when a
+    kill (SIGKILL) interrupted it; returns them. Any other file is left alone: a folder the user gave may hold
+    dot-files of their own.
 
     Only for a folder one process writes (a run directory, under its lock): in a shared folder
     another process's temp file may still be in the making.
     """
-    found = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    found = sorted({path for target in targets for path in folder.glob(f".{target}.*.tmp")
+                    if TEMP_NAME.fullmatch(path.name) and not path.is_symlink() and path.is_file()})
     for path in found:
         path.unlink(missing_ok=True)
     return found
+
+
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # `.<target>.<mkstemp's 8 random characters>.tmp`
 
 
 class NotOwnFile(TransferError):
@@ -85,7 +93,7 @@ def open_own(path: Path, flags: int) -> int:
     except OSError as error:
         if error.errno == errno.ELOOP:
             raise NotOwnFile(link_problem(path)) from None
-        if error.errno != errno.ENXIO:  # ENXIO: a FIFO without a reader
+        if error.errno not in (errno.ENXIO, errno.EISDIR):  # ENXIO: a FIFO without a reader
             raise
         fd = -1
     if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -93,6 +101,16 @@ def open_own(path: Path, flags: int) -> int:
             os.close(fd)
         raise NotOwnFile(f"{path} is not a plain file: a run directory's files must be its own; remove it")
     return fd
+
+
+def refuse_links_below(root: Path, path: Path) -> None:
+    """NotOwnFile where a folder between `root` (a run directory) and `path` inside it, or `path`, is a symbolic
+    link: writing there would change files elsewhere."""
+    inside = Path(path).relative_to(root)
+    for depth in range(1, len(inside.parts) + 1):
+        entry = root.joinpath(*inside.parts[:depth])
+        if entry.is_symlink():
+            raise NotOwnFile(link_problem(entry))
 
 
 def append_own(path: Path) -> IO[str]:

@@ -2,9 +2,8 @@
 
 Every file `save_atomic` writes carries a sha256 digest of each top-level entry (its tensors by path, dtype,
 shape and bytes, and a canonical text of its other values); `load` recomputes them before anything uses the
-payload, so bit rot or a torn write inside the tensor data is refused, never served. Files written before
-digests existed carry none and load as they are. An entry removed by hand is not a damaged byte: the readers
-name what they miss themselves.
+payload, so bit rot or a torn write inside the tensor data, a value or an entry's name is refused, never
+served. Files written before digests existed carry none and load as they are.
 """
 
 from __future__ import annotations
@@ -67,18 +66,31 @@ def read(path: Path) -> Any:
 
 
 def verified(payload: Any, path: Path) -> Any:
-    """`payload` without its digests, once every entry hashes to the one saved with it; else one line saying
-    the file is damaged. A payload without digests was saved before they existed: returned as it is."""
+    """`payload` without its digests, once its entries are the ones saved and each hashes to its digest; else one
+    line saying the file is damaged (a changed byte in a tensor, a value or an entry's name). A payload without
+    digests was saved before they existed: returned as it is, unless an entry's name is one character off DIGEST
+    (a changed byte there would otherwise pass the file off as an old one)."""
     record = payload.get(DIGEST) if isinstance(payload, dict) else None
     if record is None:
+        if isinstance(payload, dict) and any(_one_off(key, DIGEST) for key in payload):
+            raise Damaged(f"{path} is damaged: the name of its digest record changed; restore it from a copy, "
+                          "or retrain")
         return payload
     body = {key: value for key, value in payload.items() if key != DIGEST}
-    changed = next((key for key, value in body.items()
-                    if not isinstance(record, dict) or record.get(key) != entry_digest(value)), None)
+    names = set(record) if isinstance(record, dict) else set()
+    unrecorded = sorted(map(repr, (body.keys() - names) | (names - body.keys())))
+    if unrecorded:
+        raise Damaged(f"{path} is damaged: its entries are not the ones it was saved with ({', '.join(unrecorded)} "
+                      "missing or renamed); restore it from a copy, or retrain")
+    changed = next((key for key, value in body.items() if record[key] != entry_digest(value)), None)
     if changed is not None:
         raise Damaged(f"{path} is damaged: its contents do not match the digest it was saved with (entry "
                       f"{changed!r}); restore it from a copy, or retrain")
     return body
+
+
+def _one_off(key: Any, name: str) -> bool:
+    return isinstance(key, str) and len(key) == len(name) and sum(a != b for a, b in zip(key, name)) == 1
 
 
 def entry_digest(value: Any) -> str:

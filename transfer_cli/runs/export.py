@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from torch import nn
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError, first_line
 from transfer_cli.core.extras import install_hint, installed
-from transfer_cli.core.files import atomic_file
+from transfer_cli.core.files import atomic_file, refuse_links_below
 from transfer_cli.data.transforms import Preprocessing
 from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, read_summary, require_run_dir
 from transfer_cli.runs.runlog import write_json
@@ -66,7 +67,10 @@ def export_run(run_dir: str | Path, fmt: str = "torchscript", checkpoint: str = 
     """Write `out`/model.<ext> and `out`/model.json (default out: RUN_DIR/export/<format>/)."""
     check_format(fmt)
     path = require_run_dir(run_dir)
-    out = path / "export" / fmt if out is None else Path(out).expanduser()
+    if out is None:
+        out = path / "export" / fmt
+        refuse_links_below(path, out)  # the run directory's own folder; an --out folder is the user's choice
+    out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise TransferError(f"--out {out} is a file: give a directory")
     cfg, model, classes = load_trained_model(path, checkpoint)
@@ -110,7 +114,7 @@ def describe(cfg: TrainConfig, run_dir: Path, classes: list[str], pre: Preproces
                      "weights": summary.get("weights") or _weights_origin(cfg, weights),
                      "head": {"kind": cfg.head.kind, "dropout": cfg.head.dropout} if cfg.head.kind == "linear"
                      else {"kind": cfg.head.kind, "hidden": cfg.head.hidden, "dropouts": list(cfg.head.dropouts)}},
-        "metrics": {key: summary.get(key) for key in SUMMARY_KEYS},
+        "metrics": {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS},
         "torch": torch.__version__.split("+")[0],
     }
 
@@ -128,6 +132,17 @@ def _run_summary(run_dir: Path) -> dict[str, Any]:
     """summary.json, or nothing for a run still training or interrupted (its checkpoints export all the same)."""
     file = run_dir / "summary.json"
     return read_summary(file) if file.is_file() else {}
+
+
+def _finite_or_none(value: Any) -> Any:
+    """A summary figure for model.json: a number only where it is a finite one (a hand-edited summary.json may hold
+    NaN, which JSON cannot), else null."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value if value is None or isinstance(value, str) else None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an integer too large for a float
+        return None
 
 
 def _inputs(pre: Preprocessing, batch: int, seed: int) -> torch.Tensor:

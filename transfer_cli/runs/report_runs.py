@@ -143,7 +143,8 @@ def load_run(path: Path) -> Run:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number a float holds: NaN and infinities are numbers (flagged), an integer past 1e308 is not."""
+    return runlog.is_float(value) or (isinstance(value, float) and not math.isfinite(value))
 
 
 def _shown(value: Any) -> str:

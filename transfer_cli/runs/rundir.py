@@ -76,8 +76,9 @@ def read_summary(path: Path) -> dict[str, Any]:
     """A run's summary.json, or one line saying the file is torn or not a summary."""
     import json
 
-    if path.is_dir():
-        raise TransferError(f"{path} is a directory, not a run summary (a JSON file): move it aside, then run the "
+    if not path.is_file():  # a folder; a FIFO, which would block the read
+        what = "a directory" if path.is_dir() else "not a plain file"
+        raise TransferError(f"{path} is {what}, not a run summary (a JSON file): move it aside, then run the "
                             "command again")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))

@@ -91,6 +91,8 @@ class RunLock:
 def acquire(run_dir: Path, command: str) -> RunLock:
     """Lock `run_dir` (made if missing) for this process, or raise RunDirBusy naming the holder (NotOwnFile
     where an entry a run writes is a symbolic link: nothing is created then)."""
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise TransferError(f"{run_dir} is a file, not a directory: give a directory for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     refuse_links(run_dir)
     path = run_dir / LOCK_NAME
@@ -148,6 +150,8 @@ def refuse_if_run(run_dir: Path) -> None:
     if (run_dir / "summary.json").is_file():
         raise TransferError(f"{run_dir} already holds a finished run: give a new hydra.run.dir "
                             "(or none: each run gets its own under outputs/runs/)")
+    if not (run_dir / "config.yaml").is_file():  # no run's config: nothing `transfer resume` could continue
+        refuse_written_names(run_dir)
     raise TransferError(f"{run_dir} holds an interrupted run: continue it with `{resume_command(run_dir)}`, "
                         "or give a new hydra.run.dir")
 

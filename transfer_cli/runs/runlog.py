@@ -91,8 +91,10 @@ def check_metrics(run_dir: Path) -> None:
 
 def _records(path: Path, complete: bool) -> tuple[list[dict[str, Any]], tuple[int, int] | None]:
     """The records of `path`, and (line number, bytes) of a torn last line dropped (None: none)."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return [], None
+    if not path.is_file():  # a folder; a FIFO, which would block the read
+        raise TransferError(f"{path} is not a plain file: restore the run's metrics file or start a new run")
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -142,7 +144,17 @@ def _record_problem(value: Any, complete: bool) -> str | None:
 def _fits(key: str, value: Any) -> bool:
     if key == "stage":
         return isinstance(value, str)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_float(value)
+
+
+def is_float(value: Any) -> bool:
+    """A JSON number a float holds (an integer past 1e308 does not: it would overflow where it is plotted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _refuse_constant(name: str) -> Any:

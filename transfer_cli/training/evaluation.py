@@ -21,6 +21,7 @@ from tqdm import tqdm
 from transfer_cli.config.loading import apply_overrides, load_run_config
 from transfer_cli.config.schema import DatasetConfig, TrainConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.core.files import refuse_links_below
 from transfer_cli.core.plotting import pyplot, save_figure
 from transfer_cli.core.tables import aligned
 from transfer_cli.data.datasets import check_classes, load_splits
@@ -117,6 +118,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], P
     metrics = {"split": split, "checkpoint": checkpoint, "device": str(device),
                "overrides": [o for o in overrides if not o.startswith("checkpoint=")], **summarize(counts, classes)}
     out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split)
+    refuse_links_below(run_dir, out)
     write_results(out, metrics, counts.confusion, classes)
     return metrics, out
 

@@ -78,6 +78,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     except BaseException as error:
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
+    with sigterm_stops("while the run's results were written"):  # not a silent kill between the files
+        return _finish(result, prepared, cfg, run_dir, sinks, started)
+
+
+def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig, run_dir: Path, sinks: loggers.Loggers,
+            started: float) -> dict[str, Any]:
+    """After the last epoch: the final confusion matrices, `eval_splits`, summary.json, curves.png, the loggers."""
+    main = distributed.is_main()
     summary = _summary(result, prepared, cfg)
     # every rank: under DDP each counts its val shard
     confusions = [_final_val_confusion(prepared, summary)] if loggers.chosen(cfg.logger) and not result.error else []

@@ -161,9 +161,15 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dic
     return FitResult(records, progress)
 
 
+# the files of a run directory written through atomic_file (by folder): only their temp files are a run's to remove
+TEMP_TARGETS = {".": ("metrics.jsonl", "summary.json", "plan.json", "curves.png"),
+                "checkpoints": ("last.pt", "best.pt", "frozen-*.pt")}
+
+
 def _remove_temp_files(run_dir: Path) -> None:
     """Temp files of writes a kill interrupted (SIGKILL, a second SIGTERM): their finished files are intact."""
-    removed = [path for folder in (run_dir, run_dir / "checkpoints") for path in remove_temp_files(folder)]
+    removed = [path for folder, targets in TEMP_TARGETS.items()
+               for path in remove_temp_files(run_dir / folder, targets)]
     if removed:
         log.info("removed %d temp file(s) of writes interrupted by a kill: %s", len(removed),
                  ", ".join(str(path.relative_to(run_dir)) for path in removed))
@@ -214,10 +220,11 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
                                 max_steps=setup.limit_train_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
-        raise NonFiniteLoss(
-            f"{error} of epoch {epoch}: training stopped; checkpoints/last.pt keeps epoch {progress.epoch}. "
-            "Lower the lr, set trainer.grad_clip, or check the data"
-        ) from None
+        where = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
+        kept = (f"checkpoints/last.pt keeps {where}" if (setup.run_dir / "checkpoints" / "last.pt").is_file()
+                else "no checkpoint was saved before it")
+        raise NonFiniteLoss(f"{error} of epoch {epoch}: training stopped; {kept}. Lower the lr, set "
+                            "trainer.grad_clip, or check the data") from None
     kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
     val = _validate(setup, progress, *_validation_target(setup, run), interrupt, checkpoint_and_stop, kept)
     progress.epoch, progress.step = epoch, 0
