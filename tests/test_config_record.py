@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import transfer_cli
-from transfer_cli.commands.train import _previous_attempt
+from transfer_cli.commands.sweep_rerun import previous_attempt
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.rundir import resume_point
@@ -110,8 +110,8 @@ def test_eval_reads_the_record(finished: Path) -> None:
 def test_a_sweep_rerun_finds_its_own_run_in_the_record(finished: Path, tmp_path: Path) -> None:
     """A re-run sweep job compares its config with config.yaml: the rescaled stages are its own, and so are the
     composed ones of a run recorded before config.yaml held the stages as run."""
-    assert _previous_attempt(finished, compose_train(RESCALED))["kind"] == "done"
-    assert _previous_attempt(finished, compose_train(RESCALED[:-2] + ["trainer.epochs=4"]))["kind"] == "other"
+    assert previous_attempt(finished, compose_train(RESCALED))["kind"] == "done"
+    assert previous_attempt(finished, compose_train(RESCALED[:-2] + ["trainer.epochs=4"]))["kind"] == "other"
 
     older = tmp_path / "older"
     older.mkdir()
@@ -119,4 +119,4 @@ def test_a_sweep_rerun_finds_its_own_run_in_the_record(finished: Path, tmp_path:
     for stage, epochs in zip(saved["strategy"]["stages"], [5, 5, 10]):
         stage["epochs"] = epochs
     (older / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert _previous_attempt(older, compose_train(RESCALED))["kind"] == "partial"
+    assert previous_attempt(older, compose_train(RESCALED))["kind"] == "partial"

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,35 @@ def test_a_sweep_given_again_with_other_overrides_is_refused_before_hydra_writes
         f"transfer: error: {job} holds a run with another config (trainer.seed: 1 there, 3 now): "
         "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
     assert tree(sweep_dir) == before  # .hydra/, train.log and no multirun.yaml: as they were
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_before_a_job_saved_its_config_trains_that_job_when_given_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A preempted sweep: job 1 was killed after Hydra wrote its .hydra/ and train.log, before the job saved
+    anything. The same command again trains it (Hydra's own files for that job number are not the user's)."""
+    sweep_dir = tmp_path / "sweep"
+    command = ["train", "-m", *QUICK, "trainer.epochs=1", "trainer.seed=1,2", f"hydra.sweep.dir={sweep_dir}"]
+    assert main(command) == 0
+    killed = sweep_dir / "1"
+    for entry in killed.iterdir():
+        if entry.name not in (".hydra", "train.log", runlock.LOCK_NAME):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    first = (sweep_dir / "0" / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(command) == 0, capsys.readouterr().err
+    assert json.loads((killed / "summary.json").read_text())["status"] == "finished"
+    assert (sweep_dir / "0" / "summary.json").read_bytes() == first  # the finished job skipped, not retrained
+    # the job number in Hydra's hydra.yaml must be this job's: job 0's .hydra/ in job 1's place is not its own
+    for entry in killed.iterdir():
+        if entry.name != ".hydra":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    shutil.rmtree(killed / ".hydra")
+    shutil.copytree(sweep_dir / "0" / ".hydra", killed / ".hydra")
+    before = tree(sweep_dir)
+    assert main(command) == 2
+    assert "holds files this run would write" in one_line(capsys.readouterr().err)
+    assert tree(sweep_dir) == before
 
 
 @pytest.mark.slow

@@ -3,13 +3,8 @@
 A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
 finished run (summary.json) is skipped and reports its stored result, a job that had
 started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
-it, and a directory holding a run with another config is an error, never overwritten. Hydra
-writes a job's `.hydra/` and appends to its train.log before the job starts, so a re-run is
-checked before Hydra starts: each job of Hydra's basic sweeper (its directory and config are
-known up front, see config.compose.sweep_jobs) whose directory exists must hold that job's
-own run, or no entry a run writes, and no symbolic link there; otherwise the whole sweep is
-refused with every byte as it was. A sweeper that picks its jobs as it goes (Optuna) gets
-that check for every folder of the sweep dir but the config comparison, which stays per job.
+it, and a directory holding a run with another config, or files of the user's, is refused
+before Hydra writes anything (sweep_rerun.py), never overwritten.
 
 A run directory belongs to one run (see runs/runlock.py): a single run's directory is
 resolved, checked and locked before Hydra writes anything in it, so a directory that holds
@@ -34,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.commands.sweep_rerun import another_config, check_rerun, previous_attempt
 from transfer_cli.config.compose import (
     SWEEP_FLAGS,
     HydraJob,
@@ -41,10 +37,7 @@ from transfer_cli.config.compose import (
     planned_dir,
     register_configs,
     run_hydra_main,
-    sweep_jobs,
 )
-from transfer_cli.config.loading import check_bounded_yaml, load_run_config
-from transfer_cli.config.schema import to_plain
 from transfer_cli.core.errors import (
     INTERRUPT_EXIT,
     USER_ERROR_EXIT,
@@ -54,11 +47,10 @@ from transfer_cli.core.errors import (
     report_user_error,
 )
 from transfer_cli.core.extras import missing_plugin
-from transfer_cli.core.files import NotOwnFile, link_problem
+from transfer_cli.core.files import NotOwnFile
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
-from transfer_cli.runs.loggers import flatten
-from transfer_cli.runs.rundir import format_result, read_summary, resume_point, resume_position
+from transfer_cli.runs.rundir import format_result, resume_point, resume_position
 from transfer_cli.training.stage_epochs import as_run
 
 
@@ -178,52 +170,10 @@ def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
     if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
         if from_clock:
             return f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}", None
-        _check_rerun(overrides, planned)
+        check_rerun(overrides, planned)
         return None, None
     lock = runlock.claim_new(planned, from_clock, "transfer train")
     return f"hydra.run.dir={quoted(str(lock.run_dir))}", lock
-
-
-def _check_rerun(overrides: list[str], sweep_dir: Path) -> None:
-    """Refuse a sweep into an existing `sweep_dir` before Hydra writes a job's .hydra/ and train.log there, where
-    a job's directory holds a run with another config, an entry a run writes but no run, or a link."""
-    if not sweep_dir.is_dir():
-        return
-    _check_multirun_file(sweep_dir / "multirun.yaml")
-    jobs = sweep_jobs(overrides)
-    if jobs is None:  # the sweeper picks its jobs as it goes: every folder might be one
-        found = [(child, None) for child in sorted(sweep_dir.iterdir()) if child.is_dir() and child.name[:1] != "."]
-    else:
-        found = [(job.run_dir, job) for job in jobs if os.path.lexists(job.run_dir)]
-    for run_dir, job in found:
-        if run_dir.is_symlink():
-            raise NotOwnFile(link_problem(run_dir))
-        runlock.refuse_links(run_dir)
-        if not (run_dir / "config.yaml").is_file():
-            runlock.refuse_written_names(run_dir)
-        elif job is not None:
-            attempt = _previous_attempt(run_dir, job.config())
-            if attempt["kind"] == "other":
-                raise TransferError(_another_config(run_dir, attempt["differences"]))
-
-
-def _check_multirun_file(path: Path) -> None:
-    """Hydra's sweeper rewrites `multirun.yaml` (the sweep's config): where the file there is not a sweep's own
-    (a link, or no YAML mapping with a `hydra` section), it is the user's, and the sweep is refused."""
-    if path.is_symlink():
-        raise NotOwnFile(link_problem(path))
-    if not os.path.lexists(path):
-        return
-    import yaml
-
-    try:
-        check_bounded_yaml(path)
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (TransferError, OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
-        tree = None
-    if not (isinstance(tree, dict) and "hydra" in tree):
-        raise TransferError(f"{path} is not a sweep's multirun.yaml, which this sweep would write over: give a new "
-                            "hydra.sweep.dir, or move the file aside")
 
 
 def quoted(value: str) -> str:
@@ -295,9 +245,9 @@ def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
     cfg = started.config()
     resume = None
     if sweep_job:
-        found = distributed.broadcast_object(_previous_attempt(run_dir, cfg) if main else None)
+        found = distributed.broadcast_object(previous_attempt(run_dir, cfg) if main else None)
         if found["kind"] == "other":
-            raise TransferError(_another_config(run_dir, found["differences"]))
+            raise TransferError(another_config(run_dir, found["differences"]))
         if found["kind"] == "done":
             return _report_done(run_dir, found["summary"])
         if found["kind"] == "partial":
@@ -323,35 +273,6 @@ def _objective(summary: dict[str, Any]) -> float | None:
     """What a sweeper (Optuna: direction maximize) optimizes: the best validation top-1 accuracy, a float."""
     value = summary.get("best_val_acc")
     return float(value) if value is not None else None
-
-
-def _previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
-    """What a sweep job finds in its directory: nothing yet, a finished run, a partial one, or another run."""
-    if not (run_dir / "config.yaml").is_file():
-        return {"kind": "new"}
-
-    saved = to_plain(load_run_config(run_dir))
-    differences = _differences(saved, to_plain(as_run(cfg)))
-    if differences and not _differences(saved, to_plain(cfg)):  # saved before config.yaml held rescaled stages
-        differences = []
-    if differences:
-        return {"kind": "other", "differences": differences}
-    summary = run_dir / "summary.json"
-    if summary.exists():
-        return {"kind": "done", "summary": read_summary(summary)}
-    return {"kind": "partial"}
-
-
-def _another_config(run_dir: Path, differences: list[str]) -> str:
-    more = " and more" if len(differences) > 1 else ""
-    return (f"{run_dir} holds a run with another config ({differences[0]}{more}): "
-            "re-run a sweep with its own overrides, or give a new hydra.sweep.dir")
-
-
-def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    old, new = flatten(saved, sep="."), flatten(wanted, sep=".")
-    return [f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key)]
 
 
 def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:

@@ -21,7 +21,7 @@ from transfer_cli.core.files import atomic_file
 from transfer_cli.runs.frozen import resolve, tensors_digest
 
 
-DIGEST = "sha256"  # the payload key holding {entry: digest} for every other top-level entry
+DIGEST = "sha256"  # the payload key holding the digest of every other top-level entry (`_record`)
 
 
 class Damaged(TransferError):
@@ -51,7 +51,7 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     bytes changed later.
     """
     with atomic_file(path, "wb") as file:
-        torch.save({**payload, DIGEST: {key: entry_digest(value) for key, value in payload.items()}}, file)
+        torch.save({**payload, DIGEST: _record(payload)}, file)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -77,16 +77,30 @@ def verified(payload: Any, path: Path) -> Any:
                           "or retrain")
         return payload
     body = {key: value for key, value in payload.items() if key != DIGEST}
-    names = set(record) if isinstance(record, dict) else set()
-    unrecorded = sorted(map(repr, (body.keys() - names) | (names - body.keys())))
+    saved = _parsed(record)
+    unrecorded = sorted(map(repr, (body.keys() - saved.keys()) | (saved.keys() - body.keys())))
     if unrecorded:
         raise Damaged(f"{path} is damaged: its entries are not the ones it was saved with ({', '.join(unrecorded)} "
                       "missing or renamed); restore it from a copy, or retrain")
-    changed = next((key for key, value in body.items() if record[key] != entry_digest(value)), None)
+    changed = next((key for key, value in body.items() if saved[key] != entry_digest(value)), None)
     if changed is not None:
         raise Damaged(f"{path} is damaged: its contents do not match the digest it was saved with (entry "
                       f"{changed!r}); restore it from a copy, or retrain")
     return body
+
+
+def _record(payload: dict[str, Any]) -> str:
+    """The digests as one text, `<entry name>\t<sha256>` a line: the names are spelled there a second time (in a
+    dict of digests pickle would store each name once, shared with the payload, and a changed byte in it would
+    rename the entry and its digest alike)."""
+    return "".join(f"{key}\t{entry_digest(value)}\n" for key, value in payload.items())
+
+
+def _parsed(record: Any) -> dict[str, str]:
+    """`_record`'s text back as {entry name: digest} (empty where it is no such text: every entry is then unproven)."""
+    if not isinstance(record, str):
+        return {}
+    return dict(line.rsplit("\t", 1) for line in record.splitlines() if "\t" in line)
 
 
 def _one_off(key: Any, name: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ def load_run(path: Path) -> Run:
     config = _load_yaml(resolved if resolved.is_file() else path / ".hydra" / "config.yaml", dict) or {}
     overrides = _load_yaml(path / ".hydra" / "overrides.yaml", list) or []
     summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
-    summary = read_summary(summary_path) if summary_path.is_file() else None
+    summary = read_summary(summary_path) if os.path.lexists(summary_path) else None  # a folder, a FIFO: one line
     try:
         raw = runlog.read_metrics(path)
     except OSError as error:

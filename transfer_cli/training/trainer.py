@@ -221,9 +221,7 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
         where = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
-        kept = (f"checkpoints/last.pt keeps {where}" if (setup.run_dir / "checkpoints" / "last.pt").is_file()
-                else "no checkpoint was saved before it")
-        raise NonFiniteLoss(f"{error} of epoch {epoch}: training stopped; {kept}. Lower the lr, set "
+        raise NonFiniteLoss(f"{error} of epoch {epoch}: training stopped; {_kept(setup, where)}. Lower the lr, set "
                             "trainer.grad_clip, or check the data") from None
     kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
     val = _validate(setup, progress, *_validation_target(setup, run), interrupt, checkpoint_and_stop, kept)
@@ -250,6 +248,13 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
         _save(setup, scheduler, progress, None, "best.pt")
     log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, record["stage"],
              record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
+
+
+def _kept(setup: FitSetup, where: str) -> str:
+    """What a run stopped by a non-finite loss keeps: its last checkpoint (at `where`), or none yet."""
+    if (setup.run_dir / "checkpoints" / "last.pt").is_file():
+        return f"checkpoints/last.pt keeps {where}"
+    return "no checkpoint was saved before it"
 
 
 def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int) -> EpochProgress:
@@ -330,7 +335,7 @@ def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: Dat
                         max_batches=setup.limit_val_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} after epoch {epoch}"
-        raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; checkpoints/last.pt keeps {kept}. "
-                            "Lower the lr, set trainer.grad_clip, or check the data") from None
+        raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; {_kept(setup, kept)}. Lower the lr, set "
+                            "trainer.grad_clip, or check the data") from None
 
 
