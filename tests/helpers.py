@@ -200,3 +200,24 @@ def write_split_folders(root: Path, per_class: int = 8) -> None:
             for i in range(per_class):
                 pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def tree_snapshot(folder: Path) -> dict[str, Any]:
+    """Every entry under `folder`: a file's bytes, a link's target, "dir" for a folder (to prove nothing changed)."""
+    def entry(path: Path) -> Any:
+        if path.is_symlink():
+            return ("link", str(path.readlink()))
+        return path.read_bytes() if path.is_file() else "dir"
+    return {str(p.relative_to(folder)): entry(p) for p in sorted(folder.rglob("*"))}
+
+
+def one_error_line(code: int, err: str, *names: object, out: str = "") -> str:
+    """The single `transfer: error:` line of a command that exited 2 (no traceback anywhere), naming each of `names`."""
+    assert code == 2, out + err
+    assert "Traceback" not in out + err, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("transfer: error: "), lines[0]
+    for name in names:
+        assert str(name) in lines[0], lines[0]
+    return lines[0]

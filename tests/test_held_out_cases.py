@@ -34,6 +34,7 @@ from PIL import Image
 from transfer_cli.cli import main
 
 from conftest import REPO
+from helpers import one_error_line, tree_snapshot
 
 
 CLASSES = ["=1+2", "@SUM(1)", "-x", "\r=cr"]
@@ -45,27 +46,6 @@ pytestmark = pytest.mark.usefixtures("hydra_in_process")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def snapshot(folder: Path) -> dict[str, Any]:
-    """Every entry under `folder`: a file's bytes, a link's target, "dir" for a folder."""
-    def entry(path: Path) -> Any:
-        if path.is_symlink():
-            return ("link", str(path.readlink()))
-        return path.read_bytes() if path.is_file() else "dir"
-    return {str(p.relative_to(folder)): entry(p) for p in sorted(folder.rglob("*"))}
-
-
-def one_error(code: int, err: str, *names: object) -> str:
-    """The single `transfer: error:` line of a command that exited 2, naming each of `names`."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("transfer: error: "), lines[0]
-    for name in names:
-        assert str(name) in lines[0], lines[0]
-    return lines[0]
 
 
 def save_image(path: Path, seed: int) -> None:
@@ -203,7 +183,7 @@ def test_a_checkpoint_entry_renamed_by_one_byte_is_refused_as_damaged(
     rename_entry(file, key, new)
     capsys.readouterr()
     code = main([command, str(interrupted)])
-    line = one_error(code, capsys.readouterr().err, file)
+    line = one_error_line(code, capsys.readouterr().err, file)
     assert "damaged" in line, line
 
 
@@ -251,8 +231,8 @@ def test_a_sweep_dir_holding_the_users_multirun_yaml_is_refused(
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("mine")
     code = main(["train", "-m", "experiment=smoke", "trainer.epochs=1", f"hydra.sweep.dir={sweep}"])
-    one_error(code, capsys.readouterr().err, sweep / "multirun.yaml")
-    assert snapshot(sweep) == {"multirun.yaml": b"mine"}
+    one_error_line(code, capsys.readouterr().err, sweep / "multirun.yaml")
+    assert tree_snapshot(sweep) == {"multirun.yaml": b"mine"}
 
 
 # --------------------------------------------------------------------------- 5: links where eval and export write
@@ -265,8 +245,8 @@ def test_eval_refuses_an_eval_folder_that_links_to_the_users_folder(
     (users / "val" / "metrics.json").write_text("mine")
     (run / "eval").symlink_to(users, target_is_directory=True)
     code = main(["eval", str(run)])
-    one_error(code, capsys.readouterr().err, run / "eval")
-    assert snapshot(users) == {"val": "dir", "val/metrics.json": b"mine"}
+    one_error_line(code, capsys.readouterr().err, run / "eval")
+    assert tree_snapshot(users) == {"val": "dir", "val/metrics.json": b"mine"}
 
 
 @pytest.mark.parametrize("link", ["export/torchscript", "export"])
@@ -276,12 +256,12 @@ def test_export_refuses_an_export_folder_that_links_to_the_users_folder(
     (users / "torchscript").mkdir(parents=True)
     (users / "model.json").write_text("mine")
     (users / "torchscript" / "model.json").write_text("mine")
-    before = snapshot(users)
+    before = tree_snapshot(users)
     (run / link).parent.mkdir(exist_ok=True)
     (run / link).symlink_to(users, target_is_directory=True)
     code = main(["export", str(run)])
-    one_error(code, capsys.readouterr().err, run / link)
-    assert snapshot(users) == before
+    one_error_line(code, capsys.readouterr().err, run / link)
+    assert tree_snapshot(users) == before
 
 
 # --------------------------------------------------------------------------- 6: numbers past what a float holds
@@ -311,10 +291,10 @@ def test_resume_refuses_a_val_loss_past_a_float_before_training(
     lines[0], count = re.subn(r'"val/loss": [^,}]+', '"val/loss": 1' + "0" * 400, lines[0])
     assert count == 1
     metrics.write_text("\n".join(lines) + "\n")
-    before = snapshot(interrupted)
+    before = tree_snapshot(interrupted)
     code = main(["resume", str(interrupted)])
-    one_error(code, capsys.readouterr().err, metrics)
-    assert snapshot(interrupted) == before  # the checkpoints above all: no epoch ran
+    one_error_line(code, capsys.readouterr().err, metrics)
+    assert tree_snapshot(interrupted) == before  # the checkpoints above all: no epoch ran
 
 
 # --------------------------------------------------------------------------- 7: NaN in summary.json, then export
@@ -344,7 +324,7 @@ def test_a_fifo_in_place_of_a_run_file_is_one_line_not_a_hang(interrupted: Path,
     os.mkfifo(interrupted / name)
     started = time.monotonic()
     done = transfer(command, str(interrupted))
-    one_error(done.returncode, done.stderr, interrupted / name)
+    one_error_line(done.returncode, done.stderr, interrupted / name)
     assert time.monotonic() - started < 30
 
 
@@ -355,16 +335,16 @@ def test_resume_refuses_a_lock_that_is_a_folder(interrupted: Path, capsys: pytes
     lock = interrupted / ".lock"
     lock.unlink(missing_ok=True)
     lock.mkdir()
-    before = snapshot(interrupted)
-    one_error(main(["resume", str(interrupted)]), capsys.readouterr().err, lock)
-    assert snapshot(interrupted) == before
+    before = tree_snapshot(interrupted)
+    one_error_line(main(["resume", str(interrupted)]), capsys.readouterr().err, lock)
+    assert tree_snapshot(interrupted) == before
 
 
 def test_train_refuses_a_file_as_its_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    one_error(main(["train", "experiment=smoke", f"hydra.run.dir={file}"]), capsys.readouterr().err, file)
-    assert snapshot(tmp_path) == {"notes.txt": b"mine"}
+    one_error_line(main(["train", "experiment=smoke", f"hydra.run.dir={file}"]), capsys.readouterr().err, file)
+    assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
 
 
 # --------------------------------------------------------------------------- 10: an empty run dir
@@ -377,9 +357,9 @@ def test_an_empty_run_dir_is_refused_and_the_current_folder_kept(
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     code = main(["train", "experiment=smoke", *argv])
-    line = one_error(code, capsys.readouterr().err, argv[-1].rstrip("="))
+    line = one_error_line(code, capsys.readouterr().err, argv[-1].rstrip("="))
     assert "empty" in line, line
-    assert snapshot(tmp_path) == {"notes.txt": b"mine"}
+    assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
 
 
 # --------------------------------------------------------------------------- 11: a folder holding only checkpoints/
@@ -390,10 +370,11 @@ def test_a_folder_holding_only_the_users_checkpoints_is_not_called_a_run_to_resu
     folder = tmp_path / "mine"
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "model.pt").write_bytes(b"my own weights")
-    before = snapshot(folder)
-    line = one_error(main(["train", "experiment=smoke", f"hydra.run.dir={folder}"]), capsys.readouterr().err, folder)
+    before = tree_snapshot(folder)
+    code = main(["train", "experiment=smoke", f"hydra.run.dir={folder}"])
+    line = one_error_line(code, capsys.readouterr().err, folder)
     assert "transfer resume" not in line and "would write" in line, line
-    assert snapshot(folder) == before
+    assert tree_snapshot(folder) == before
 
 
 # --------------------------------------------------------------------------- 12: non-finite in epoch 1
@@ -406,7 +387,7 @@ def test_a_run_non_finite_in_epoch_1_does_not_claim_a_last_pt(
     run_dir = tmp_path / "run"
     code = main(["train", "experiment=smoke", f"strategy={strategy}", "trainer.epochs=1", "optimizer.lr_scale=1e30",
                  "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16", f"hydra.run.dir={run_dir}"])
-    line = one_error(code, capsys.readouterr().err)
+    line = one_error_line(code, capsys.readouterr().err)
     assert "non-finite" in line, line  # it really went non-finite
     assert not (run_dir / "checkpoints" / "last.pt").exists()
     stop_reason = json.loads((run_dir / "summary.json").read_text())["stop_reason"]

@@ -27,6 +27,7 @@ from transfer_cli.training import trainer
 from transfer_cli.training.train import train
 
 from conftest import compose_train
+from helpers import one_error_line, tree_snapshot
 
 
 TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
@@ -66,22 +67,10 @@ def run(interrupted: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def snapshot(folder: Path) -> dict[str, bytes | None]:
-    """Every entry under `folder`: a file's bytes, None for a folder."""
-    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
-
-
 def one_error(capsys: pytest.CaptureFixture[str], code: int, *names: object) -> str:
     """The single `transfer: error:` line of a command that exited 2, naming each of `names`."""
     out, err = capsys.readouterr()
-    assert code == 2, out + err
-    assert "Traceback" not in out + err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("transfer: error: "), lines[0]
-    for name in names:
-        assert str(name) in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(code, err, *names, out=out)
 
 
 # --------------------------------------------------------------------------- 1: values the libraries refuse
@@ -164,9 +153,9 @@ def test_early_stopping_on_top5_with_fewer_than_5_classes_is_refused_before_trai
                                       "dataset.root=${oc.env:TRANSFER_TEST_UNSET_VARIABLE}"])
 def test_an_eval_override_that_does_not_resolve_is_one_line(run: Path, capsys: pytest.CaptureFixture[str],
                                                             override: str) -> None:
-    before = snapshot(run)
+    before = tree_snapshot(run)
     one_error(capsys, main(["eval", str(run), override]), f"override '{override}'")
-    assert snapshot(run) == before
+    assert tree_snapshot(run) == before
 
 
 # --------------------------------------------------------------------------- 5: damaged run files on resume
@@ -212,9 +201,9 @@ DAMAGE = {
 def test_resume_over_a_damaged_run_file_is_refused_before_training(
         run: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str], damage: str) -> None:
     named = DAMAGE[damage](run)
-    before = snapshot(run)
+    before = tree_snapshot(run)
     one_error(capsys, main(["resume", str(run)]), named)
-    assert snapshot(run) == before
+    assert tree_snapshot(run) == before
 
 
 @pytest.mark.slow
@@ -225,10 +214,10 @@ def test_a_sweep_rerun_resuming_over_a_record_that_lacks_a_key_is_refused_before
 
     named = _edit_record(run, **{"val/acc1": None})
     state = load_last_checkpoint(run)
-    checkpoints = snapshot(run / "checkpoints")
+    checkpoints = tree_snapshot(run / "checkpoints")
     with pytest.raises(TransferError, match=f"^{named} is damaged \\(epoch 1 has no val/acc1\\)"):
         train(compose_train(TINY), run, resume=state)
-    assert snapshot(run / "checkpoints") == checkpoints
+    assert tree_snapshot(run / "checkpoints") == checkpoints
 
 
 # --------------------------------------------------------------------------- 6: a read-only or a full disk
@@ -257,9 +246,9 @@ def test_resume_in_a_read_only_run_dir_is_refused_before_training(
     try:
         shutil.copytree(interrupted, disk / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
-        before = snapshot(disk / "run")
+        before = tree_snapshot(disk / "run")
         one_error(capsys, main(["resume", str(disk / "run")]), f"{disk / 'run'} is not writable")
-        assert snapshot(disk / "run") == before
+        assert tree_snapshot(disk / "run") == before
     finally:
         _unmount(disk)
 
@@ -274,10 +263,10 @@ def test_a_full_disk_during_a_resumed_run_says_so_and_keeps_the_checkpoints(
         shutil.copytree(interrupted, run_dir)
         free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
         (disk / "filler").write_bytes(bytes(free - 200_000))  # room for the logs, not for a checkpoint
-        checkpoints = snapshot(run_dir / "checkpoints")
+        checkpoints = tree_snapshot(run_dir / "checkpoints")
         line = one_error(capsys, main(["resume", str(run_dir)]), "no space left on device",
                          f"transfer resume {run_dir}")
-        assert snapshot(run_dir / "checkpoints") == checkpoints
+        assert tree_snapshot(run_dir / "checkpoints") == checkpoints
         assert not (run_dir / "summary.json").exists() and not (run_dir / "error.log").exists(), line
 
         (disk / "filler").unlink()
@@ -324,11 +313,11 @@ def test_eval_of_a_config_yaml_too_big_to_expand_is_one_line_and_fast(
         run: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
     text, says = CONFIGS[kind]
     (run / "config.yaml").write_text(text)
-    before = snapshot(run)
+    before = tree_snapshot(run)
     started = time.perf_counter()
     one_error(capsys, main(["eval", str(run)]), run / "config.yaml", says)
     assert time.perf_counter() - started < 5
-    assert snapshot(run) == before
+    assert tree_snapshot(run) == before
 
 
 # --------------------------------------------------------------------------- 8: library warnings
