@@ -10,7 +10,7 @@
 #                   training.evaluation.count_predictions; synthetic batches and the feature-cache loader
 #                   are uint8 where the run normalizes on the device (trainer.normalize_on_device=auto: CUDA),
 #                   as its loaders are; cudnn.benchmark: `transfer train` now turns it on itself
-#   crash_train.py  transfer_cli.trainer -> transfer_cli.training.trainer (same on_step/description hook)
+#   crash_train.py  transfer_cli.trainer -> transfer_cli.training.fit (same on_step/description hook)
 #   step 7 (CPU)    transfer_cli.bench_gpu -> transfer_cli.benchmarks.gpu
 #
 # Dry run of the logic on a CPU (3-5 minutes on 2 CPU cores; prints PASS/FAIL/INFO, exit 1 on any FAIL):
@@ -127,9 +127,9 @@ import torch
 # strategies.apply_stage (+ optimizer.enter) -> training.stages.enter_stage; feature_cache, evaluation -> training.
 from transfer_cli.config.compose import compose_config
 from transfer_cli.training.assemble import prepare
-from transfer_cli.training.runtime import Precision, resolve_precision  # noqa: F401 (the shared probe's imports)
-from transfer_cli.training.engine import StepRunner, Tally
-from transfer_cli.training.progress import Progress
+from transfer_cli.models.runtime import Precision, resolve_precision  # noqa: F401 (the shared probe's imports)
+from transfer_cli.training.loop import StepRunner, Tally
+from transfer_cli.training.state import Progress
 from transfer_cli.training.stages import enter_stage
 from transfer_cli.training import feature_cache, evaluation
 from transfer_cli.data.loaders import TransformedDataset, make_loader
@@ -281,13 +281,13 @@ EOF
 
 cat > "$OUT/py/crash_train.py" <<'EOF'
 """`transfer train ARGS`, killed (os._exit, no cleanup) right after step S of epoch E and its checkpoint."""
-# PORT: transfer_cli.trainer -> transfer_cli.training.trainer. fit's _epoch still calls the module-level
+# PORT: transfer_cli.trainer -> transfer_cli.training.fit. fit's _epoch still calls the module-level
 # train_one_epoch (imported from training.engine) with on_step= and description=f"epoch {E}"; on_step(done) now
 # runs after every optimizer step with the batches done (trainer.accumulate_steps, default 1 as here: every batch)
 # and saves last.pt when checkpoint_every_steps is reached, so killing after it returns is killing right after
 # step S and its checkpoint, as before.
 import os, sys
-from transfer_cli.training import trainer
+from transfer_cli.training import fit as trainer
 E, S, args = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 real = trainer.train_one_epoch
 def crashing(*a, on_step, description, **kw):

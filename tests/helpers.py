@@ -123,8 +123,8 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     from transfer_cli.data.loaders import TransformedDataset, make_loader
     from transfer_cli.data.synthetic import SyntheticImages
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
+    from transfer_cli.models.runtime import Precision
     from transfer_cli.training.optim import StagedOptimizer
-    from transfer_cli.training.runtime import Precision
     from transfer_cli.training.stages import FitSetup
 
     preprocessing = resolve_preprocessing(model.preprocessing, TransformsConfig(image_size=image_size, crop_pct=1.0),
@@ -146,7 +146,7 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     )
     fields = {f.name for f in dataclasses.fields(FitSetup)}
     if "runner" in fields:  # the loop steps through a StepRunner (as train.py builds it)
-        from transfer_cli.training.engine import StepRunner
+        from transfer_cli.training.loop import StepRunner
 
         common["runner"] = StepRunner(model.model, staged.optimizer, loss_fn, precision)
     else:

@@ -13,14 +13,14 @@ from torch import nn
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import HEAD
+from transfer_cli.models.runtime import Precision
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import fit as trainer
 from transfer_cli.training import stages as stages_module
-from transfer_cli.training import trainer
-from transfer_cli.training.engine import StepRunner, Tally, train_one_epoch
-from transfer_cli.training.runtime import Precision
+from transfer_cli.training.loop import StepRunner, Tally, train_one_epoch
+from transfer_cli.training.run import train
 from transfer_cli.training.strategies import Stage
-from transfer_cli.training.train import train
 
 from conftest import FAST, compose_train
 from helpers import comparable, group_names, load_scheduler, make_fit_setup, tiny_resnet

@@ -129,7 +129,7 @@ def test_a_mistake_found_by_the_job_raises_and_leaves_no_run(tmp_path: Path,
 def test_a_bug_or_ctrl_c_in_the_job_is_raised_as_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          ending: BaseException) -> None:
     """Not the command's one line and exit code: the exception itself, the run without a checkpoint discarded."""
-    import transfer_cli.training.train as training
+    import transfer_cli.training.run as training
 
     def fails(*args: Any, **kwargs: Any) -> dict[str, Any]:
         raise ending

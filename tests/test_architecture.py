@@ -15,7 +15,8 @@ from conftest import REPO
 
 PACKAGE = REPO / "transfer_cli"
 # Each package may import its own modules and the packages listed before it, never one after it.
-LAYERS = ["core", "parallel", "config", "models", "data", "runs", "training", "lesson", "benchmarks", "commands"]
+LAYERS = ["core", "parallel", "config", "models", "data", "runs", "inference", "training", "lesson", "benchmarks",
+          "commands"]
 # the package itself (its version, and the Python API's names, loaded lazily) and the two entry points
 TOP = {"transfer_cli": 0, "transfer_cli.__main__": len(LAYERS), "transfer_cli.cli": len(LAYERS),
        "transfer_cli.api": len(LAYERS)}
@@ -102,8 +103,8 @@ def test_hydra_and_omegaconf_stay_in_the_config_package() -> None:
     assert len(users) <= MAX_HYDRA_MODULES, users
 
 
-@pytest.mark.parametrize("module", ["transfer_cli.training.engine", "transfer_cli.training.trainer",
-                                    "transfer_cli.commands.predict"])
+@pytest.mark.parametrize("module", ["transfer_cli.training.loop", "transfer_cli.training.fit",
+                                    "transfer_cli.inference.predict", "transfer_cli.commands.predict"])
 @pytest.mark.slow
 def test_the_training_loop_and_predict_load_no_hydra(module: str) -> None:
     code = (f"import sys, {module}; "
@@ -115,7 +116,7 @@ def test_the_training_loop_and_predict_load_no_hydra(module: str) -> None:
 @pytest.mark.slow
 def test_predict_loads_neither_the_trainer_nor_the_optimizer() -> None:
     code = ("import sys, transfer_cli.commands.predict; "
-            "print(sorted(set(sys.modules) & {'transfer_cli.training.trainer', 'transfer_cli.training.optim'}))")
+            "print(sorted(set(sys.modules) & {'transfer_cli.training.fit', 'transfer_cli.training.optim'}))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
 

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from transfer_cli.data.transforms import eval_transform, is_deterministic, resolve_preprocessing, train_transform
 from transfer_cli.models.model import build_model
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 

@@ -21,12 +21,13 @@ from transfer_cli.config.schema import HeadConfig, StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import HEAD
 from transfer_cli.runs import checkpoint
-from transfer_cli.training import assemble, trainer
+from transfer_cli.training import assemble
+from transfer_cli.training import fit as trainer
 from transfer_cli.training.feature_cache import backbone_is_deterministic
-from transfer_cli.training.progress import Progress
+from transfer_cli.training.run import train
 from transfer_cli.training.stages import enter_stage
+from transfer_cli.training.state import Progress
 from transfer_cli.training.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
-from transfer_cli.training.train import train
 
 from conftest import FAST, compose_train
 from helpers import (

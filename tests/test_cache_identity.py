@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from transfer_cli.data.datasets import DATASETS, RawSplits
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import assert_same_metrics, run_metrics

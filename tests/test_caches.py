@@ -14,7 +14,7 @@ from transfer_cli.data.datasets import load_splits
 from transfer_cli.data.image_cache import DecodedImages, maybe_cache
 from transfer_cli.data.transforms import Preprocessing, cache_resize, eval_transform
 from transfer_cli.models.backbones import PretrainedPreprocessing
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import run_metrics

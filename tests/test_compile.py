@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from transfer_cli.training import compiled as compiled_module
+from transfer_cli.training import fit as trainer_module
 from transfer_cli.training import stages as stages_module
-from transfer_cli.training import trainer as trainer_module
 from transfer_cli.training.compiled import compile_for_stage
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import assert_same_metrics

@@ -12,13 +12,13 @@ import yaml
 import transfer_cli
 from transfer_cli.commands.sweep_rerun import previous_attempt
 from transfer_cli.config.loading import load_run_config
+from transfer_cli.config.stage_epochs import as_run
+from transfer_cli.inference.evaluate import evaluate_run
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.rundir import resume_point
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import trainer
-from transfer_cli.training.evaluation import evaluate_run
-from transfer_cli.training.stage_epochs import as_run
-from transfer_cli.training.train import train
+from transfer_cli.training import fit as trainer
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import comparable

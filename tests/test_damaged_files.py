@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from transfer_cli.cli import main
 from transfer_cli.config.compose import compose_config
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 

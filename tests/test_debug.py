@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import engine
-from transfer_cli.training.train import train
+from transfer_cli.training import loop as engine
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 
@@ -29,14 +29,14 @@ def test_debug_fast_runs_every_stage_on_a_few_batches(tmp_path: Path, monkeypatc
     cfg = compose_train(FAST + ["debug=fast", "strategy=fine_tune", "trainer.epochs=2", "trainer.log_every=1",
                                 "trainer.eval_batch_size=16"])
     assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (3, 2)
-    with caplog.at_level(logging.INFO, logger="transfer_cli.training.reporting"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.epoch_progress"):
         summary = train(cfg, tmp_path)
     # 96 training images at batch 16 would be 6 steps, 48 val images 3 batches: 3 and 2 per epoch instead
     assert seen == {"train": 2 * 3 * 16, "val": 2 * 2 * 16}
     # only the progress lines: other loggers' INFO records reach caplog too where an earlier test in this worker
     # set up logging (a Hydra run configures the root logger)
     steps = [record.getMessage().split(" loss")[0] for record in caplog.records
-             if record.name == "transfer_cli.training.reporting"]
+             if record.name == "transfer_cli.training.epoch_progress"]
     assert steps == [f"epoch {e}/2 [all] step {s}/3" for e in (1, 2) for s in (1, 2, 3)]
     assert summary["status"] == "finished" and len(read_metrics(tmp_path)) == 2
     assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "curves.png").is_file()

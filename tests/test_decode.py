@@ -196,8 +196,8 @@ def test_eval_predict_and_the_api_decode_as_the_run_trained(photos: ImageFolderD
 
     import transfer_cli
     from transfer_cli.cli import main
-    from transfer_cli.commands.predict import predict_images
-    from transfer_cli.training.train import train
+    from transfer_cli.inference.predict import predict_images
+    from transfer_cli.training.run import train
 
     cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={photos.root}",
                          "dataset.val_fraction=0.5", "dataset.cache_images=false",

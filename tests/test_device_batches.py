@@ -18,12 +18,12 @@ from transfer_cli.data.device_decode import EncodedImages
 from transfer_cli.data.folder import ImageFolderDataset
 from transfer_cli.data.loaders import SampleKey, make_loader, resolve_workers, sample_seed
 from transfer_cli.data.transforms import Preprocessing, eval_transform
+from transfer_cli.models.runtime import Precision
 from transfer_cli.training.assemble import prepare
-from transfer_cli.training.engine import Tally
-from transfer_cli.training.progress import Progress
-from transfer_cli.training.runtime import Precision
+from transfer_cli.training.loop import Tally
+from transfer_cli.training.run import train
 from transfer_cli.training.stages import enter_stage
-from transfer_cli.training.train import train
+from transfer_cli.training.state import Progress
 
 from conftest import FAST, compose_train
 from helpers import assert_same_metrics

@@ -22,8 +22,8 @@ from transfer_cli.core.errors import TransferError
 from transfer_cli.data.loaders import EpochSampler, ShardSampler, make_loader, steps_per_epoch
 from transfer_cli.parallel import distributed
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.engine import Tally
-from transfer_cli.training.train import train
+from transfer_cli.training.loop import Tally
+from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
 from helpers import comparable

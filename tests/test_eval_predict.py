@@ -16,14 +16,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from transfer_cli.cli import main as transfer_main
-from transfer_cli.commands.predict import predict_images
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.data.synthetic import SyntheticImages
+from transfer_cli.inference.evaluate import Counts, count_predictions, evaluate_run, summarize
+from transfer_cli.inference.load import load_trained_model
+from transfer_cli.inference.predict import predict_images
+from transfer_cli.models.runtime import Precision
 from transfer_cli.runs import checkpoint, runlog
-from transfer_cli.runs.rundir import load_trained_model
-from transfer_cli.training.evaluation import Counts, count_predictions, evaluate_run, summarize
-from transfer_cli.training.runtime import Precision
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import REPO, compose_train
 

@@ -10,7 +10,7 @@ import pytest
 
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import write_split_folders

@@ -23,9 +23,9 @@ from transfer_cli.cli import main as transfer_main
 from transfer_cli.config.schema import HeadConfig
 from transfer_cli.core.extras import installed
 from transfer_cli.data.synthetic import SyntheticImages
-from transfer_cli.runs import export
-from transfer_cli.runs.rundir import load_trained_model, preprocessing_of
-from transfer_cli.training.train import train
+from transfer_cli.inference import export
+from transfer_cli.inference.load import load_trained_model, preprocessing_of
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import build, timm_backbone
@@ -241,7 +241,7 @@ def test_mistakes_are_one_line_and_write_nothing(run: Path, tmp_path: Path, caps
 
 def test_onnx_without_the_extra_names_it(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("transfer_cli.runs.export.installed", lambda module: module != "onnx")
+    monkeypatch.setattr("transfer_cli.inference.export.installed", lambda module: module != "onnx")
     assert transfer_main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "out")]) == 2
     assert 'pip install -e ".[export]"' in one_line_error(capsys)
     assert not (tmp_path / "out").exists()

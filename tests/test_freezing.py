@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from transfer_cli.config.schema import HeadConfig
-from transfer_cli.training.engine import evaluate
+from transfer_cli.training.fit import fit
+from transfer_cli.training.loop import evaluate
 from transfer_cli.training.strategies import Stage
-from transfer_cli.training.trainer import fit
 
 from helpers import (
     RESNET_GROUPS,

@@ -13,11 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from transfer_cli.cli import main
+from transfer_cli.inference.load import load_trained_model
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.frozen import FrozenStore, file_name, tensors_digest, untrained_tensors
-from transfer_cli.runs.rundir import load_trained_model
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import comparable

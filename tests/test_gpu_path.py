@@ -22,11 +22,11 @@ from transfer_cli.config.schema import TrainerConfig, TransformsConfig
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.synthetic import SyntheticImages
 from transfer_cli.data.transforms import eval_transform, resolve_preprocessing
+from transfer_cli.inference.evaluate import count_predictions
+from transfer_cli.models.runtime import Precision, configure_cuda_math, resolve_precision
 from transfer_cli.training import assemble, feature_cache
-from transfer_cli.training.engine import EMA, StepRunner, Tally, train_one_epoch
-from transfer_cli.training.evaluation import count_predictions
 from transfer_cli.training.feature_cache import cached_splits, compute_features, feature_home
-from transfer_cli.training.runtime import Precision, configure_cuda_math, resolve_precision
+from transfer_cli.training.loop import EMA, StepRunner, Tally, train_one_epoch
 
 from conftest import FAST, compose_train
 from helpers import tiny_resnet

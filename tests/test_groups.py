@@ -19,8 +19,8 @@ from torch import nn
 from transfer_cli.config.schema import HeadConfig
 from transfer_cli.models.backbones import build_raw_backbone
 from transfer_cli.models.model import TransferModel
+from transfer_cli.training.run import train
 from transfer_cli.training.strategies import plan_stages
-from transfer_cli.training.train import train
 
 from conftest import compose_train
 from helpers import build, load_strategy, timm_backbone, tv_backbone

@@ -17,7 +17,7 @@ from transfer_cli.config.schema import LoggerConfig, MLflowLoggerConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import loggers
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import write_split_folders
@@ -209,7 +209,7 @@ def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: 
     split's equals eval/<split>/confusion_matrix.json (best.pt). W&B's offline run holds both as tables, MLflow
     both as JSON artifacts with their figures, TensorBoard both figures."""
     import transfer_cli
-    from transfer_cli.training.evaluation import evaluate_run
+    from transfer_cli.inference.evaluate import evaluate_run
 
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
     data, run_dir = tmp_path / "data", tmp_path / "run"

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 
 from transfer_cli.cli import main, one_line_warning
 from transfer_cli.core.errors import failure
-from transfer_cli.training import trainer
-from transfer_cli.training.train import train
+from transfer_cli.training import fit as trainer
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import one_error_line, tree_snapshot

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-import transfer_cli.training.train as train_module
+import transfer_cli.training.run as train_module
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import LayerGroup
 from transfer_cli.training import assemble
 from transfer_cli.training import plan as plan_module
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
 

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from transfer_cli.training.reporting import EpochProgress
-from transfer_cli.training.train import train
+from transfer_cli.training.epoch_progress import EpochProgress
+from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
 
@@ -40,7 +40,7 @@ def test_a_line_every_log_every_steps_and_every_30_seconds(caplog: pytest.LogCap
     progress = EpochProgress("epoch 3/20 [last_block]", 120, 0, 32, lambda: {"stem": 0.0, "head": 1e-4}, 40,
                              bar=False, clock=clock)
     steps_logged = []
-    with caplog.at_level(logging.INFO, logger="transfer_cli.training.reporting"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.epoch_progress"):
         for step in range(1, 121):
             clock.now = step * 0.5 if step <= 60 else 30 + (step - 60) * 2.0  # slower after step 60
             before = len(caplog.records)
@@ -57,7 +57,7 @@ def test_a_line_every_log_every_steps_and_every_30_seconds(caplog: pytest.LogCap
 
 def test_a_resumed_epoch_counts_from_where_it_resumed(caplog: pytest.LogCaptureFixture) -> None:
     progress = EpochProgress("epoch 2/4 [all]", 10, 6, 8, lambda: {"head": 1e-3}, 2, bar=False, clock=Clock())
-    with caplog.at_level(logging.INFO, logger="transfer_cli.training.reporting"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.epoch_progress"):
         for step in range(7, 11):
             progress.step(step, tally(1.0, 1.0, 2))
     assert [r.getMessage().split(" loss")[0] for r in caplog.records] == [
@@ -102,7 +102,7 @@ def test_the_feature_cache_says_why_it_is_off_for_a_head_only_stage(tmp_path: Pa
 def test_on_a_terminal_the_bar_shows_epoch_stage_loss_and_accuracy(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     progress = EpochProgress("epoch 1/3 [head]", 4, 0, 8, lambda: {"head": 1e-3}, 1, bar=True, clock=clock)
-    with caplog.at_level(logging.INFO, logger="transfer_cli.training.reporting"):
+    with caplog.at_level(logging.INFO, logger="transfer_cli.training.epoch_progress"):
         for step, _ in enumerate(progress.wrap(range(4)), start=1):
             clock.now += 1.5
             progress.step(step, tally(0.5 * step, 0.25 * step, step))

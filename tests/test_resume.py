@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from transfer_cli.cli import main as cli_main
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import assemble, trainer
+from transfer_cli.training import assemble
+from transfer_cli.training import fit as trainer
 from transfer_cli.training.assemble import prepare
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
 from helpers import comparable

@@ -10,7 +10,7 @@ from PIL import Image
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import checkpoint
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 

@@ -22,7 +22,7 @@ from transfer_cli.core.errors import Interrupted, TransferError
 from transfer_cli.data.datasets import load_splits
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.rundir import resume_point
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 

@@ -23,7 +23,7 @@ from test_resume import Crash, crash_after, finish, start_train, transfer, wait_
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.runs import checkpoint, runlock
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import comparable

@@ -23,7 +23,7 @@ import transfer_cli
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import checkpoint
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import REPO, compose_train
 from helpers import assert_same_metrics

@@ -26,8 +26,8 @@ from transfer_cli.config.compose import planned_dir
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import train as train_module
-from transfer_cli.training import trainer
+from transfer_cli.training import fit as trainer
+from transfer_cli.training import run as train_module
 
 from conftest import REPO
 

@@ -23,12 +23,13 @@ from typing import Any, Callable
 import pytest
 import torch
 
-import transfer_cli.training.train as train_module
+import transfer_cli.training.run as train_module
 from transfer_cli.core.errors import Interrupted, TransferError
 from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import assemble, trainer
-from transfer_cli.training.train import train
+from transfer_cli.training import assemble
+from transfer_cli.training import fit as trainer
+from transfer_cli.training.run import train
 
 from conftest import REPO, compose_train
 from helpers import comparable

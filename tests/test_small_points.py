@@ -21,12 +21,12 @@ from test_report import parse_markdown, write_run
 from transfer_cli.cli import main
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.data.datasets import load_splits
+from transfer_cli.inference.evaluate import evaluate_run
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import trainer
-from transfer_cli.training.evaluation import evaluate_run
+from transfer_cli.training import fit as trainer
 from transfer_cli.training.optim import build_scheduler
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import compose_train
 from helpers import assert_same_metrics, run_metrics

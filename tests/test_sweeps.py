@@ -22,8 +22,8 @@ from transfer_cli.commands.train import main as run_train
 from transfer_cli.config.loading import config_dir
 from transfer_cli.core.extras import installed
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import trainer
-from transfer_cli.training.train import train
+from transfer_cli.training import fit as trainer
+from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
 from helpers import comparable

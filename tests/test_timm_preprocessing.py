@@ -36,7 +36,7 @@ from transfer_cli.data.transforms import (
     train_transform,
 )
 from transfer_cli.models.backbones import timm_preprocessing
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import build, timm_backbone, tv_backbone

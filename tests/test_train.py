@@ -10,7 +10,7 @@ import torch
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 from helpers import run_metrics

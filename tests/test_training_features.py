@@ -20,7 +20,7 @@ from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import assemble
 from transfer_cli.training.assemble import prepare
 from transfer_cli.training.optim import NORM_TYPES
-from transfer_cli.training.train import train
+from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
 

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from transfer_cli.cli import main
-from transfer_cli.commands import predict
 from transfer_cli.commands import train as train_command
 from transfer_cli.config.compose import sweep_jobs
+from transfer_cli.config.stage_epochs import as_run
 from transfer_cli.core.errors import Interrupted, TransferError, bug_line
+from transfer_cli.inference import predict
 from transfer_cli.runs import runlock, runlog
-from transfer_cli.training import train as train_module
-from transfer_cli.training.stage_epochs import as_run
+from transfer_cli.training import run as train_module
 
 
 QUICK = ["experiment=smoke", "strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32",

@@ -39,10 +39,11 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from transfer_cli.data.loaders import make_loader
+    from transfer_cli.inference.topk import topk_for
     from transfer_cli.training.assemble import prepare
-    from transfer_cli.training.engine import Tally, topk_for, train_one_epoch
-    from transfer_cli.training.progress import Progress
+    from transfer_cli.training.loop import Tally, train_one_epoch
     from transfer_cli.training.stages import enter_stage
+    from transfer_cli.training.state import Progress
     from transfer_cli.training.strategies import hold_frozen_batchnorm
 
     cfg = compose_config(spec["overrides"])
@@ -154,12 +155,12 @@ def forward_ms_per_image(backbone: str, image_size: int, batch: int) -> float:
 
 
 def train_run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Wall and CPU seconds of one `transfer_cli.training.train.train` call, imports paid before the clock."""
+    """Wall and CPU seconds of one `transfer_cli.training.run.train` call, imports paid before the clock."""
     import timm  # noqa: F401  (backbones imports it when building the model)
     import torchvision  # noqa: F401
 
     from transfer_cli.core.plotting import pyplot
-    from transfer_cli.training.train import train
+    from transfer_cli.training.run import train
 
     pyplot()  # plot_curves imports it at the end of every run
 

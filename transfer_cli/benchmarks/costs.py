@@ -26,7 +26,7 @@ def checkpoint_bytes(spec: dict[str, Any]) -> dict[str, Any]:
     from transfer_cli.config.compose import compose_config
     from transfer_cli.runs import checkpoint
     from transfer_cli.runs.frozen import FROZEN
-    from transfer_cli.training.train import train
+    from transfer_cli.training.run import train
 
     saves: list[tuple[str, int]] = []
     real = checkpoint.save_atomic

@@ -76,9 +76,9 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int, synthetic: bool
 
     from transfer_cli.data.loaders import DeviceDecodingLoader
     from transfer_cli.training.assemble import prepare
-    from transfer_cli.training.engine import Tally
-    from transfer_cli.training.progress import Progress
+    from transfer_cli.training.loop import Tally
     from transfer_cli.training.stages import enter_stage
+    from transfer_cli.training.state import Progress
 
     prepared = prepare(cfg, run_dir)  # on CUDA: cudnn.benchmark and TF32, as every training run
     setup, batch = prepared.setup, cfg.trainer.batch_size

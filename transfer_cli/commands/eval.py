@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from transfer_cli.core.args import CommandParser
-from transfer_cli.training.evaluation import evaluate_run, format_table
+from transfer_cli.inference.evaluate import evaluate_run, format_table
 
 
 def main(argv: list[str]) -> int:

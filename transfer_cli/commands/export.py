@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from transfer_cli.core.args import CommandParser
-from transfer_cli.runs.export import FORMATS, export_run
-from transfer_cli.runs.rundir import CHECKPOINTS
+from transfer_cli.inference.export import FORMATS, export_run
+from transfer_cli.inference.load import CHECKPOINTS
 
 
 def main(argv: list[str]) -> int:

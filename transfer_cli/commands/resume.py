@@ -70,7 +70,7 @@ def _continue(run_dir: Path, main: bool) -> int:
     from transfer_cli.core.errors import INTERRUPT_EXIT, Interrupted, failure
     from transfer_cli.runs.rundir import format_result, resume_point, resume_position
     from transfer_cli.runs.runlock import resume_command
-    from transfer_cli.training.train import train
+    from transfer_cli.training.run import train
 
     if _finished(run_dir, main):  # the writer this one waited for finished it
         return 0

@@ -18,12 +18,12 @@ from typing import Any
 from transfer_cli.config.compose import sweep_jobs
 from transfer_cli.config.loading import check_bounded_yaml, load_run_config
 from transfer_cli.config.schema import to_plain
+from transfer_cli.config.stage_epochs import as_run
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import NotOwnFile, link_problem
 from transfer_cli.runs import runlock
 from transfer_cli.runs.loggers import flatten
 from transfer_cli.runs.rundir import read_summary
-from transfer_cli.training.stage_epochs import as_run
 
 
 HYDRA_JOB_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}  # what Hydra writes into a job's .hydra/

@@ -38,6 +38,7 @@ from transfer_cli.config.compose import (
     register_configs,
     run_hydra_main,
 )
+from transfer_cli.config.stage_epochs import as_run
 from transfer_cli.core.errors import (
     INTERRUPT_EXIT,
     USER_ERROR_EXIT,
@@ -51,7 +52,6 @@ from transfer_cli.core.files import NotOwnFile
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.rundir import format_result, resume_point, resume_position
-from transfer_cli.training.stage_epochs import as_run
 
 
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
@@ -253,7 +253,7 @@ def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
         if found["kind"] == "partial":
             cfg, resume = resume_point(run_dir)
             logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
-    from transfer_cli.training.train import train  # torch: only a job that trains loads it
+    from transfer_cli.training.run import train  # torch: only a job that trains loads it
 
     if resume is None:
         cfg = as_run(cfg)  # the stages as they run (trainer.epochs rescales them): what config.yaml records

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from transfer_cli.core.apportion import apportion
 from transfer_cli.core.errors import TransferError
-from transfer_cli.data.apportion import apportion
 
 
 def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:

@@ -205,7 +205,7 @@ def run_normalization(overrides: list[str], out: Path, norm_keys: list[str], sam
     from transfer_cli.data.loaders import TransformedDataset, eval_loader
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing
     from transfer_cli.models.backbones import build_raw_backbone
-    from transfer_cli.training.runtime import resolve_device, resolve_precision
+    from transfer_cli.models.runtime import resolve_device, resolve_precision
 
     started = time.perf_counter()
     cfg = compose_config(with_experiment(overrides))

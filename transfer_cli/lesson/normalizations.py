@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.inference.topk import topk_hits
 from transfer_cli.lesson.imagenet_classes import NUM_IMAGENET_CLASSES
 from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from transfer_cli.training.engine import topk_hits
 
 
 # key -> (label, mean, std); `weights` is resolved from the backbone

@@ -5,16 +5,11 @@ Every reader turns a damaged file into one TransferError line naming the file an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError, first_line, torch_file_problem
-
-
-if TYPE_CHECKING:
-    from transfer_cli.data.transforms import Preprocessing
-    from transfer_cli.models.model import TransferModel
 
 
 def require_run_dir(path: str | Path) -> Path:
@@ -55,13 +50,16 @@ def resume_position(state: dict[str, Any] | None) -> str:
     return f"epoch {state['progress']['epoch']} step {state['progress']['step']}"
 
 
+RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")
+
+
 def load_last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     """checkpoints/last.pt, the state a resume continues from (None: the run saved none yet), or a
     one-line error where the file is damaged or is not a resumable `transfer train` checkpoint."""
     file = run_dir / "checkpoints" / "last.pt"
     if not file.is_file():
         return None
-    payload = _load_checkpoint_file(file)
+    payload = read_checkpoint_file(file)
     progress = payload.get("progress")
     missing = [key for key in RESUME_KEYS if key not in payload]
     positions = isinstance(progress, dict) and all(isinstance(progress.get(k), int) for k in ("epoch", "step"))
@@ -89,7 +87,7 @@ def read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
-def _load_checkpoint_file(file: Path) -> dict[str, Any]:
+def read_checkpoint_file(file: Path) -> dict[str, Any]:
     """A checkpoint's payload (a dict), or a one-line error for a truncated, foreign or unsafe file."""
     from transfer_cli.runs import checkpoint as checkpoints
     try:
@@ -101,62 +99,6 @@ def _load_checkpoint_file(file: Path) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise TransferError(f"{file} is not a `transfer train` checkpoint: it holds a {type(payload).__name__}")
     return payload
-
-
-CHECKPOINTS = ("best", "last")
-RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")
-
-
-def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[TrainConfig, TransferModel, list[str]]:
-    """The run's config, its network holding the checkpoint's weights (in eval mode, on the CPU), and its class names.
-
-    The network is built with pretrained=False: the checkpoint replaces every weight, so
-    nothing is downloaded and a `backbone.checkpoint` file used to start the run may be gone.
-    """
-    from dataclasses import replace
-
-    from transfer_cli.models.model import build_model
-    from transfer_cli.runs.checkpoint import misfit
-
-    path = require_run_dir(run_dir)
-    cfg = load_run_config(path)
-    file = path / "checkpoints" / f"{checkpoint}.pt"
-    state, classes = _read_checkpoint(file, checkpoint)
-    model = build_model(replace(cfg.backbone, checkpoint=None), cfg.head, len(classes), pretrained=False)
-    problem = misfit(model.model.state_dict(), state)
-    if problem:
-        raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, "
-                            f"{len(classes)} classes): {problem}; was it saved by another run, or by a version "
-                            "before torchvision classifiers were replaced whole? Retrain it")
-    model.model.load_state_dict(state, strict=True)
-    model.model.eval()
-    return cfg, model, classes
-
-
-def preprocessing_of(cfg: TrainConfig, model: TransferModel) -> Preprocessing:
-    """The preprocessing the run trained with: the architecture's own plus the run's `transforms.*`.
-
-    pretrained=False only silences the mean/std warning, which the run already gave.
-    """
-    from transfer_cli.data.transforms import resolve_preprocessing
-
-    return resolve_preprocessing(model.preprocessing, cfg.transforms, pretrained=False)
-
-
-def _read_checkpoint(file: Path, checkpoint: str) -> tuple[dict[str, Any], list[str]]:
-    """The model state dict and class names of a checkpoint, or a one-line error."""
-    if checkpoint not in CHECKPOINTS:
-        raise TransferError(f"checkpoint={checkpoint}: use {' or '.join(CHECKPOINTS)}")
-    if not file.is_file():
-        raise TransferError(f"{file} does not exist: the run saved no checkpoint (did it finish an epoch?)")
-    payload = _load_checkpoint_file(file)
-    if not isinstance(payload.get("model"), dict) or not payload.get("classes"):
-        raise TransferError(f"{file} is not a `transfer train` checkpoint (it needs 'model' and 'classes')")
-    state = payload["model"]
-    if isinstance(payload.get("ema"), dict):  # trainer.ema_decay: the averaged weights are the ones validated
-        ema = payload["ema"]
-        state = {key.removeprefix("module."): value for key, value in ema.items() if key.startswith("module.")}
-    return state, [str(name) for name in payload["classes"]]
 
 
 def format_result(summary: dict) -> str:

@@ -27,20 +27,20 @@ from transfer_cli.data.transforms import (
     train_transform,
 )
 from transfer_cli.models.model import HEAD, TransferModel, build_model, check_batch_statistics, starts_pretrained
-from transfer_cli.parallel import distributed
-from transfer_cli.training.engine import EMA, StepRunner
-from transfer_cli.training.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
-from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
-from transfer_cli.training.optim import StagedOptimizer
-from transfer_cli.training.progress import check_monitor
-from transfer_cli.training.runtime import (
+from transfer_cli.models.runtime import (
     Precision,
     configure_cuda_math,
     resolve_device,
     resolve_precision,
     seed_everything,
 )
+from transfer_cli.parallel import distributed
+from transfer_cli.training.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
+from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
+from transfer_cli.training.loop import EMA, StepRunner
+from transfer_cli.training.optim import StagedOptimizer
 from transfer_cli.training.stages import FitSetup
+from transfer_cli.training.state import check_monitor
 from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
 
 

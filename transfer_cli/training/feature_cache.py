@@ -31,9 +31,9 @@ from torchvision import datasets as tv_datasets
 from transfer_cli.data.folder import ImageFolderDataset
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.models.model import HEAD, TransferModel
+from transfer_cli.models.runtime import Precision
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.frozen import tensors_digest
-from transfer_cli.training.runtime import Precision
 from transfer_cli.training.strategies import Stage, frozen_modules
 
 

@@ -17,10 +17,10 @@ from transfer_cli.models.model import TransferModel
 from transfer_cli.parallel import distributed
 from transfer_cli.runs.frozen import FrozenStore
 from transfer_cli.training.compiled import CompileWatch, compile_for_stage
-from transfer_cli.training.engine import StepRunner
 from transfer_cli.training.feature_cache import CachedSplits
+from transfer_cli.training.loop import StepRunner
 from transfer_cli.training.optim import StagedOptimizer, build_scheduler
-from transfer_cli.training.progress import Progress
+from transfer_cli.training.state import Progress
 from transfer_cli.training.strategies import Stage, apply_stage, reestimate_batchnorm
 
 

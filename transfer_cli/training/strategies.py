@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from transfer_cli.config.loading import load_strategy, strategy_file
 from transfer_cli.config.schema import StageConfig, StrategyConfig
+from transfer_cli.config.stage_epochs import scale_epochs
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import HEAD, LayerGroup, TransferModel
-from transfer_cli.training.runtime import Precision
-from transfer_cli.training.stage_epochs import scale_epochs
+from transfer_cli.models.runtime import Precision
 
 
 @dataclass(frozen=True)

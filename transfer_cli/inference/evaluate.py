@@ -28,10 +28,11 @@ from transfer_cli.data.datasets import check_classes, load_splits
 from transfer_cli.data.folder import folder_layout
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import Preprocessing, eval_transform
+from transfer_cli.inference.load import load_trained_model, preprocessing_of
+from transfer_cli.inference.topk import topk_for, topk_hits
+from transfer_cli.models.runtime import Precision, configure_cuda_math, resolve_device, resolve_precision
 from transfer_cli.runs import runlog
-from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, require_run_dir
-from transfer_cli.training.engine import topk_for, topk_hits
-from transfer_cli.training.runtime import Precision, configure_cuda_math, resolve_device, resolve_precision
+from transfer_cli.runs.rundir import require_run_dir
 
 
 # Only these groups change what eval does; the network itself comes from the checkpoint.

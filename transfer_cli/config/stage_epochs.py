@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from transfer_cli.config.schema import TrainConfig
+from transfer_cli.core.apportion import apportion
 from transfer_cli.core.errors import TransferError
-from transfer_cli.data.apportion import apportion
 
 
 def scale_epochs(epochs: list[int], total: int | None) -> list[int]:

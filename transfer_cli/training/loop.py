@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from transfer_cli.core.errors import TransferError
+from transfer_cli.inference.topk import topk_for, topk_hits
+from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
-from transfer_cli.training.reporting import EpochProgress
-from transfer_cli.training.runtime import Precision
+from transfer_cli.training.epoch_progress import EpochProgress
 
 
 class NonFiniteLoss(TransferError):
@@ -78,18 +79,6 @@ class Tally:
         self.loss = state["loss"].to(self.loss.device)
         self.hits = state["hits"].to(self.hits.device)
         self.count = int(state["count"])
-
-
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """How many of the batch have their label among the top k classes, for each k in `topk` (on the device,
-    no host sync), and the top-1 prediction of each sample."""
-    top = logits.topk(max(topk), dim=1).indices
-    correct = top.eq(labels[:, None])
-    return torch.stack([correct[:, :k].any(dim=1).sum() for k in topk]), top[:, 0]
-
-
-def topk_for(num_classes: int) -> tuple[int, ...]:
-    return (1, 5) if num_classes >= 5 else (1,)
 
 
 class EMA(torch.optim.swa_utils.AveragedModel):

@@ -25,7 +25,8 @@ from transfer_cli.core.errors import TransferError, first_line
 from transfer_cli.core.extras import install_hint, installed
 from transfer_cli.core.files import atomic_file, refuse_links_below
 from transfer_cli.data.transforms import Preprocessing
-from transfer_cli.runs.rundir import load_trained_model, preprocessing_of, read_summary, require_run_dir
+from transfer_cli.inference.load import load_trained_model, preprocessing_of
+from transfer_cli.runs.rundir import read_summary, require_run_dir
 from transfer_cli.runs.runlog import write_json
 
 

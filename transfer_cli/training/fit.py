@@ -22,15 +22,16 @@ from torch.utils.data import DataLoader
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import remove_temp_files
+from transfer_cli.inference.topk import topk_for
 from transfer_cli.models.model import TransferModel
+from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
-from transfer_cli.training.engine import NonFiniteLoss, Tally, evaluate, topk_for, train_one_epoch
+from transfer_cli.training.epoch_progress import EpochProgress
 from transfer_cli.training.interrupts import InterruptFlag
-from transfer_cli.training.progress import FitResult, Progress, update_early_stopping
-from transfer_cli.training.reporting import EpochProgress
-from transfer_cli.training.runtime import Precision
+from transfer_cli.training.loop import NonFiniteLoss, Tally, evaluate, train_one_epoch
 from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, epoch_batches, prepare_stage, stage_run
+from transfer_cli.training.state import FitResult, Progress, update_early_stopping
 from transfer_cli.training.strategies import hold_frozen_batchnorm
 
 

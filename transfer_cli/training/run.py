@@ -16,15 +16,15 @@ import torch
 from transfer_cli.config.schema import TrainConfig, to_plain
 from transfer_cli.core.errors import Interrupted, TransferError
 from transfer_cli.data.datasets import check_classes, check_same_splits
+from transfer_cli.inference.evaluate import check_split, count_predictions, evaluate_run, plot_confusion
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, prepare
-from transfer_cli.training.evaluation import check_split, count_predictions, evaluate_run, plot_confusion
+from transfer_cli.training.fit import fit
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
-from transfer_cli.training.progress import FitResult, Progress, check_history
+from transfer_cli.training.state import FitResult, Progress, check_history
 from transfer_cli.training.strategies import Stage
-from transfer_cli.training.trainer import fit
 
 
 log = logging.getLogger(__name__)
