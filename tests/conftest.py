@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,25 +46,24 @@ def _hydra_schema() -> None:
     register_configs()
 
 
-@pytest.fixture(autouse=True)
-def _private_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Feature caches go to a per-session temp dir, never the user's ~/.cache."""
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Feature caches go to a per-session temp dir, never the user's ~/.cache: for every test, every
+    module-scoped fixture (set up before any test's own fixtures) and every process they start.
+    A test that needs an empty cache sets TRANSFER_CACHE itself (monkeypatch.setenv)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRANSFER_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+        yield
 
 
 @pytest.fixture
-def hydra_in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """For tests that run `transfer` commands in this process: Hydra sets sys.argv and adds a
-    train.log handler to the root logger per job; both are undone afterwards."""
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def hydra_in_process() -> Iterator[None]:
+    """For tests that run `transfer` commands in this process: what Hydra changes (sys.argv, the
+    root logger's handlers and level) is undone afterwards."""
+    from helpers import hydra_state_restored  # here: helpers imports torch, which conftest itself need not
+
+    with hydra_state_restored():
+        yield
 
 
 def compose_train(overrides: list[str]) -> TrainConfig:

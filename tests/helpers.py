@@ -1,17 +1,28 @@
-"""Shared helpers for the unit tests: tiny offline models, configs from conf/, a fit setup.
+"""Shared helpers for the tests: tiny offline models, configs from conf/, a fit setup, run dirs written by
+hand, and running `transfer` commands (in this process, or in one of their own) the way a user does.
 
 Everything here builds random-init networks (no downloads) and synthetic data, so the
-tests run offline on a CPU in seconds.
+tests run offline on a CPU in seconds. Test files share code through this module (and
+conftest.py's fixtures), never by importing each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -24,6 +35,7 @@ from transfer_cli.config.schema import (
 )
 from transfer_cli.models.model import TransferModel, build_model
 from transfer_cli.runs.runlog import read_metrics
+from transfer_cli.training import fit
 from transfer_cli.training.strategies import Stage
 
 
@@ -221,3 +233,128 @@ def one_error_line(code: int, err: str, *names: object, out: str = "") -> str:
     for name in names:
         assert str(name) in lines[0], lines[0]
     return lines[0]
+
+
+# --------------------------------------------------------------------------- run dirs written by hand (for report)
+
+STRATEGY_LR = {"feature_extract": 1e-3, "fine_tune": 1e-5}
+STAGES = {"feature_extract": ["head"] * 3, "fine_tune": ["head", "head", "all"]}
+TRAINABLE = {"feature_extract": {"head": 100}, "fine_tune": {"head": 100, "all": 5000}}
+
+
+def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None, finished: bool,
+              lr: float | None = None) -> None:
+    """A run dir laid out as `transfer train` writes one (`lr`: a `strategy.lr=` override): config.yaml, Hydra's
+    overrides.yaml, a metrics line per val accuracy in `accs`, and summary.json where `finished`."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    config = {"backbone": {"source": "timm", "name": "test_resnet"},
+              "strategy": {"name": strategy, "lr": lr or STRATEGY_LR[strategy],
+                           "stages": [{"name": "x", "epochs": 10}]},
+              "dataset": {"name": "synthetic", "root": "/data/same/for/all"},
+              "trainer": {"epochs": 3, "seed": seed, "device": "cpu"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    overrides = [f"strategy={strategy}", f"trainer.seed={seed}", *([f"strategy.lr={lr}"] if lr else [])]
+    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
+    records = [{"epoch": i + 1, "stage": STAGES[strategy][i], "val/acc1": acc, "val/loss": 1.0, "seconds": 2.0}
+               for i, acc in enumerate(accs or [])]
+    if records:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if finished:
+        summary = {"status": "finished", "best_val_acc": max(accs), "final_val_acc": accs[-1],
+                   "best_epoch": accs.index(max(accs)) + 1,
+                   "epochs_run": len(accs), "wall_time_s": 10.0 * len(accs) + seed,
+                   "params_total": 9000, "params_trainable": TRAINABLE[strategy], "seed": seed}
+        (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+def parse_markdown(table: str) -> list[dict[str, str]]:
+    """The rows of a markdown table (`transfer report`'s output), keyed by its header."""
+    header, _, *lines = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()]
+    return [dict(zip(header, line)) for line in lines]
+
+
+# --------------------------------------------------------------------------- `transfer` in this process
+
+
+@contextlib.contextmanager
+def hydra_state_restored() -> Iterator[None]:
+    """Undo what a `transfer` command run in this process leaves behind: Hydra sets sys.argv and adds a
+    train.log handler to the root logger per job (resume adds its own) and may change the root level."""
+    argv = sys.argv
+    saved_argv, root = list(argv), logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        argv[:] = saved_argv
+        sys.argv = argv
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+class Crash(Exception):
+    """Stands for the process dying right after a mid-epoch checkpoint."""
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
+    """Make training raise Crash right after step `step` of epoch `epoch` (after its on_step checkpoint)."""
+    real = fit.train_one_epoch
+
+    def crashing(*args: Any, on_step: Any, description: str, **kwargs: Any) -> Any:
+        def step_then_crash(done: int) -> None:
+            on_step(done)
+            if description == f"epoch {epoch}" and done == step:
+                raise Crash(f"{description} step {done}")
+
+        return real(*args, on_step=step_then_crash, description=description, **kwargs)
+
+    monkeypatch.setattr(fit, "train_one_epoch", crashing)
+
+
+# --------------------------------------------------------------------------- `transfer` in a process of its own
+
+
+def transfer_env() -> dict[str, str]:
+    """The environment of a `transfer` subprocess: this one's (conftest's feature cache included), Hydra's
+    errors as one line."""
+    return {**os.environ, "HYDRA_FULL_ERROR": "0"}
+
+
+def transfer(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`transfer ARGS` in a process of its own, its output captured as text; a hang past `timeout` fails the test
+    (TimeoutExpired)."""
+    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=cwd, env=transfer_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(tmp_path: Path, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    """`transfer train` in the background; its stdout and stderr go to files in `tmp_path` (a full pipe would
+    stall it)."""
+    out, err = open(tmp_path / "train.stdout", "w"), open(tmp_path / "train.stderr", "w")
+    with out, err:
+        return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
+                                cwd=ROOT, env=transfer_env(), stdout=out, stderr=err)
+
+
+def finish(process: subprocess.Popen, tmp_path: Path, timeout: float = 120) -> tuple[str, str]:
+    """Wait for a start_train process; its stdout and stderr."""
+    process.wait(timeout=timeout)
+    return (tmp_path / "train.stdout").read_text(), (tmp_path / "train.stderr").read_text()
+
+
+def wait_for_lines(process: subprocess.Popen, tmp_path: Path, metrics: Path, lines: int, timeout: float = 240) -> None:
+    """Poll metrics.jsonl until it has `lines` epochs (fails if the start_train run ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            return
+        if process.poll() is not None:
+            log = tmp_path / "train.stderr"
+            pytest.fail(f"training ended (rc {process.returncode}) before {lines} epochs: "
+                        f"{log.read_text()[-2000:] if log.is_file() else ''}")
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"metrics.jsonl did not reach {lines} lines in {timeout}s")

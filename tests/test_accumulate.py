@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from transfer_cli.config.schema import TrainerConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import HEAD
 from transfer_cli.models.runtime import Precision
@@ -18,7 +19,7 @@ from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import fit as trainer
 from transfer_cli.training import stages as stages_module
-from transfer_cli.training.loop import StepRunner, Tally, train_one_epoch
+from transfer_cli.training.loop import ALONE, Accumulation, Group, StepRunner, Tally, train_one_epoch
 from transfer_cli.training.run import train
 from transfer_cli.training.strategies import Stage
 
@@ -41,7 +42,7 @@ def trained_weights(tmp_path: Path, batch_size: int, accumulate: int, *, train_s
     run_dir.mkdir()
     setup = make_fit_setup(model, [stage], run_dir, batch_size=batch_size, train_size=train_size,
                            scheduler=load_scheduler(scheduler))
-    trainer.fit(replace(setup, accumulate_steps=accumulate))
+    trainer.fit(replace(setup, trainer=TrainerConfig(accumulate_steps=accumulate)))
     return {name: tensor.detach().clone() for name, tensor in model.model.state_dict().items()}
 
 
@@ -71,9 +72,8 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally, part: int = 0,
-                 parts: int = 1) -> None:
-        self.calls.append((part, parts))
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally, group: Group = ALONE) -> None:
+        self.calls.append(tuple(group))
         tally.add(torch.zeros(()), torch.zeros(len(labels), 2), labels)
 
 
@@ -99,17 +99,24 @@ def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def test_groups_of_an_epoch_and_their_steps(total: int, accumulate: int, start: int, limit: int | None,
                                             groups: list[int]) -> None:
     runner, scheduler, stepped = Recorder(), CountingScheduler(), []
+    accumulation = Accumulation(min(total, limit) if limit else total, accumulate)
     train_one_epoch(runner, batches(total - start), scheduler, Tally(torch.device("cpu"), (1,)), start_step=start,
-                    on_step=stepped.append, accumulate=accumulate, total_steps=total, max_steps=limit)
+                    on_step=stepped.append, accumulation=accumulation)
     assert runner.calls == [(part, size) for size in groups for part in range(size)]
     assert scheduler.steps == len(groups)
     ends = [start + sum(groups[:i + 1]) for i in range(len(groups))]
     assert stepped == ends  # on_step (checkpoints, interrupts) only where an optimizer step just ended
 
 
-def test_accumulating_needs_the_epochs_length() -> None:
-    with pytest.raises(ValueError, match="total_steps"):
-        train_one_epoch(Recorder(), batches(4), CountingScheduler(), Tally(torch.device("cpu"), (1,)), accumulate=2)
+def test_an_epoch_counts_its_optimizer_steps_and_acts_at_the_step_covering_a_batch_count() -> None:
+    """Schedules get the optimizer steps; what counts batches (checkpoint_every_steps=2 here) acts at the step
+    whose group passes a multiple of it."""
+    assert [Accumulation(batches, 2).steps for batches in (11, 12)] == [6, 6]
+    assert Accumulation(5).steps == 5
+    three = Accumulation(7, 3)  # groups: batches 1-3, 4-6, 7
+    assert [three.reaches(done, 2) for done in (3, 6, 7)] == [True, True, False]
+    assert [three.reaches(done, 4) for done in (3, 6, 7)] == [False, True, False]
+    assert [Accumulation(4).reaches(done, 2) for done in (1, 2, 3, 4)] == [False, True, False, True]
 
 
 def runner_pair(scaler: bool = False, ema: bool = False) -> tuple[nn.Module, StepRunner]:
@@ -139,7 +146,7 @@ def test_runner_halves_equal_the_whole_batch_with_clipping_and_a_grad_scaler(sca
     for images, labels in data():
         whole(images, labels, tally)
         for part in range(2):
-            halves(images[part * 8:(part + 1) * 8], labels[part * 8:(part + 1) * 8], tally, part, 2)
+            halves(images[part * 8:(part + 1) * 8], labels[part * 8:(part + 1) * 8], tally, Group(part, 2))
     for mine, theirs in zip(halves_model.parameters(), whole_model.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
     if scaler:  # one unscale_ per step: a second one in a step would have raised
@@ -150,7 +157,7 @@ def test_the_ema_averages_once_per_optimizer_step() -> None:
     _, runner = runner_pair(ema=True)
     tally = Tally(torch.device("cpu"), (1,))
     for index, (images, labels) in enumerate(data(6)):
-        runner(images, labels, tally, index % 3, 3)
+        runner(images, labels, tally, Group(index % 3, 3))
     assert runner.ema.n_averaged.item() == 2
     assert tally.count == 6 * 16  # the running train metrics still count every batch
 
@@ -174,7 +181,7 @@ def test_ddp_all_reduces_only_on_the_last_batch_of_a_step(tmp_path: Path) -> Non
         runner = replace(runner, model=wrapped)
         tally = Tally(torch.device("cpu"), (1,))
         for index, (images, labels) in enumerate(data(6)):
-            runner(images, labels, tally, index % 3, 3)
+            runner(images, labels, tally, Group(index % 3, 3))
         assert len(reductions) == 2
     finally:
         dist.destroy_process_group()
@@ -196,7 +203,7 @@ def test_schedules_count_optimizer_steps(tmp_path: Path, monkeypatch: pytest.Mon
     setup = make_fit_setup(model, stages, tmp_path, batch_size=8, train_size=88, scheduler=load_scheduler("onecycle"))
     steps: list[int] = []
     setup.optimizer.optimizer.register_step_post_hook(lambda optimizer, args, kwargs: steps.append(1))
-    result = trainer.fit(replace(setup, accumulate_steps=2))
+    result = trainer.fit(replace(setup, trainer=TrainerConfig(accumulate_steps=2)))
     assert [total for _, total in schedulers] == [2 * 6, 1 * 6]
     assert len(steps) == 18 == sum(scheduler.last_epoch for scheduler, _ in schedulers)
     # each stage's last step ran at the end of its cycle: max_lr / 25 / 1e4

@@ -77,7 +77,7 @@ def test_a_second_run_in_the_same_process_gets_its_own_clock_made_dir(
     argv, root = list(sys.argv), logging.getLogger()
     handlers, level = list(root.handlers), root.level
     summary = transfer_cli.train([*TINY[:-1], "trainer.epochs=1"])
-    assert sys.argv == argv and root.handlers == handlers and root.level == level  # Hydra's changes undone
+    assert sys.argv == argv and root.handlers == handlers and root.level == level  # the caller's, untouched
     assert summary.run_dir.parent == tmp_path / "outputs" / "runs" and summary.run_dir != trained[1].resolve()
     assert summary == json.loads((summary.run_dir / "summary.json").read_text()) and summary["epochs_run"] == 1
 
@@ -116,7 +116,7 @@ def test_a_mistake_raises_and_writes_nothing(tmp_path: Path, monkeypatch: pytest
 
 def test_a_mistake_found_by_the_job_raises_and_leaves_no_run(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """gradual has 3 stages: too few epochs is found once the job plans its stages, in Hydra's run."""
+    """gradual has 3 stages: too few epochs for them is a mistake, found before a directory is claimed."""
     argv = list(sys.argv)
     with pytest.raises(TransferError, match="fewer than the strategy's 3 stages"):
         transfer_cli.train([*TINY, "strategy=gradual"], run_dir=tmp_path / "run")
@@ -144,27 +144,40 @@ def test_a_bug_or_ctrl_c_in_the_job_is_raised_as_itself(tmp_path: Path, monkeypa
 
 @pytest.mark.slow
 def test_train_and_predict_from_a_plain_python_process(tmp_path: Path) -> None:
-    """The README's notebook example in a fresh interpreter (no test fixture has registered anything), once as it
-    is and once after the caller initialised Hydra for its own configs, which is given back untouched."""
+    """docs/python-api.md's example in a fresh interpreter (no test fixture has registered anything), once as it
+    is and once after the caller initialised Hydra for its own configs: sys.argv, Hydra's globals (GlobalHydra,
+    HydraConfig) and the root logger stay the caller's while the run trains, and after it."""
     code = f"""
-import sys
+import logging, sys
 from pathlib import Path
 from PIL import Image
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 import transfer_cli
+import transfer_cli.training.run as run
 caller = sys.argv[1] == "caller"
 if caller:
     from hydra import initialize
-    from hydra.core.global_hydra import GlobalHydra
     initialize(version_base="1.3")
-    theirs = GlobalHydra.instance().hydra
+argv = sys.argv
+def state():
+    return (sys.argv is argv, list(sys.argv), GlobalHydra.instance().hydra, HydraConfig.instance().cfg,
+            list(logging.getLogger().handlers), logging.getLogger().level)
+before, during = state(), []
+real = run.train
+def observed(*args, **kwargs):
+    during.append(state())
+    return real(*args, **kwargs)
+run.train = observed
 summary = transfer_cli.train({TINY!r} + ["trainer.epochs=1", "strategy=feature_extract"], run_dir=sys.argv[2])
+assert during == [before] and state() == before, (before, during, state())
+assert (before[2] is not None) == caller
 images = Path(sys.argv[2]).parent / "images"
 images.mkdir(exist_ok=True)
 Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
 predictions = transfer_cli.load_run(summary.run_dir).predict([images], top_k=2)
 assert summary["epochs_run"] == 1 and len(predictions) == 1 and len(predictions[0].top) == 2, predictions
-if caller:
-    assert GlobalHydra.instance().hydra is theirs
+assert (summary.run_dir / "train.log").read_text().count("epoch 1") >= 1  # the run's own log, as the command's
 print("ok")
 """
     for mode in ("plain", "caller"):
@@ -256,3 +269,38 @@ def test_load_run_mistakes_raise(trained: tuple[dict[str, Any], Path], tmp_path:
         run.predict([tmp_path], top_k=0)
     with pytest.raises(TransferError, match="single held-out split"):
         run.evaluate(split="test")
+
+
+class Enough(Exception):
+    """A user's callback deciding the run has gone far enough."""
+
+
+def test_callbacks_see_each_epoch_and_one_that_raises_stops_the_run_resumably(tmp_path: Path,
+                                                                            hydra_in_process: None) -> None:
+    class Seen(transfer_cli.Callback):
+        def __init__(self) -> None:
+            self.started: list[int] = []
+            self.ended: list[dict[str, Any]] = []
+
+        def on_epoch_start(self, stage: Any, epoch: int) -> None:
+            self.started.append(epoch)
+
+        def on_epoch_end(self, record: dict[str, Any]) -> None:
+            self.ended.append(record)
+
+    seen = Seen()
+    summary = transfer_cli.train(TINY, run_dir=tmp_path / "run", callbacks=[seen])
+    logged = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert seen.started == [1, 2] and seen.ended == logged
+
+    class StopAfterOne(transfer_cli.Callback):
+        def on_epoch_end(self, record: dict[str, Any]) -> None:
+            raise Enough(f"enough after epoch {record['epoch']}")
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Enough, match="enough after epoch 1") as raised:
+        transfer_cli.train(TINY, run_dir=stopped, callbacks=[StopAfterOne()])
+    assert "transfer resume" in raised.value.__notes__[0]
+    assert (stopped / "checkpoints" / "last.pt").is_file() and not (stopped / "summary.json").exists()
+    assert transfer_main(["resume", str(stopped)]) == 0
+    assert json.loads((stopped / "summary.json").read_text())["epochs_run"] == 2

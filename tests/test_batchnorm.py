@@ -1,4 +1,4 @@
-"""The BatchNorm policy (`strategy.bn`, `stages[*].bn`) and "frozen means eval" (issue 11, points 1-2).
+"""The BatchNorm policy (`strategy.bn`, `stages[*].bn`) and "frozen means eval".
 
 Each test states what a user relies on and tries to break it: running statistics that must
 not move, ones that must, dropout that must be off in a frozen block and on in a trained one,
@@ -93,16 +93,12 @@ def test_a_stage_overrides_the_strategys_policy(tmp_path: Path) -> None:
     assert [s.bn for s in stages] == ["train", "frozen_stats"]
     setup = make_fit_setup(model, stages, tmp_path)
     seen: list[dict[str, torch.Tensor]] = [stats(model)]
-    real = trainer._epoch
 
-    def epoch_then_snapshot(*args: Any, **kwargs: Any) -> Any:
-        record = real(*args, **kwargs)
-        seen.append(stats(model))
-        return record
+    class SnapshotEachEpoch(trainer.Callback):
+        def on_epoch_end(self, record: dict[str, Any]) -> None:
+            seen.append(stats(model))
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "_epoch", epoch_then_snapshot)
-        trainer.fit(setup)
+    trainer.fit(setup, callbacks=[SnapshotEachEpoch()])
     start, after_train, after_frozen = seen
     key = "layer1.0.bn1.running_mean"
     assert not torch.equal(after_train[key], start[key]), "the stage with bn=train updated the stats"
@@ -171,19 +167,13 @@ def test_reestimate_is_not_repeated_when_a_run_resumes_mid_stage(tmp_path: Path,
     class Crash(Exception):
         pass
 
-    real = trainer.train_one_epoch
-
-    def crashing(*args: Any, on_step: Any, description: str, **kwargs: Any) -> Any:
-        def step_then_crash(done: int) -> None:
-            on_step(done)
-            if description == "epoch 2" and done == 4:
+    class CrashAfterACheckpoint(trainer.Callback):
+        def on_step(self, epoch: int, step: int) -> None:
+            if (epoch, step) == (2, 4):
                 raise Crash()
-        return real(*args, on_step=step_then_crash, description=description, **kwargs)
 
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer, "train_one_epoch", crashing)
-        with pytest.raises(Crash):
-            train(compose_train(overrides), tmp_path / "crashed")
+    with pytest.raises(Crash):
+        train(compose_train(overrides), tmp_path / "crashed", callbacks=[CrashAfterACheckpoint()])
     state = checkpoint.load(tmp_path / "crashed" / "checkpoints" / "last.pt")
     assert (state["progress"]["stage"], state["progress"]["step"]) == (1, 4)
     with caplog.at_level(logging.INFO, logger="transfer_cli.training.stages"):

@@ -16,6 +16,7 @@ import torch
 
 from transfer_cli.benchmarks import cpu as bench
 from transfer_cli.benchmarks import gpu as bench_gpu
+from transfer_cli.benchmarks.loader import table_rows
 
 from conftest import REPO
 
@@ -93,6 +94,34 @@ def test_new_figures_are_recorded_per_model_and_in_one_run(quick: tuple[dict, st
     first = report["first_step"]["runs"][0]
     assert 0 < first["import_torch_s"] < report["time_to_first_step_s"]
     assert first["unneeded_modules_loaded"] == []  # plots, trackers, exporters: imported when used, not before
+
+
+@pytest.mark.slow
+def test_the_loader_child_times_each_workloads_loader_with_and_without_reduced_decoding(
+        quick: tuple[dict, str]) -> None:
+    """The loader figures come from a child process of their own: every workload's loader, timed with and without
+    reduced-size decoding, its model, and the 224 px eval loader."""
+    result = quick[0]["loader"]
+    assert result["photos"] == bench.QUICK.loader_photos
+    assert set(result["workloads"]) == {"loop", "feature_cache"}
+    for name, figures in [*result["workloads"].items(), ("resize_224", result["resize_224"])]:
+        assert figures["draft_images_per_s"] > 0 and figures["full_images_per_s"] > 0, name
+        assert figures["images"] == 12  # 8 photos a class, a quarter of each held out: not timed
+        assert "decode=DecodePlan" in figures["transform"], name  # the timed loader was the reduced one
+        assert "transforms.draft_decode" not in " ".join(figures["overrides"])  # the child sets it, both ways
+    for figures in result["workloads"].values():
+        assert figures["model_train_images_per_s"] > 0
+    assert "image_size=224" in " ".join(result["resize_224"]["overrides"])
+
+
+@pytest.mark.slow
+def test_the_loader_figures_are_reported_and_printed(quick: tuple[dict, str]) -> None:
+    report, stdout = quick
+    assert report["draft_decode_speedup"] > 0
+    rows = table_rows(report)
+    assert len(rows) == 6
+    for name, value in rows:  # each a line of the printed table
+        assert any(line.startswith(name) and value in line for line in stdout.splitlines()), (name, value)
 
 
 @pytest.mark.slow

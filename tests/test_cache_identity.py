@@ -9,6 +9,7 @@ must agree; a stale or foreign cache entry shows up as different losses and accu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +219,21 @@ def _unidentified(cfg, seed: int) -> RawSplits:
     return RawSplits(train, val, list(CLASSES), *labels)
 
 
+@pytest.fixture
+def own_loader_as_synthetic() -> Iterator[None]:
+    """A project's own loader registered as dataset=synthetic (DATASETS.register); the built-in one back after."""
+    builtin = DATASETS.get("synthetic")
+    DATASETS.register("synthetic")(_unidentified)
+    try:
+        yield
+    finally:
+        DATASETS.register("synthetic")(builtin)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("own_loader_as_synthetic")
 def test_data_without_identity_is_not_cached_and_says_why_once(tmp_path: Path, cache: Path,
-                                                               monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setitem(DATASETS._items, "synthetic", _unidentified)  # a project's own loader under that name
     two_head_stages = "strategy.stages=[{name: a, epochs: 1, train: [head]}, {name: b, epochs: 1, train: [head]}]"
     overrides = ["experiment=smoke", "dataset.cache_images=false",
                  "strategy=feature_extract", two_head_stages, "augment=none", "trainer.epochs=null"]

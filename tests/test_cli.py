@@ -114,7 +114,7 @@ def test_user_and_config_mistakes_are_one_line_errors_and_leave_no_run_dir(
 
 @pytest.mark.parametrize(("sweep", "message"), [
     (["strategy=feature_extract,fine_tuning"], "Could not find 'strategy/fine_tuning': choose one of auto"),
-    (["trainer.epochs=2,abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["trainer.epochs=3,abc"], "Value 'abc' of type 'str' could not be converted to Integer"),
     (["trainer.seed=1,2", "trainer.epoch=1"], "Key 'epoch' not in 'TrainerConfig'"),
     (["trainer.seed=range(0,3)", "dataset=synthetic,folderz"], "Could not find 'dataset/folderz'"),
 ])
@@ -149,3 +149,10 @@ def test_shell_completion_as_installed_completes_train_overrides(typed: str, off
                            capture_output=True, text=True, timeout=120)
     assert query.returncode == 0, query.stderr
     assert offered in query.stdout.split()
+
+
+def test_help_read_by_a_pipe_that_closes_early_is_no_error() -> None:
+    """`transfer train --help | head -1` under `set -o pipefail`: the reader took its line, nothing went wrong."""
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m transfer_cli train --help | head -1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("transfer train") and done.stderr == "", done.stderr

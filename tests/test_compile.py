@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from transfer_cli.models.runtime import Precision
 from transfer_cli.training import compiled as compiled_module
 from transfer_cli.training import fit as trainer_module
 from transfer_cli.training import stages as stages_module
 from transfer_cli.training.compiled import compile_for_stage
+from transfer_cli.training.loop import StepRunner
 from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
@@ -170,8 +171,9 @@ def test_compile_for_stage_compiles_the_module_it_is_given(eager_compile: list[n
 
 
 def test_validation_runs_the_network_not_its_compiled_forward(eager_compile: list[nn.Module]) -> None:
-    """_eval_model strips torch.compile's wrapper (DDP's too: test_distributed)."""
+    """A stage's runner validates the network itself: torch.compile's wrapper stripped (DDP's too: test_distributed)."""
     layer = nn.Linear(2, 2)
-    forward, watch = compile_for_stage(layer, "head")
-    runner = SimpleNamespace(model=forward, ema=None)
-    assert trainer_module._eval_model(SimpleNamespace(runner=runner, compiled=watch)) is layer
+    forward, _ = compile_for_stage(layer, "head")
+    runner = StepRunner(forward, torch.optim.SGD(layer.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                        Precision(torch.device("cpu")))
+    assert runner.eval_network() is layer

@@ -11,8 +11,8 @@ import yaml
 
 import transfer_cli
 from transfer_cli.commands.sweep_rerun import previous_attempt
+from transfer_cli.config.compose import compose, save_config
 from transfer_cli.config.loading import load_run_config
-from transfer_cli.config.stage_epochs import as_run
 from transfer_cli.inference.evaluate import evaluate_run
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.rundir import resume_point
@@ -20,7 +20,6 @@ from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import fit as trainer
 from transfer_cli.training.run import train
 
-from conftest import compose_train
 from helpers import comparable
 
 
@@ -29,17 +28,10 @@ RESCALED = ["experiment=smoke", "strategy=gradual", "dataset.train_size=64", "da
             "trainer.epochs=3", "trainer.device=cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("recorded") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRANSFER_CACHE", str(run_dir.parent / "feature-cache"))
-        transfer_cli.train(RESCALED, run_dir=run_dir)
+    transfer_cli.train(RESCALED, run_dir=run_dir)
     return run_dir
 
 
@@ -59,16 +51,16 @@ def test_config_yaml_lists_the_stage_epochs_the_run_ran(finished: Path) -> None:
     assert stage_epochs(yaml.safe_load((finished / ".hydra" / "config.yaml").read_text())["strategy"]) == [5, 5, 10]
 
 
-def test_reading_the_record_back_rescales_nothing() -> None:
-    composed = compose_train(RESCALED[:-2] + ["trainer.epochs=6"])
-    assert [stage.epochs for stage in composed.strategy.stages] == [5, 5, 10]
-    ran = as_run(composed)
-    assert [stage.epochs for stage in ran.strategy.stages] == [2, 1, 3]  # largest remainder, each stage >= 1
-    assert as_run(ran) == ran
-    unscaled = compose_train(RESCALED[:-2] + ["trainer.epochs=null"])
-    assert as_run(unscaled) == unscaled
-    auto = compose_train(RESCALED[:-2] + ["strategy=auto"])
-    assert as_run(auto) == auto  # the data picks its stages at run time: plan.json and summary.json hold them
+def test_reading_the_record_back_rescales_nothing(tmp_path: Path) -> None:
+    composed = compose(RESCALED[:-2] + ["trainer.epochs=6"])
+    assert [stage.epochs for stage in composed.tree.strategy.stages] == [5, 5, 10]  # as composed
+    assert [stage.epochs for stage in composed.config.strategy.stages] == [2, 1, 3]  # largest remainder, each >= 1
+    save_config(composed.ran, tmp_path)
+    assert load_run_config(tmp_path) == composed.config
+    unscaled = compose(RESCALED[:-2] + ["trainer.epochs=null"])
+    assert [stage.epochs for stage in unscaled.config.strategy.stages] == [5, 5, 10]
+    auto = compose(RESCALED[:-2] + ["strategy=auto"])
+    assert auto.config.strategy.stages == []  # the data picks its stages at run time: plan.json and summary.json
 
 
 class Crash(Exception):
@@ -107,16 +99,7 @@ def test_eval_reads_the_record(finished: Path) -> None:
     assert [stage.epochs for stage in load_run_config(finished).strategy.stages] == [1, 1, 1]
 
 
-def test_a_sweep_rerun_finds_its_own_run_in_the_record(finished: Path, tmp_path: Path) -> None:
-    """A re-run sweep job compares its config with config.yaml: the rescaled stages are its own, and so are the
-    composed ones of a run recorded before config.yaml held the stages as run."""
-    assert previous_attempt(finished, compose_train(RESCALED))["kind"] == "done"
-    assert previous_attempt(finished, compose_train(RESCALED[:-2] + ["trainer.epochs=4"]))["kind"] == "other"
-
-    older = tmp_path / "older"
-    older.mkdir()
-    saved = yaml.safe_load((finished / "config.yaml").read_text())
-    for stage, epochs in zip(saved["strategy"]["stages"], [5, 5, 10]):
-        stage["epochs"] = epochs
-    (older / "config.yaml").write_text(yaml.safe_dump(saved))
-    assert previous_attempt(older, compose_train(RESCALED))["kind"] == "partial"
+def test_a_sweep_rerun_finds_its_own_run_in_the_record(finished: Path) -> None:
+    """A re-run sweep job compares its config, stages as they run, with config.yaml."""
+    assert previous_attempt(finished, compose(RESCALED).config)["kind"] == "done"
+    assert previous_attempt(finished, compose(RESCALED[:-2] + ["trainer.epochs=4"]).config)["kind"] == "other"

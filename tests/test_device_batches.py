@@ -32,11 +32,6 @@ from helpers import assert_same_metrics
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_to_device_normalizes_uint8_as_todtype_and_normalize_do(channels_last: bool) -> None:
     images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
@@ -78,10 +73,10 @@ def test_uint8_batches_give_the_float_paths_logits_and_loss(tmp_path: Path, extr
         setup.train_loader.sampler.set_epoch(0)
         images, labels = next(iter(setup.train_loader))
         precision = run.runner.precision
-        prepared.model.model.eval()
+        prepared.setup.model.model.eval()
         with torch.no_grad():
-            logits = prepared.model.model(precision.to_device(images, labels)[0])
-        prepared.model.model.train()
+            logits = prepared.setup.model.model(precision.to_device(images, labels)[0])
+        prepared.setup.model.model.train()
         torch.manual_seed(0)  # the mixer's draws
         tally = Tally(precision.device, (1,))
         run.runner(*precision.to_device(images, labels), tally)
@@ -94,7 +89,9 @@ def test_uint8_batches_give_the_float_paths_logits_and_loss(tmp_path: Path, extr
                                    ["strategy=fine_tune", "augment=basic", "augment.mixup_alpha=0.4"]],
                          ids=["feature-cached head, then fine-tuning", "augmented+mixup"])
 @pytest.mark.slow
-def test_a_run_normalizing_on_the_device_logs_the_same_metrics(tmp_path: Path, extra: list[str]) -> None:
+def test_a_run_normalizing_on_the_device_logs_the_same_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                extra: list[str]) -> None:
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))  # empty: each run computes its features
     for on in ("false", "true"):
         train(compose_train(FAST + ["trainer.epochs=3", f"trainer.normalize_on_device={on}", *extra]), tmp_path / on)
     assert_same_metrics(tmp_path / "true", tmp_path / "false")
@@ -190,10 +187,10 @@ def test_a_run_decoding_on_the_device_trains(tmp_path: Path, jpeg_folder: Path) 
     setup.train_loader.sampler.set_epoch(0)
     images, labels = next(iter(setup.train_loader))
     tally = Tally(run.runner.precision.device, (1,))
-    before = [p.detach().clone() for p in device.model.model.parameters()]
+    before = [p.detach().clone() for p in device.setup.model.model.parameters()]
     run.runner(*run.runner.precision.to_device(images, labels), tally)
     assert images.shape[1:] == (3, 32, 32) and torch.isfinite(tally.loss)
-    assert any(not torch.equal(a, b) for a, b in zip(before, device.model.model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, device.setup.model.model.parameters()))
 
 
 @pytest.mark.slow

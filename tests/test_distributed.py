@@ -88,9 +88,8 @@ def test_global_batch_must_divide_among_processes(monkeypatch: pytest.MonkeyPatc
 # --------------------------------------------------------------------------- torchrun, 2 CPU processes
 
 
-def torchrun(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.Popen:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "TRANSFER_CACHE": str(tmp_path / "feature-cache"),
-           "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
     command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "transfer_cli", *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -107,7 +106,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One uninterrupted 2-process run whose dir pattern differs per process without agreement (microseconds)."""
     root = tmp_path_factory.mktemp("ddp")
-    out, err = finish(torchrun(root, "train", *DDP, f"hydra.run.dir={root}/runs/" + "${now:%Y-%m-%d_%H-%M-%S.%f}"))
+    out, err = finish(torchrun("train", *DDP, f"hydra.run.dir={root}/runs/" + "${now:%Y-%m-%d_%H-%M-%S.%f}"))
     return {"root": root, "runs": sorted((root / "runs").iterdir()), "stdout": out, "stderr": err}
 
 
@@ -136,7 +135,7 @@ def test_torchrun_two_processes_make_one_run(ddp_run: dict[str, Any], tmp_path: 
 @pytest.mark.slow
 def test_a_killed_torchrun_run_resumes_under_torchrun(ddp_run: dict[str, Any], tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    process = torchrun(tmp_path, "train", *DDP, f"hydra.run.dir={run_dir}")
+    process = torchrun("train", *DDP, f"hydra.run.dir={run_dir}")
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
@@ -147,7 +146,7 @@ def test_a_killed_torchrun_run_resumes_under_torchrun(ddp_run: dict[str, Any], t
     process.communicate(timeout=120)
     assert not (run_dir / "summary.json").exists()
 
-    out, _ = finish(torchrun(tmp_path, "resume", str(run_dir)))
+    out, _ = finish(torchrun("resume", str(run_dir)))
     assert "resuming" in (run_dir / "train.log").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -258,7 +258,7 @@ def test_figure_samples_take_every_class_in_turn() -> None:
 
 def make(target: str, tmp_path: Path, args: list[str], *variables: str) -> subprocess.CompletedProcess:
     """`make TARGET` itself, in a subprocess (the shell glue included)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFER_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
     command = ["make", "-s", target, f"EXERCISES={tmp_path}", f"ARGS={' '.join(args)}", *variables]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -266,12 +266,10 @@ def make(target: str, tmp_path: Path, args: list[str], *variables: str) -> subpr
 
 
 @pytest.fixture
-def in_process(hydra_in_process: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def in_process(hydra_in_process: None, tmp_path: Path):
     """Runs the `transfer` commands `make TARGET` would run, in this process (no interpreter start-up
     per command)."""
     from transfer_cli.cli import main
-
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "cache"))
 
     def run(target: str, args: list[str], *variables: str) -> None:
         quoted = " ".join(shlex.quote(a) for a in args)

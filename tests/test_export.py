@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,14 +15,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
 from torchvision.transforms import v2
 
 from transfer_cli.cli import main as transfer_main
-from transfer_cli.config.schema import HeadConfig
 from transfer_cli.core.extras import installed
 from transfer_cli.data.synthetic import SyntheticImages
-from transfer_cli.inference import export
 from transfer_cli.inference.load import load_trained_model, preprocessing_of
 from transfer_cli.training.run import train
 
@@ -54,18 +51,23 @@ def write_class_folders(root: Path, count: int, seed: int, size: tuple[int, int]
     return root
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run on class folders (train/ and val/), as `transfer train` leaves it."""
-    data = tmp_path_factory.mktemp("data")
-    write_class_folders(data / "train", 24, seed=1)
-    write_class_folders(data / "val", 12, seed=2)
-    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={data}", "trainer.epochs=3"])
-    run_dir = tmp_path_factory.mktemp("export") / "run"
+def trained_run(folder: Path, overrides: list[str], train_images: int = 24, val_images: int = 12) -> Path:
+    """A finished run on class folders (train/ and val/) written in `folder`, as `transfer train` leaves it."""
+    data = folder / "data"
+    write_class_folders(data / "train", train_images, seed=1)
+    write_class_folders(data / "val", val_images, seed=2)
+    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={data}", *overrides])
+    run_dir = folder / "run"
     run_dir.mkdir()
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml", resolve=True)
     train(cfg, run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run on class folders (train/ and val/), as `transfer train` leaves it."""
+    return trained_run(tmp_path_factory.mktemp("export"), ["trainer.epochs=3"])
 
 
 @pytest.fixture(scope="module")
@@ -267,21 +269,28 @@ class Shifted(torch.nn.Module):
         return self.network(images) + 1e-3
 
 
-@pytest.mark.parametrize(("head", "rebuilt"), [(HeadConfig(dropout=0.2), True), (HeadConfig(kind="mlp"), False)])
-def test_safetensors_keys_follow_the_head(head: HeadConfig, rebuilt: bool) -> None:
+@pytest.mark.slow  # trains a run per head
+@pytest.mark.parametrize(("head", "rebuilt"), [(["head.dropout=0.2"], True), (["head=mlp"], False)],
+                         ids=["linear head behind a dropout", "mlp head"])
+def test_safetensors_keys_follow_the_head(tmp_path: Path, head: list[str], rebuilt: bool) -> None:
     """A linear head behind a dropout (`fc.1.*`) is saved as timm's `fc.*`; an mlp head keeps the run's own keys,
     for transfer_cli's build_model, and model.json says there is no library call to rebuild it with."""
-    network = build(timm_backbone(), num_classes=3, head=head).model.eval()
-    cfg = SimpleNamespace(backbone=timm_backbone(), head=head)
-    with torch.no_grad():
-        built = export._safetensors(network, torch.randn(2, 3, 32, 32), cfg, {"num_classes": 3})
-    state = load(built.payload)
+    run_dir = trained_run(tmp_path, ["strategy=fine_tune", "trainer.epochs=1", *head], train_images=6, val_images=3)
+    out = tmp_path / "out"
+    assert transfer_main(["export", str(run_dir), "--format", "safetensors", "--out", str(out)]) == 0
+    meta = json.loads((out / "model.json").read_text())
+    state = load_file(out / "model.safetensors")
+    cfg, model, _ = load_trained_model(run_dir)
+    network = model.model.eval()
     if rebuilt:
-        assert built.extra["rebuild"] == "timm.create_model('test_resnet', num_classes=3)"
+        assert "fc.1.weight" in network.state_dict() and "fc.1.weight" not in state  # renamed on the way out
+        assert meta["rebuild"] == "timm.create_model('test_resnet', num_classes=3)"
+        assert meta["state_dict_keys"] == "rebuild"
         target = timm.create_model("test_resnet", num_classes=3)
     else:
-        assert built.extra["rebuild"] is None and built.extra["state_dict_keys"] == "transfer_cli"
-        target = build(timm_backbone(), num_classes=3, head=head, seed=1).model
+        assert meta["rebuild"] is None and meta["state_dict_keys"] == "transfer_cli"
+        assert state.keys() == network.state_dict().keys()
+        target = build(timm_backbone(), num_classes=3, head=cfg.head, seed=1).model
     target.eval().load_state_dict(state, strict=True)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():

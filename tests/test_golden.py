@@ -20,12 +20,10 @@ import contextlib
 import csv
 import io
 import json
-import logging
 import os
 import platform
 import re
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,8 @@ import torch
 from PIL import Image
 
 from transfer_cli.cli import main
+
+from helpers import hydra_state_restored
 
 
 pytestmark = pytest.mark.slow  # every test here trains or reads recorded runs: `make test` runs them
@@ -150,31 +150,15 @@ def drop_csv_columns(text: str, prefix: str) -> str:
 # --------------------------------------------------------------------------- running the CLI
 
 
-@contextlib.contextmanager
-def cli_state_restored() -> Iterator[None]:
-    """Hydra sets sys.argv and adds log handlers (resume adds its own) per run: undone afterwards."""
-    root, argv = logging.getLogger(), list(sys.argv)
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        sys.argv[:] = argv
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-
-
 def transfer(*args: str) -> int:
-    with cli_state_restored():
+    with hydra_state_restored():
         return main(list(args))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread_and_a_private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One torch thread makes the floats independent of the core and worker counts. The module's runs are
-    made before the per-test cache fixture applies, so they get their own feature cache here."""
+    """One torch thread makes the floats independent of the core and worker counts. The module's runs get a
+    feature cache of their own: features another test cached (on more threads) could differ in the last bits."""
     if RECORDING:
         GOLDEN.mkdir(exist_ok=True)
         (GOLDEN / "machine.json").write_text(json.dumps(machine(), indent=2) + "\n")

@@ -268,17 +268,16 @@ def synthetic_model_and_data(images: int) -> tuple[Any, TransformedDataset, list
     return model, TransformedDataset(data, eval_transform(preprocessing)), list(data.targets)
 
 
-def test_features_cross_to_the_host_once_not_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_features_cross_to_the_host_once_not_per_batch() -> None:
     model, data, labels = synthetic_model_and_data(40)
     loader = make_loader(data, 8, train=False, num_workers=0, seed=0, pin_memory=False)
     with host_reads() as reads:
         features, computed = compute_features(model, loader, Precision(CPU))
     assert reads["cpu"] == 1 and computed.tolist() == labels
-    # where a share of the device's memory fills first, it moves in a few copies: the same features
-    monkeypatch.setattr(feature_cache, "_free_memory", lambda device: 2.5 * 8 * features.shape[1] * 4 /
-                        feature_cache.GATHER_SHARE)
+    # where the gathering budget (a share of the device's free memory) fills first, it moves in a few copies:
+    # the same features
     with host_reads() as reads:
-        chunked, _ = compute_features(model, loader, Precision(CPU))
+        chunked, _ = compute_features(model, loader, Precision(CPU), gather_budget=2.5 * 8 * features.shape[1] * 4)
     assert reads["cpu"] == 2 and torch.equal(chunked, features)  # 5 batches: moved after the 3rd and at the end
 
 

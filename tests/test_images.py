@@ -155,11 +155,6 @@ def test_class_left_empty_by_skipping_names_the_skipped_file(tmp_path: Path) -> 
         load(tmp_path)
 
 
-def test_unknown_on_bad_image_lists_the_choices(tmp_path: Path) -> None:
-    with pytest.raises(TransferError, match=r"dataset.on_bad_image='ignore' is not one of skip \| error"):
-        load(write_folder(tmp_path), on_bad_image="ignore")
-
-
 @pytest.mark.slow
 def test_cli_bad_image_error_is_one_line_and_leaves_no_run_dir(tmp_path: Path) -> None:
     bad = corrupt(write_folder(tmp_path / "images") / "train" / "b")

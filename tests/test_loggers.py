@@ -203,15 +203,13 @@ def as_matrix(true: list[int], predicted: list[int], classes: int) -> list[list[
 
 
 @pytest.mark.slow
-def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   offline_trackers: None) -> None:
+def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, offline_trackers: None) -> None:
     """The val split's matrix after the last epoch equals `transfer eval checkpoint=last` on it; an eval_splits
     split's equals eval/<split>/confusion_matrix.json (best.pt). W&B's offline run holds both as tables, MLflow
     both as JSON artifacts with their figures, TensorBoard both figures."""
     import transfer_cli
     from transfer_cli.inference.evaluate import evaluate_run
 
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
     data, run_dir = tmp_path / "data", tmp_path / "run"
     write_split_folders(data)
     transfer_cli.train(FAST + ["dataset=folder", f"dataset.root={data}", "strategy=fine_tune", "trainer.epochs=2",

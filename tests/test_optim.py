@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
-from transfer_cli.core.errors import TransferError
 from transfer_cli.training.optim import NORM_TYPES, StagedOptimizer, build_scheduler
 from transfer_cli.training.strategies import apply_stage, plan_stages
 
@@ -230,13 +229,6 @@ def test_decay_groups_actually_shrink_weights_and_spare_biases():
             assert torch.equal(p, before[name]), name
 
 
-def test_unknown_optimizer_name_raises():
-    model = tiny_resnet()
-    only = stage("head", {"head": 1e-3})
-    with pytest.raises(TransferError, match="unknown optimizer 'adamm'.*did you mean adam"):
-        StagedOptimizer(model, OptimizerConfig(name="adamm"), only, False)
-
-
 # --------------------------------------------------------------------------- schedulers
 
 
@@ -288,8 +280,19 @@ def test_onecycle_builds_for_any_stage_length(total_steps):
 
 
 def test_onecycle_builds_for_a_ten_step_stage():
-    _, _, opt = discriminative_opt()
-    build_scheduler(opt.optimizer, load_scheduler("onecycle"), 10)
+    """10% of ten steps is one warmup step, which OneCycleLR cannot divide by: the stage still warms up from
+    lr / 25 to about its lr, then anneals to almost nothing, every lr finite."""
+    _, only, opt = discriminative_opt()
+    scheduler = build_scheduler(opt.optimizer, load_scheduler("onecycle"), 10)
+    trace = lr_trace(opt, scheduler, 9)
+    head = next(i for i, g in enumerate(opt.optimizer.param_groups) if g["layer_group"] == "head")
+    series = [row[head] for row in trace]
+    stage_lr = only.lrs["head"]
+    assert torch.isfinite(torch.tensor(trace)).all()
+    assert series[0] == pytest.approx(stage_lr / 25)
+    assert max(series) == series[1] == pytest.approx(stage_lr, rel=0.01)
+    assert all(a >= b for a, b in zip(series[1:], series[2:]))
+    assert series[-1] < stage_lr / 100
 
 
 def test_cosine_warms_up_then_decays_to_zero():
@@ -315,7 +318,3 @@ def test_constant_keeps_the_stage_lrs():
             assert lr == pytest.approx(only.lrs[group["layer_group"]])
 
 
-def test_unknown_scheduler_raises():
-    _, _, opt = discriminative_opt()
-    with pytest.raises(TransferError, match="unknown scheduler 'cosin'.*did you mean cosine"):
-        build_scheduler(opt.optimizer, SchedulerConfig(name="cosin"), 10)

@@ -1,4 +1,4 @@
-"""A non-editable install carries its configs: conf/ ships inside the wheel."""
+"""A non-editable install carries every package and its configs: conf/ ships inside the wheel."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from conftest import REPO
+
+
+def test_every_package_of_the_source_is_listed_for_the_wheel() -> None:
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "transfer_cli").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
 
 
 @pytest.mark.slow

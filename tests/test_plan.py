@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import transfer_cli.training.run as train_module
 from transfer_cli.core.errors import TransferError
-from transfer_cli.models.model import LayerGroup
 from transfer_cli.training import assemble
-from transfer_cli.training import plan as plan_module
+from transfer_cli.training.assemble import prepare
+from transfer_cli.training.plan import build_plan
 from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
@@ -141,24 +140,41 @@ def test_dry_run_command_prints_the_plan_offline_and_leaves_no_run_dir(tmp_path:
 # --------------------------------------------------------------------------- layer-group coverage
 
 
-def fake_prepared(groups: dict[str, list[str]]) -> Any:
-    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))  # 0.weight 6, 0.bias 2, 1.weight 4, 1.bias 2
-    return SimpleNamespace(model=SimpleNamespace(model=model, groups=[LayerGroup(n, p) for n, p in groups.items()]))
+@pytest.fixture
+def dry(tmp_path: Path) -> tuple[Any, Any]:
+    """A dry run's config and its prepared run (test_resnet at random init: nothing downloaded, nothing trained)."""
+    cfg = compose_train(FAST + ["strategy=gradual", "dry_run=true"])
+    return cfg, prepare(cfg, tmp_path)
 
 
-def test_coverage_counts_parameters_per_group() -> None:
-    sizes = plan_module._check_coverage(fake_prepared({"body": ["0.weight", "0.bias"], "head": ["1.weight", "1.bias"]}))
-    assert sizes == {"body": 8, "head": 6}
+def regroup(prepared: Any, name: str, source: str | None, target: str | None) -> None:
+    """Take parameter `name` out of group `source` and put it into group `target` (None: no group)."""
+    model = prepared.setup.model
+    model.groups = [replace(group, params=[p for p in group.params if group.name != source or p != name]
+                            + ([name] if group.name == target else [])) for group in model.groups]
 
 
-@pytest.mark.parametrize("groups,problem", [
-    ({"body": ["0.weight"], "head": ["1.weight", "1.bias"]}, r"in no group: \['0.bias'\]"),
-    ({"body": ["0.weight", "0.bias", "1.weight"], "head": ["1.weight", "1.bias"]}, r"in two: \['1.weight'\]"),
-], ids=["orphan", "double"])
-def test_coverage_rejects_groups_that_do_not_partition_the_parameters(groups: dict[str, list[str]],
-                                                                      problem: str) -> None:
-    with pytest.raises(TransferError, match=problem):
-        plan_module._check_coverage(fake_prepared(groups))
+def test_the_plan_counts_each_groups_parameters(dry: tuple[Any, Any]) -> None:
+    cfg, prepared = dry
+    before = build_plan(cfg, prepared)["layer_groups"]
+    assert sum(before.values()) == sum(p.numel() for p in prepared.setup.model.model.parameters())
+    regroup(prepared, "fc.bias", "head", "layer4")  # the head's 4 biases
+    after = build_plan(cfg, prepared)["layer_groups"]
+    assert after == {**before, "head": before["head"] - 4, "layer4": before["layer4"] + 4}
+
+
+@pytest.mark.parametrize("fault", ["orphan", "double"])
+def test_the_plan_rejects_groups_that_do_not_partition_the_parameters(dry: tuple[Any, Any], fault: str) -> None:
+    cfg, prepared = dry
+    groups = {group.name: group.params for group in prepared.setup.model.groups}
+    if fault == "orphan":
+        name, problem = groups["layer1"][0], "in no group"
+        regroup(prepared, name, "layer1", None)
+    else:
+        name, problem = groups["layer2"][0], "in two"
+        regroup(prepared, name, None, "layer1")
+    with pytest.raises(TransferError, match=re.escape(f"{problem}: ['{name}']")):
+        build_plan(cfg, prepared)
 
 
 @pytest.mark.parametrize("fault", ["orphan", "double"])

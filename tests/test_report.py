@@ -4,6 +4,7 @@ failed run), plus one end-to-end report on a real tiny sweep."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -17,6 +18,7 @@ from transfer_cli.cli import main
 from transfer_cli.runs import report, report_runs
 
 from conftest import REPO
+from helpers import parse_markdown, write_run
 
 
 FIGURES = {  # dir -> (strategy, seed, val acc per epoch, finished)
@@ -26,34 +28,6 @@ FIGURES = {  # dir -> (strategy, seed, val acc per epoch, finished)
     "3": ("fine_tune", 1, [0.9, 0.7, 0.85], True),
     "4": ("fine_tune", 2, [0.3, 0.4], False),
 }
-STRATEGY_LR = {"feature_extract": 1e-3, "fine_tune": 1e-5}
-STAGES = {"feature_extract": ["head"] * 3, "fine_tune": ["head", "head", "all"]}
-TRAINABLE = {"feature_extract": {"head": 100}, "fine_tune": {"head": 100, "all": 5000}}
-
-
-def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None, finished: bool,
-              lr: float | None = None) -> None:
-    """A run dir laid out as `transfer train` writes one (`lr`: a `strategy.lr=` override)."""
-    (run_dir / ".hydra").mkdir(parents=True)
-    config = {"backbone": {"source": "timm", "name": "test_resnet"},
-              "strategy": {"name": strategy, "lr": lr or STRATEGY_LR[strategy],
-                           "stages": [{"name": "x", "epochs": 10}]},
-              "dataset": {"name": "synthetic", "root": "/data/same/for/all"},
-              "trainer": {"epochs": 3, "seed": seed, "device": "cpu"}}
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    overrides = [f"strategy={strategy}", f"trainer.seed={seed}", *([f"strategy.lr={lr}"] if lr else [])]
-    (run_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides), encoding="utf-8")
-    records = [{"epoch": i + 1, "stage": STAGES[strategy][i], "val/acc1": acc, "val/loss": 1.0, "seconds": 2.0}
-               for i, acc in enumerate(accs or [])]
-    if records:
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    if finished:
-        summary = {"best_val_acc": max(accs), "final_val_acc": accs[-1], "best_epoch": accs.index(max(accs)) + 1,
-                   "epochs_run": len(accs), "wall_time_s": 10.0 * len(accs) + seed,
-                   "params_total": 9000, "params_trainable": TRAINABLE[strategy], "seed": seed}
-        (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-
-
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     """Six runs: 2 strategies x 2 seeds finished, one unfinished (cut-off last line), one failed."""
@@ -65,11 +39,6 @@ def sweep(tmp_path: Path) -> Path:
     write_run(root / "5", "fine_tune", 3, None, finished=False)
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
-
-
-def parse_markdown(table: str) -> list[dict[str, str]]:
-    header, _, *lines = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()]
-    return [dict(zip(header, line)) for line in lines]
 
 
 def run_report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -279,3 +248,31 @@ def test_the_legend_of_val_acc_never_covers_or_leaves_the_plot(tmp_path: Path, m
     whole = figure.bbox
     assert legend.x0 >= plot.x1, "beside the plot, not over its lines"
     assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1
+
+
+def test_machinery_is_what_the_schema_marks() -> None:
+    """The report hides the fields config/schema.py marks MACHINERY, and only those: a key added there is hidden
+    without a list here to keep in step."""
+    from transfer_cli.config.checks import MACHINERY
+    from transfer_cli.config.schema import DatasetConfig, TrainConfig, TrainerConfig
+
+    marked = {f"{prefix}.{spec.name}" for prefix, cls in (("trainer", TrainerConfig), ("dataset", DatasetConfig))
+              for spec in dataclasses.fields(cls) if spec.metadata.get("machinery")}
+    marked |= {spec.name for spec in dataclasses.fields(TrainConfig) if spec.metadata == MACHINERY}
+    assert set(report.MACHINERY) == marked
+    assert {"trainer.decode_on_device", "trainer.normalize_on_device", "trainer.num_workers", "logger"} <= marked
+    assert report.is_machinery("logger.mlflow.experiment") and report.is_machinery("trainer.decode_on_device")
+    assert not report.is_machinery("trainer.seed") and not report.is_machinery("trainer.devices")
+
+
+def test_runs_that_differ_only_in_device_decoding_share_a_row(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "sweep"
+    for name, seed, decode in (("0", 0, False), ("1", 1, True)):
+        write_run(root / name, "fine_tune", seed, [0.5, 0.6, 0.7], finished=True)
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        config["trainer"].update(decode_on_device=decode, normalize_on_device="auto" if decode else "false")
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    code, out, _ = run_report(capsys, str(root))
+    rows = parse_markdown(out)
+    assert code == 0 and len(rows) == 1 and rows[0]["n"] == "2"
+    assert not [key for key in rows[0] if "on_device" in key]

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from transfer_cli.cli import main as cli_main
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import assemble
 from transfer_cli.training import fit as trainer
 from transfer_cli.training.assemble import prepare
 from transfer_cli.training.run import train
@@ -304,12 +303,12 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], 
     """One gradual run (head | layer4 + head | all, 6 steps an epoch): at each restore point, the checkpoint
     it wrote and its live optimizer's groups and head Adam state at that moment."""
     runners: list[Any] = []
-    real_runner, real_save = assemble._runner, checkpoint.save_atomic
+    real_save = checkpoint.save_atomic
     seen: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def keep_runner(*args: Any, **kwargs: Any) -> Any:
-        runners.append(real_runner(*args, **kwargs))
-        return runners[-1]
+    def keep_runner(runner: Any) -> Any:
+        runners.append(runner)
+        return runner
 
     def save_and_observe(payload: dict[str, Any], path: Path) -> None:
         real_save(payload, path)
@@ -324,9 +323,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[int, int], 
     run_dir = tmp_path_factory.mktemp("gradual")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRANSFER_CACHE", str(run_dir / "feature-cache"))
-        patch.setattr(assemble, "_runner", keep_runner)
         patch.setattr(checkpoint, "save_atomic", save_and_observe)
-        train(compose_train(GRADUAL_STEPS), run_dir / "original")
+        train(compose_train(GRADUAL_STEPS), run_dir / "original", adapt_runner=keep_runner)
     return seen
 
 
@@ -340,7 +338,7 @@ def test_restore_rebuilds_the_optimizer_groups_and_keeps_the_heads_adam_state(
     prepared = prepare(compose_train(GRADUAL_STEPS), tmp_path / "restored")
     progress, _, _ = trainer.restore(prepared.setup, seen["state"])
     optimizer = prepared.setup.optimizer.optimizer
-    names = {id(p): n for n, p in prepared.model.model.named_parameters()}
+    names = {id(p): n for n, p in prepared.setup.model.model.named_parameters()}
 
     assert (progress.epoch, progress.step) == (epoch, step)
     assert len(optimizer.param_groups) == len(seen["groups"])

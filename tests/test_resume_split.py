@@ -119,18 +119,21 @@ def test_resume_refuses_files_relabelled_or_replaced(interrupted: tuple[Path, Pa
 
 
 @pytest.mark.slow
-def test_a_checkpoint_without_split_records_still_resumes(interrupted: tuple[Path, Path],
-                                                          caplog: pytest.LogCaptureFixture,
+def test_a_checkpoint_without_its_split_record_is_refused(interrupted: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
                                                           hydra_in_process: None) -> None:
-    """Checkpoints written before the splits were recorded: nothing to compare, so the resume goes on, saying so."""
+    """Nothing proves such a run would go on with its own images: refused, every file as it was."""
     _, run_dir = interrupted
-    last = run_dir / "checkpoints" / "last.pt"
+    copy = tmp_path / "unrecorded"
+    shutil.copytree(run_dir, copy)
+    last = copy / "checkpoints" / "last.pt"
     state = checkpoint.load(last)
     del state["splits"]
     checkpoint.save_atomic(state, last)
-    assert main(["resume", str(run_dir)]) == 0
-    assert "the checkpoint predates split records" in caplog.text
-    assert "splits" in checkpoint.load(last)  # the resumed run records them from now on
+    before = last.read_bytes()
+    assert main(["resume", str(copy)]) == 2
+    assert "holds no record of the images the run trained on" in capsys.readouterr().err
+    assert last.read_bytes() == before and not (copy / "summary.json").exists()
 
 
 def folder_cfg(root: Path, **overrides) -> DatasetConfig:

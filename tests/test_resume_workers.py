@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_resume import Crash, crash_after, finish, start_train, transfer, wait_for_lines
 
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.runs import checkpoint, runlock
@@ -26,7 +25,7 @@ from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.run import train
 
 from conftest import compose_train
-from helpers import comparable
+from helpers import Crash, comparable, crash_after, finish, start_train, transfer, wait_for_lines
 
 
 # The acceptance case: every parameter trains, random crops and flips run in two persistent workers.
@@ -84,7 +83,7 @@ def test_sigkill_in_epoch_3_with_workers_resumes_to_the_uninterrupted_metrics(
     assert epoch == 2 and (0 < step < STEPS if every else step == 0), f"{where}: last.pt at {epoch, step}"
 
     assert runlock.holder(run_dir) is None, "the killed run's DataLoader workers must not keep its lock"
-    resumed = transfer(tmp_path, "resume", str(run_dir))
+    resumed = transfer("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
     assert comparable(read_metrics(run_dir)) == acceptance_reference, f"{where}, resumed from step {step}"

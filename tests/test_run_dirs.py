@@ -21,8 +21,8 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from transfer_cli.cli import main
-from transfer_cli.commands import train as train_command
-from transfer_cli.config.compose import planned_dir
+from transfer_cli.config.compose import compose, quoted, sweep_dir
+from transfer_cli.core.errors import TransferError
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.runlog import read_metrics
@@ -56,15 +56,19 @@ def one_line(err: str) -> str:
 
 
 def crash_in_epoch(epoch: int, error: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the training loop raise `error` when it starts epoch `epoch` (1-based)."""
-    real_epoch = trainer._epoch
+    """Make the training loop raise `error` when it starts epoch `epoch` (1-based): every run's fit gets a
+    callback that raises it."""
+    class Crash(trainer.Callback):
+        def on_epoch_start(self, stage: Any, started: int) -> None:
+            if started == epoch:
+                raise error
 
-    def crashing(setup: Any, scheduler: Any, progress: Any, *args: Any) -> Any:
-        if progress.epoch == epoch - 1:
-            raise error
-        return real_epoch(setup, scheduler, progress, *args)
+    real_fit = train_module.fit
 
-    monkeypatch.setattr(trainer, "_epoch", crashing)
+    def fit_that_crashes(*args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        return real_fit(*args, callbacks=[*callbacks, Crash()], **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", fit_that_crashes)
 
 
 @pytest.fixture(scope="module")
@@ -266,26 +270,34 @@ def test_clock_made_names_are_unique_even_in_one_second(tmp_path: Path) -> None:
 
 
 def test_the_default_run_dir_comes_from_the_clock_and_a_chosen_one_does_not(tmp_path: Path) -> None:
-    planned, from_clock, sweep = planned_dir(QUICK, sweep=False)
-    assert from_clock and not sweep and planned.parent == Path("outputs/runs")
-    assert planned_dir([*QUICK, f"hydra.run.dir={tmp_path}"], sweep=False) == (tmp_path, False, False)
-    planned, from_clock, sweep = planned_dir([*QUICK, "trainer.seed=1,2"], sweep=True)
-    assert from_clock and sweep and planned.parent == Path("outputs/multirun")
+    composed = compose(QUICK)
+    assert composed.from_clock and not composed.multirun and composed.run_dir.parent == Path("outputs/runs").absolute()
+    chosen = compose([*QUICK, f"hydra.run.dir={tmp_path}"])
+    assert (chosen.run_dir, chosen.from_clock) == (tmp_path, False)
+    planned, from_clock = sweep_dir([*QUICK, "trainer.seed=1,2"])
+    assert from_clock and planned.parent == Path("outputs/multirun")
 
 
-def test_ranks_after_the_first_use_rank_0s_dir_and_create_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ranks_after_the_first_wait_for_rank_0s_dir_and_create_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    received = []
+
+    def rank_0_refused(value: Any) -> Any:  # what rank 0 sends when its claim fails
+        received.append(value)
+        return TransferError("rank 0 could not claim the run dir")
+
     monkeypatch.setattr(distributed, "is_main", lambda: False)
-    monkeypatch.setattr(distributed, "broadcast_object", lambda value: "hydra.run.dir='rank 0s dir'")
+    monkeypatch.setattr(distributed, "broadcast_object", rank_0_refused)
     monkeypatch.chdir(tmp_path)
-    assert train_command._claim_dir(QUICK) == (["hydra.run.dir='rank 0s dir'"], None)
-    assert list(tmp_path.iterdir()) == []
+    assert main(["train", *QUICK]) == 2
+    assert received == [None] and list(tmp_path.iterdir()) == []  # a rank > 0 claims nothing itself
+    assert "rank 0 could not claim the run dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("path", ["/tmp/a b/c", "/tmp/it's", "/tmp/x\\", "/tmp/a,b=c[d]{e}", "/tmp/q\\'x", "C:\\r\\n",
                                   "a\\\\'\\"])
 def test_a_claimed_dir_reaches_hydra_unchanged(path: str) -> None:
-    override = OverridesParser.create().parse_override(f"hydra.run.dir={train_command.quoted(path)}")
+    override = OverridesParser.create().parse_override(f"hydra.run.dir={quoted(path)}")
     assert override.value() == path
 
 

@@ -27,7 +27,6 @@ import transfer_cli.training.run as train_module
 from transfer_cli.core.errors import Interrupted, TransferError
 from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import assemble
 from transfer_cli.training import fit as trainer
 from transfer_cli.training.run import train
 
@@ -211,15 +210,11 @@ def test_resume_refuses_a_history_that_lacks_the_checkpointed_epochs(tmp_path: P
 # --------------------------------------------------------------------------- non-finite numbers
 
 
-def test_a_non_finite_val_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_non_finite_val_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     """The model gives NaN on validation images from epoch 2 on (training itself stays finite)."""
-    real_runner = assemble._runner
     train_forwards = []
 
-    def runner_with_nan_validation(*args: Any, **kwargs: Any) -> Any:
-        runner = real_runner(*args, **kwargs)
-
+    def runner_with_nan_validation(runner: Any) -> Any:
         def nan_when_validating(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
             if module.training:
                 train_forwards.append(1)
@@ -229,10 +224,10 @@ def test_a_non_finite_val_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
         runner.model.register_forward_hook(nan_when_validating)
         return runner
 
-    monkeypatch.setattr(assemble, "_runner", runner_with_nan_validation)
     with pytest.raises(TransferError, match=r"^non-finite val loss after epoch 2: training stopped; "
                                             r"checkpoints/last.pt keeps epoch 1\. "):
-        train(compose_train(RUN), tmp_path)  # fine_tune: no head-only stage on cached features, one model
+        # fine_tune: no head-only stage on cached features, one model
+        train(compose_train(RUN), tmp_path, adapt_runner=runner_with_nan_validation)
 
     summary = strict_json(tmp_path / "summary.json")
     assert summary["status"] == "failed" and "non-finite val loss after epoch 2" in summary["stop_reason"]

@@ -61,15 +61,19 @@ def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_crashed_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     sweep_dir = tmp_path / "sweep"
-    real_epoch = trainer._epoch
+    real_fit = trainer.fit
 
-    def crash_in_job_1_epoch_2(setup: Any, scheduler: Any, progress: Any, *args: Any) -> Any:
-        if setup.run_dir.name == "1" and progress.epoch == 1:
-            raise RuntimeError("simulated crash of job 1 in epoch 2")
-        return real_epoch(setup, scheduler, progress, *args)
+    class CrashInEpoch2(trainer.Callback):
+        def on_epoch_start(self, stage: Any, epoch: int) -> None:
+            if epoch == 2:
+                raise RuntimeError("simulated crash of job 1 in epoch 2")
+
+    def crash_in_job_1_epoch_2(setup: Any, *args: Any, callbacks: Any = (), **kwargs: Any) -> Any:
+        crash = [CrashInEpoch2()] if setup.run_dir.name == "1" else []
+        return real_fit(setup, *args, callbacks=[*callbacks, *crash], **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_epoch", crash_in_job_1_epoch_2)
+        patch.setattr("transfer_cli.training.run.fit", crash_in_job_1_epoch_2)
         assert sweep(sweep_dir, *SWEEP) != 0
     job0, job1 = sweep_dir / "0", sweep_dir / "1"
     assert json.loads((job0 / "summary.json").read_text())["status"] == "finished"

@@ -17,7 +17,6 @@ from torch import nn
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
-from transfer_cli.training import assemble
 from transfer_cli.training.assemble import prepare
 from transfer_cli.training.optim import NORM_TYPES
 from transfer_cli.training.run import train
@@ -34,27 +33,23 @@ def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 class Runners(list):
-    """The StepRunners train.py built, in order; `hooks` run on each as it is built."""
+    """The StepRunners the runs built, in order, as train(..., adapt_runner=runners.adapt) hands them over;
+    `hooks` run on each as it is built."""
 
     def __init__(self) -> None:
         super().__init__()
         self.hooks: list[Callable[[Any], Any]] = []  # each returns a runner to use instead, or None
 
-
-@pytest.fixture
-def runners(monkeypatch: pytest.MonkeyPatch) -> Runners:
-    built = Runners()
-    real = assemble._runner
-
-    def keep(*args: Any, **kwargs: Any) -> Any:
-        runner = real(*args, **kwargs)
-        for hook in built.hooks:
+    def adapt(self, runner: Any) -> Any:
+        for hook in self.hooks:
             runner = hook(runner) or runner
-        built.append(runner)
+        self.append(runner)
         return runner
 
-    monkeypatch.setattr(assemble, "_runner", keep)
-    return built
+
+@pytest.fixture
+def runners() -> Runners:
+    return Runners()
 
 
 def on_runner(runners: Runners, hook: Callable[[Any], Any]) -> None:
@@ -64,7 +59,7 @@ def on_runner(runners: Runners, hook: Callable[[Any], Any]) -> None:
 def val_pass(cfg: Any, run_dir: Path, weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of the run's val split for a model holding `weights` (eval mode, CPU)."""
     prepared = prepare(cfg, run_dir)
-    model = prepared.model.model
+    model = prepared.setup.model.model
     model.load_state_dict(weights)
     model.eval()
     logits, labels = [], []
@@ -97,7 +92,7 @@ def test_a_nan_loss_stops_the_run_naming_epoch_and_step(tmp_path: Path, runners:
     on_runner(runners, lambda runner: replace(runner, loss_fn=NanAt(runner.loss_fn, STEPS_PER_EPOCH + bad_step)))
     overrides = FAST + ([f"trainer.checkpoint_every_steps={every}"] if every else [])
     with pytest.raises(TransferError, match=rf"non-finite loss at step {bad_step} of epoch 2"):
-        train(compose_train(overrides), tmp_path)
+        train(compose_train(overrides), tmp_path, adapt_runner=runners.adapt)
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed"
@@ -153,9 +148,9 @@ def test_early_stopping_on_an_unknown_metric_is_a_user_error(tmp_path: Path) -> 
 def test_label_smoothing_applies_to_the_training_loss_only(tmp_path: Path, runners: Runners) -> None:
     base = FAST + ["strategy=fine_tune", "trainer.epochs=1"]
     cfg = compose_train(base + ["trainer.label_smoothing=0.2"])
-    train(cfg, tmp_path / "smooth")
+    train(cfg, tmp_path / "smooth", adapt_runner=runners.adapt)
     assert runners[-1].loss_fn.label_smoothing == 0.2
-    train(compose_train(base), tmp_path / "plain")
+    train(compose_train(base), tmp_path / "plain", adapt_runner=runners.adapt)
     assert runners[-1].loss_fn.label_smoothing == 0.0
     smooth, plain = read_metrics(tmp_path / "smooth")[0], read_metrics(tmp_path / "plain")[0]
     assert smooth["train/loss"] != pytest.approx(plain["train/loss"], rel=1e-3)
@@ -208,7 +203,8 @@ class Recording(nn.Module):
                          ids=["mixup", "cutmix", "both", "neither"])
 def test_mixup_and_cutmix_train_on_soft_targets(tmp_path: Path, runners: Runners, mixing: list[str]) -> None:
     on_runner(runners, lambda runner: replace(runner, loss_fn=Recording(runner.loss_fn)))
-    summary = train(compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1", *mixing]), tmp_path)
+    summary = train(compose_train(FAST + ["strategy=fine_tune", "trainer.epochs=1", *mixing]), tmp_path,
+                    adapt_runner=runners.adapt)
     targets = runners[-1].loss_fn.targets
     assert len(targets) == STEPS_PER_EPOCH
     if not mixing:
@@ -244,7 +240,7 @@ def grad_norms(runners: Runners) -> list[float]:
 def test_grad_clip_bounds_every_steps_global_grad_norm(tmp_path: Path, runners: Runners, clip: float | None) -> None:
     norms = grad_norms(runners)
     overrides = FAST + ["strategy=fine_tune", "trainer.epochs=1"] + ([f"trainer.grad_clip={clip}"] if clip else [])
-    train(compose_train(overrides), tmp_path)
+    train(compose_train(overrides), tmp_path, adapt_runner=runners.adapt)
     assert len(norms) == STEPS_PER_EPOCH
     if clip:
         assert max(norms) <= clip * (1 + 1e-4)
@@ -259,7 +255,7 @@ def test_grad_clip_bounds_every_steps_global_grad_norm(tmp_path: Path, runners: 
 def test_biases_and_norm_parameters_get_no_weight_decay(tmp_path: Path) -> None:
     cfg = compose_train(FAST + ["strategy=fine_tune", "optimizer=adamw", "optimizer.weight_decay=0.05"])
     prepared = prepare(cfg, tmp_path)
-    model = prepared.model.model
+    model = prepared.setup.model.model
     names = {id(p): n for n, p in model.named_parameters()}
     norm_params = {f"{path}.{n}" if path else n for path, m in model.named_modules() if isinstance(m, NORM_TYPES)
                    for n, _ in m.named_parameters(recurse=False)}
@@ -339,7 +335,8 @@ def test_layers_unfrozen_at_a_stage_boundary_train_in_the_later_stage(
         runner.optimizer.register_step_pre_hook(pre_step)
 
     on_runner(runners, attach)
-    train(compose_train(FAST + ["strategy=gradual", f"trainer.compile={str(compile_).lower()}"]), tmp_path)
+    train(compose_train(FAST + ["strategy=gradual", f"trainer.compile={str(compile_).lower()}"]), tmp_path,
+          adapt_runner=runners.adapt)
     # each stage compiles its own module (tests/test_compile.py checks that); here: the unfrozen layers train
 
     assert len(graded) == 3 * STEPS_PER_EPOCH

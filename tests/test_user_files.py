@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 
 from transfer_cli.cli import main
-from transfer_cli.commands import train as train_command
-from transfer_cli.config.compose import sweep_jobs
-from transfer_cli.config.stage_epochs import as_run
+from transfer_cli.config.compose import compose_config, sweep_jobs
 from transfer_cli.core.errors import Interrupted, TransferError, bug_line
 from transfer_cli.inference import predict
 from transfer_cli.runs import runlock, runlog
 from transfer_cli.training import run as train_module
+from transfer_cli.training.job import train_in
 
 
 QUICK = ["experiment=smoke", "strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32",
@@ -102,7 +101,7 @@ def finished_job(sweep_dir: Path, *overrides: str) -> Path:
     """Job 0 of a sweep, finished, laid out as `transfer train -m` leaves it (no training: its config is composed)."""
     job = sweep_jobs([*overrides, f"hydra.sweep.dir={sweep_dir}"])[0]
     (job.run_dir / ".hydra").mkdir(parents=True)
-    job.save_config([stage.epochs for stage in as_run(job.config()).strategy.stages])  # as the job saves it
+    job.save_config()  # as the job saves it
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (job.run_dir / ".hydra" / name).write_text(f"{name} as Hydra wrote it\n")
     (job.run_dir / "train.log").write_text("the job's log\n")
@@ -241,12 +240,14 @@ def test_report_shows_each_runs_own_status_flags_non_finite_values_and_never_cra
               "failed_one")
     (tmp_path / "1" / ".hydra").mkdir(parents=True)  # NaN and Infinity: Python's JSON reads them
     (tmp_path / "1" / "config.yaml").write_text("strategy:\n  name: nonfinite\n")
-    (tmp_path / "1" / "summary.json").write_text('{"best_val_acc": NaN, "final_val_acc": Infinity, "epochs_run": 2}')
+    (tmp_path / "1" / "summary.json").write_text(
+        '{"status": "finished", "best_val_acc": NaN, "final_val_acc": Infinity, "epochs_run": 2}')
     write_run(tmp_path / "2", {"best_val_acc": "high", "final_val_acc": [0.4], "epochs_run": True, "wall_time_s": None,
                                "params_trainable": 12, "status": 3}, [], "wrong_types")
     write_run(tmp_path / "3", None, ['{"epoch": 1, "val/acc1": "x"}', '{"epoch": 2, "stage": 7, "val/acc1": 1e999}'],
               "missing_keys")
-    write_run(tmp_path / "4", {"best_val_acc": 0.9, "final_val_acc": 0.9, "epochs_run": 1}, [], "=HYPERLINK(1)")
+    write_run(tmp_path / "4", {"status": "finished", "best_val_acc": 0.9, "final_val_acc": 0.9, "epochs_run": 1}, [],
+              "=HYPERLINK(1)")
     assert main(["report", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err
@@ -283,12 +284,16 @@ def test_predict_csv_escapes_cells_that_a_spreadsheet_would_run() -> None:
 
 @pytest.mark.parametrize("name", ["a b,c", "it's here", 'say "x"'])
 def test_the_printed_resume_command_gives_the_path_back_in_a_shell(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     run_dir = tmp_path / name
-    outcomes = train_command._Outcomes()
-    train_command._settle(Interrupted("interrupted after epoch 1"), run_dir, lambda: None, outcomes, False)
-    assert outcomes.report() == 130
-    command = one_line(capsys.readouterr().err).split("continue with: ", 1)[1]
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise Interrupted("interrupted after epoch 1")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    outcome = train_in(compose_config(["experiment=smoke"]), run_dir, frozenset(), lambda: None)
+    assert outcome.code == 130 and isinstance(outcome.error, Interrupted)
+    command = one_line(outcome.line).split("continue with: ", 1)[1]
     assert shlex.split(command) == ["transfer", "resume", str(run_dir)]
     (run_dir / "config.yaml").parent.mkdir()
     (run_dir / "config.yaml").write_text("trainer: {}\n")

@@ -197,32 +197,3 @@ def test_every_number_and_choice_of_the_schema_has_a_rule() -> None:
     unchecked = sorted(key for key, spec, kind in leaves if kind is not bool and RULE not in spec.metadata)
     assert unchecked == sorted(FREE & {key for key, _, _ in leaves})
     assert FREE <= {key for key, _, _ in leaves}  # no stale names in FREE
-
-
-def _choices(key: str) -> set[str]:
-    spec = {k: s for k, s, _ in _leaves(schema.TrainConfig)}[key]
-    says = spec.metadata[RULE].says
-    assert says.startswith("must be one of ")
-    return set(says.removeprefix("must be one of ").split(", "))
-
-
-def test_the_choices_named_in_messages_are_exactly_the_ones_the_code_takes() -> None:
-    from transfer_cli.data.datasets import DATASETS
-    from transfer_cli.data.folder import BAD_IMAGE_CHOICES
-    from transfer_cli.data.image_cache import MODES
-    from transfer_cli.data.transforms import INTERPOLATIONS
-    from transfer_cli.models.backbones import BACKBONE_SOURCES
-    from transfer_cli.models.model import HEADS
-    from transfer_cli.training.optim import OPTIMIZERS, SCHEDULERS
-    from transfer_cli.training.strategies import DOMAINS
-
-    assert _choices("backbone.source") == set(BACKBONE_SOURCES.names())
-    assert _choices("head.kind") == set(HEADS.names())
-    assert _choices("dataset.name") == set(DATASETS.names())
-    assert _choices("optimizer.name") == set(OPTIMIZERS.names())
-    assert _choices("scheduler.name") == set(SCHEDULERS.names())
-    assert _choices("transforms.interpolation") == set(INTERPOLATIONS)
-    assert _choices("dataset.domain") == set(DOMAINS)
-    assert _choices("dataset.on_bad_image") == set(BAD_IMAGE_CHOICES)
-    for key in ("dataset.cache_images", "trainer.amp", "trainer.channels_last", "trainer.cache_features"):
-        assert _choices(key) == set(MODES)

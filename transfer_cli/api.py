@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from transfer_cli.config.compose import Composed, compose, quoted, record_job, save_config
 from transfer_cli.core.errors import TransferError
 from transfer_cli.inference.loaded_run import LoadedRun, load_run
 from transfer_cli.inference.predict import Prediction
+from transfer_cli.runs import runlock
 from transfer_cli.runs.rundir import read_summary
+from transfer_cli.training.fit import Callback
+from transfer_cli.training.job import train_in
 
 
-__all__ = ["LoadedRun", "Prediction", "RunSummary", "load_run", "train"]
+__all__ = ["Callback", "LoadedRun", "Prediction", "RunSummary", "load_run", "train"]
 
 SWEEP_HINT = "train() runs a single run: for a sweep use the command, `transfer train -m key=a,b ...`"
 
@@ -42,100 +45,72 @@ class RunSummary(dict):
 # --------------------------------------------------------------------------- train
 
 
-def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> RunSummary:
+def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
+          callbacks: Sequence[Callback] = ()) -> RunSummary:
     """Train one run as `transfer train <overrides>` does and return its summary.json (`.run_dir` says where).
 
     `run_dir=None` gives the command's own clock-made directory under outputs/runs/; a given
     one that already holds a run is refused as the command refuses it, with nothing written.
     Raises TransferError for a mistake (a bad override, missing data, a sweep: use the command).
     With `dry_run=true` nothing is kept: the plan is printed and {"dry_run": True} returned.
+    `callbacks` (transfer_cli.Callback subclasses) see the run as it goes: each epoch's start, each optimizer
+    step, each epoch's record; one that raises stops the run, its last checkpoint resumable.
+    sys.argv, Hydra's global state and the caller's logging setup are left as they are.
     """
-    argv = _train_argv(overrides, run_dir)
-    with _process_state_kept():
-        trained = _train_like_the_command(argv)
-    if trained is None or not (trained / "summary.json").is_file():
-        return RunSummary({"dry_run": True}, None)  # a dry run's directory is discarded by the command
-    return RunSummary(read_summary(trained / "summary.json"), trained)
+    composed = compose(_overrides(overrides, run_dir))
+    if composed.multirun:  # hydra.mode=MULTIRUN, in an override or a config
+        raise TransferError(SWEEP_HINT)
+    with runlock.claim_new(composed.run_dir, composed.from_clock, "transfer_cli.train") as lock:
+        where = lock.run_dir
+        with _train_log(where):
+            outcome = train_in(composed.config, where, lock.held_before, lambda: _record(composed, where),
+                               callbacks=callbacks)
+    if outcome.error is not None:
+        if outcome.line and not isinstance(outcome.error, TransferError):
+            outcome.error.add_note(outcome.line.removeprefix("transfer: "))  # where the traceback went, how to resume
+        raise outcome.error
+    if outcome.summary.get("dry_run"):
+        return RunSummary({"dry_run": True}, None)  # its directory is discarded, as the command discards it
+    return RunSummary(read_summary(where / "summary.json"), where)
 
 
-def _train_argv(overrides: Sequence[str], run_dir: str | Path | None) -> list[str]:
-    """The command line `transfer train` would get; flags (-m, --cfg, ...) are the command's alone."""
+def _overrides(overrides: Sequence[str], run_dir: str | Path | None) -> list[str]:
+    """The overrides `transfer train` would get; flags (-m, --cfg, ...) are the command's alone."""
     if isinstance(overrides, (str, bytes)):
         raise TransferError(f"train() takes a list of key=value overrides, not one string: [{overrides!r}]")
-    argv = [str(arg) for arg in overrides]
-    for arg in argv:
+    given = [str(arg) for arg in overrides]
+    for arg in given:
         if arg in {"-m", "--multirun"}:
             raise TransferError(SWEEP_HINT)
         if arg.startswith("-"):
             raise TransferError(f"train() takes key=value overrides; '{arg}' is a flag of the command "
                                 f"`transfer train {arg}`: run that instead")
     if run_dir is not None:
-        if any(arg.lstrip("+~").startswith("hydra.run.dir=") for arg in argv):
+        if any(arg.lstrip("+~").startswith("hydra.run.dir=") for arg in given):
             raise TransferError("give the run directory once: run_dir=... or a hydra.run.dir override, not both")
-        from transfer_cli.commands.train import quoted
-
-        argv.append(f"hydra.run.dir={quoted(str(Path(run_dir).expanduser()))}")
-    return argv
+        given.append(f"hydra.run.dir={quoted(str(Path(run_dir).expanduser()))}")
+    return given
 
 
-def _train_like_the_command(argv: list[str]) -> Path | None:
-    """`transfer train`'s own jobs (commands/train.py), for a single run; a job's failure is raised here
-    rather than said on stderr."""
-    from transfer_cli.commands import train as command
-    from transfer_cli.config.compose import planned_dir
-
-    if planned_dir(argv, sweep=False)[2]:  # hydra.mode=MULTIRUN, in an override or a config
-        raise TransferError(SWEEP_HINT)
-    outcomes = _RaisedOutcomes()
-    try:
-        trained = command.train_jobs(argv, outcomes)
-    except SystemExit as stop:  # Hydra's own report of a problem it found (already on stderr)
-        if stop.code not in (0, None):
-            raise TransferError(f"Hydra stopped the run (exit {stop.code}): its message is above") from stop
-        trained = []
-    outcomes.raise_first()
-    return trained[0] if trained else None
-
-
-class _RaisedOutcomes:
-    """The API's record of how its job ended (commands/train.py tells it through `add` and `user_error`):
-    the exceptions to raise instead of lines to print."""
-
-    def __init__(self) -> None:
-        self.errors: list[tuple[BaseException, str | None]] = []
-
-    def add(self, code: int, line: str) -> None:
-        error = sys.exc_info()[1]  # called while the job's exception is being handled
-        self.errors.append((error if error is not None else RuntimeError(line), line))
-
-    def user_error(self, error: Exception) -> None:
-        self.errors.append((error, None))
-
-    def raise_first(self) -> None:
-        if not self.errors:
-            return
-        error, line = self.errors[0]
-        if line and hasattr(error, "add_note"):
-            error.add_note(line.removeprefix("transfer: "))  # where the traceback went, how to resume
-        raise error
+def _record(composed: Composed, run_dir: Path) -> None:
+    """config.yaml and the `.hydra/` record, as the command's Hydra job leaves them."""
+    record_job(composed, run_dir)
+    save_config(composed.ran, run_dir)
 
 
 @contextlib.contextmanager
-def _process_state_kept() -> Iterator[None]:
-    """Hydra sets sys.argv and gives the root logger its console and train.log handlers, and a caller's own
-    Hydra state would stop ours from starting: each undone or set aside, then given back."""
-    from transfer_cli.config.compose import callers_hydra_set_aside
-
-    argv, root = sys.argv, logging.getLogger()
-    args, handlers, level = list(argv), list(root.handlers), root.level
+def _train_log(run_dir: Path) -> Iterator[None]:
+    """The run's log lines into RUN_DIR/train.log, as the command writes them, through a handler on the
+    package's logger alone (the caller's root logger and its handlers are left as they are)."""
+    logger = logging.getLogger("transfer_cli")
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8", delay=True)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
-        with callers_hydra_set_aside():
-            yield
+        yield
     finally:
-        argv[:] = args
-        sys.argv = argv  # the same list object, as it was
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()

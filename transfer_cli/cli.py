@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(f"transfer_cli.commands.{command}").main(argv[1:])
     except TransferError as error:
         return report_user_error(error)
+    except BrokenPipeError:  # `transfer train --help | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail on the closed pipe again
+        return 0
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
         print("transfer: interrupted", file=sys.stderr)
         return INTERRUPT_EXIT

@@ -48,7 +48,8 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
 
     cfg = compose_config(spec["overrides"])
     prepared = prepare(cfg, Path(spec["run_dir"]))
-    setup, model, stage = prepared.setup, prepared.model, prepared.stages[0]
+    setup = prepared.setup
+    model, stage = setup.model, setup.stages[0]
     # same architecture and initial weights, in the lesson's plain (contiguous) memory format
     reference = copy.deepcopy(model.model).to(memory_format=torch.contiguous_format)
     tensors, batch, device = _in_memory(prepared), cfg.trainer.batch_size, setup.runner.precision.device

@@ -1,8 +1,8 @@
 """The fixed costs of a run, each measured in a child process of its own (benchmarks/children.py):
 
 - checkpoint_bytes (a child of benchmarks/children.py): bytes a feature-extraction run writes into
-  checkpoints/ per epoch, against what the same saves weighed when every one held the whole network and the
-  optimizer (what last.pt and best.pt were before runs/frozen.py); the frozen file, written once per run, is
+  checkpoints/ per epoch, against what the same saves would weigh if every one held the whole network and the
+  optimizer (last.pt and best.pt without runs/frozen.py's store); the frozen file, written once per run, is
   reported beside them.
 - FIRST_STEP (a `python -c` script of its own, so the command runs as a user starts it): seconds from starting
   `transfer train experiment=smoke` to its first optimizer step, imports and all, with the share of the three big
@@ -43,7 +43,7 @@ def checkpoint_bytes(spec: dict[str, Any]) -> dict[str, Any]:
     folder = Path(spec["run_dir"]) / "checkpoints"
     whole = {key: value for key, value in checkpoint.load(folder / "last.pt").items() if key != FROZEN}
     buffer = io.BytesIO()
-    torch.save(whole, buffer)  # one checkpoint as every save was before: the network, the optimizer, the rest
+    torch.save(whole, buffer)  # one whole checkpoint, as without the frozen store: the network, the optimizer, the rest
     epochs = summary["epochs_run"]
     before = len(saves) * buffer.tell() / epochs
     after = sum(size for _, size in saves) / epochs

@@ -79,7 +79,7 @@ class Workload:
 
 
 VIT_AT_32PX = ("+backbone.kwargs.img_size=32",)  # ViT-B/16's 86M parameters, 4 patches an image: a quick forward
-# about 4 minutes on a busy 2-core CPU: the uncached 10-epoch run is most of it
+# `make bench`'s sizes: the uncached 10-epoch run is most of its time
 FULL = Workload(loop_backbone="resnet18", loop_image_size=64, loop_images=128, loop_batch=32, loop_epochs=1,
                 loop_rounds=4, cache_backbone="resnet18", cache_image_size=128, cache_batch=64, cache_epochs=10,
                 cache_train=512, cache_val=128, cache_epoch_seconds=11.0, cache_runs=2, help_runs=7,
@@ -105,7 +105,7 @@ def child_env() -> dict[str, str]:
     """The children's environment: OpenMP threads sleep rather than spin while they wait.
 
     On a shared, oversubscribed CPU, torch's default (spinning) OpenMP threads lose their
-    core mid-barrier and one step can take 5-10x longer, at random; passive waiting keeps
+    core mid-barrier and one step can take several times longer, at random; passive waiting keeps
     timings stable. A value the user set is kept (and recorded in bench.json).
     """
     return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}

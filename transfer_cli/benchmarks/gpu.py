@@ -83,7 +83,7 @@ def _gpu_model(cfg: Any, run_dir: Path, warmup: int, steps: int, synthetic: bool
     prepared = prepare(cfg, run_dir)  # on CUDA: cudnn.benchmark and TF32, as every training run
     setup, batch = prepared.setup, cfg.trainer.batch_size
     runner = enter_stage(setup, Progress(), 0).runner
-    prepared.model.model.train()
+    setup.model.model.train()
     precision = runner.precision
     cuda = precision.device.type == "cuda"
 

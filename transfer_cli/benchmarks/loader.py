@@ -145,8 +145,8 @@ def _model_images_per_s(prepared: Any, steps: int) -> float:
 
     setup = prepared.setup
     run = enter_stage(setup, Progress(), 0)
-    prepared.model.model.train()
-    hold_frozen_batchnorm(prepared.model, run.stage)
+    setup.model.model.train()
+    hold_frozen_batchnorm(setup.model, run.stage)
     images, labels = next(iter(setup.train_loader))
     tally = Tally(run.runner.precision.device, (1,))
     run.runner(*run.runner.precision.to_device(images, labels), tally)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from transfer_cli.core.args import CommandParser
-from transfer_cli.core.errors import TransferError
 
 
 def _log_to(run_dir: Path) -> None:
@@ -67,10 +66,8 @@ def _check_resumable(run_dir: Path) -> None:
 
 def _continue(run_dir: Path, main: bool) -> int:
     """Resume `run_dir`, locked by this process; every way it ends is one line on stderr."""
-    from transfer_cli.core.errors import INTERRUPT_EXIT, Interrupted, failure
     from transfer_cli.runs.rundir import format_result, resume_point, resume_position
-    from transfer_cli.runs.runlock import resume_command
-    from transfer_cli.training.run import train
+    from transfer_cli.training.job import train_in
 
     if _finished(run_dir, main):  # the writer this one waited for finished it
         return 0
@@ -78,27 +75,14 @@ def _continue(run_dir: Path, main: bool) -> int:
     if main:
         _log_to(run_dir)
     logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(state))
-    again = f"; continue with: {resume_command(run_dir)}"
-    try:
-        summary = train(cfg, run_dir, resume=state)
-    except Interrupted as stop:
-        if main:
-            print(f"transfer: {stop}{again}", file=sys.stderr)
-        return getattr(stop, "exit_code", INTERRUPT_EXIT)
-    except KeyboardInterrupt:  # a second Ctrl-C: the last checkpoint written stays the resume point
-        if main:
-            print(f"transfer: interrupted{again}", file=sys.stderr)
-        return INTERRUPT_EXIT
-    except TransferError:  # a mistake (changed data, say): one line from cli.py
-        raise
-    except Exception as error:  # noqa: BLE001 - a full disk, or a bug: one line (a bug's traceback in error.log)
-        code, line = failure(error, run_dir / "error.log", again, run_dir)
-        if main:
-            print(line, file=sys.stderr)
-        return code
-    if main:
-        print(f"run dir: {run_dir}")
-        print(format_result(summary))
+    outcome = train_in(cfg, run_dir, frozenset(), lambda: None, resume=state)
+    if not main:
+        return outcome.code
+    if outcome.error is not None:
+        print(outcome.line, file=sys.stderr)
+        return outcome.code
+    print(f"run dir: {run_dir}")
+    print(format_result(outcome.summary))
     return 0
 
 

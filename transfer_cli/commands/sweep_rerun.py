@@ -18,7 +18,6 @@ from typing import Any
 from transfer_cli.config.compose import sweep_jobs
 from transfer_cli.config.loading import check_bounded_yaml, load_run_config
 from transfer_cli.config.schema import to_plain
-from transfer_cli.config.stage_epochs import as_run
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import NotOwnFile, link_problem
 from transfer_cli.runs import runlock
@@ -91,14 +90,12 @@ def _check_multirun_file(path: Path) -> None:
 
 
 def previous_attempt(run_dir: Path, cfg: Any) -> dict[str, Any]:
-    """What a sweep job finds in its directory: nothing yet, a finished run, a partial one, or another run."""
+    """What a sweep job finds in its directory: nothing yet, a finished run, a partial one, or another run
+    (`cfg`: the job's config, stages as they run, as config.yaml records them)."""
     if not (run_dir / "config.yaml").is_file():
         return {"kind": "new"}
 
-    saved = to_plain(load_run_config(run_dir))
-    differences = _differences(saved, to_plain(as_run(cfg)))
-    if differences and not _differences(saved, to_plain(cfg)):  # saved before config.yaml held rescaled stages
-        differences = []
+    differences = _differences(to_plain(load_run_config(run_dir)), to_plain(cfg))
     if differences:
         return {"kind": "other", "differences": differences}
     summary = run_dir / "summary.json"

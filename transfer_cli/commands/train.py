@@ -1,20 +1,13 @@
-"""`transfer train`: compose, claim the run directory, let Hydra run each job, say how they ended.
+"""`transfer train`: compose once, claim the run directory, run the job under Hydra, say how it ended.
 
-A sweep (`-m`) can be re-run into the same `hydra.sweep.dir`: a job whose directory holds a
-finished run (summary.json) is skipped and reports its stored result, a job that had
-started (config.yaml, maybe checkpoints/last.pt) is resumed the way `transfer resume` does
-it, and a directory holding a run with another config, or files of the user's, is refused
-before Hydra writes anything (sweep_rerun.py), never overwritten.
-
-A run directory belongs to one run (see runs/runlock.py): a single run's directory is
-resolved, checked and locked before Hydra writes anything in it, so a directory that holds
-a run, or holds an entry a run writes (train.log, .hydra, ...) that would be the user's, is
-refused with every file left as it was, and a clock-made name (`${now:}`) taken by a run
-started in the same second gets a suffix. A sweep job locks its own directory. User
-mistakes (TransferError) become one line on stderr and exit code 2; a bug (any other
-exception) ends with one line naming it and a file with its traceback (exit 1); a run that
-saved no checkpoint leaves nothing behind but what its directory held before it started,
-one that did stays resumable.
+A single run is composed once (config/compose.py), its directory claimed and locked before
+anything is written (runs/runlock.py: a directory that holds a run, or an entry a run writes,
+is refused untouched; a clock-made name taken in the same second gets a suffix), and run as
+Hydra runs a job (logging, `.hydra/`). A sweep (`-m`) and Hydra's own flags (--help, --cfg,
+...) go through `hydra.main`; a sweep re-run into the same `hydra.sweep.dir` skips finished
+jobs, resumes partial ones and refuses another config's or the user's files before Hydra
+writes (sweep_rerun.py). How each run ends is one line on stderr and the exit code: an
+interruption's (130, 143) before a bug's (1) before a user mistake's (2).
 """
 
 from __future__ import annotations
@@ -22,55 +15,166 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from transfer_cli.commands.sweep_rerun import another_config, check_rerun, previous_attempt
 from transfer_cli.config.compose import (
     SWEEP_FLAGS,
+    Composed,
     HydraJob,
+    compose,
     composition_error,
-    planned_dir,
-    register_configs,
+    quoted,
+    run_as_hydra_job,
     run_hydra_main,
+    save_config,
+    sweep_dir,
 )
-from transfer_cli.config.stage_epochs import as_run
-from transfer_cli.core.errors import (
-    INTERRUPT_EXIT,
-    USER_ERROR_EXIT,
-    Interrupted,
-    TransferError,
-    failure,
-    report_user_error,
-)
+from transfer_cli.core.errors import TransferError
 from transfer_cli.core.extras import missing_plugin
 from transfer_cli.core.files import NotOwnFile
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import runlock
 from transfer_cli.runs.rundir import format_result, resume_point, resume_position
+from transfer_cli.training.job import Outcome, train_in
 
 
 HYDRA_ONLY_FILES = {".hydra", "train.log", "config.yaml"}  # written before the run itself starts
 
 
-def _discard_unstarted(run_dir: Path, keep: frozenset[str]) -> None:
-    """Remove what a new run that saved no checkpoint wrote, keeping the entries in `keep` (what the
-    directory held before it); the directory goes too when nothing else is left. A run with
-    checkpoints/last.pt or summary.json is kept: it can be resumed or read."""
-    if not run_dir.is_dir() or (run_dir / "checkpoints" / "last.pt").is_file() or (run_dir / "summary.json").exists():
-        return
-    for entry in run_dir.iterdir():
-        if entry.name not in keep:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only when empty
+def main(argv: list[str]) -> int:
+    """`transfer train [overrides] [-m] [Hydra flags]`."""
+    outcomes = _Outcomes()
+    try:
+        missing = missing_plugin(argv)
+        if missing:
+            raise TransferError(missing)
+        flags = [arg for arg in argv if arg.startswith("-")]
+        if not flags:
+            composed = compose(argv)
+            if not composed.multirun:
+                outcomes.add(_single_run(composed))
+                return outcomes.report()
+        _under_hydra_main(argv, flags, outcomes)
+    except TransferError as error:  # refused before any job started
+        outcomes.add(Outcome(error=error, code=2, line=f"transfer: error: {error}"))
+    return outcomes.report()
+
+
+def _single_run(composed: Composed) -> Outcome:
+    """One run: rank 0 claims its directory (every torchrun rank then runs in it), Hydra runs the job."""
+    distributed.init_from_env()
+    main = distributed.is_main()
+    claimed, lock = None, None
+    if main:
+        try:
+            lock = runlock.claim_new(composed.run_dir, composed.from_clock, "transfer train")
+            claimed = lock.run_dir
+        except TransferError as error:
+            claimed = error
+    claimed = distributed.broadcast_object(claimed)
+    if isinstance(claimed, TransferError):
+        raise claimed
+    run_dir = Path(claimed)
+    with lock or contextlib.nullcontext():
+        def job() -> Outcome:
+            return _announced(run_dir, train_in(composed.config, run_dir, lock.held_before if lock else frozenset(),
+                                                lambda: save_config(composed.ran, run_dir)))
+        return run_as_hydra_job(composed, run_dir, job, writes_record=main)
+
+
+def _announced(run_dir: Path, outcome: Outcome) -> Outcome:
+    """A finished run's directory and figures on stdout (a dry run printed its plan)."""
+    summary = outcome.summary
+    if summary is not None and not summary.get("dry_run"):
+        print(f"run dir: {run_dir}")
+        print(format_result(summary))
+    return outcome
+
+
+class _Outcomes:
+    """How the runs of one `transfer train` ended, said on stderr once Hydra is done, and its exit code:
+    an interruption's (130, 143) before a bug's (1) before a user mistake's (2)."""
+
+    def __init__(self) -> None:
+        self.ended: list[Outcome] = []
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            self.ended.append(outcome)
+
+    def report(self) -> int:
+        for outcome in self.ended:
+            print(outcome.line, file=sys.stderr)
+        codes = [outcome.code for outcome in self.ended]
+        return sorted(codes, key=lambda code: (code in (1, 2), code))[0] if codes else 0
+
+
+# --------------------------------------------------------------------------- sweeps and Hydra's own flags
+
+
+def _under_hydra_main(argv: list[str], flags: list[str], outcomes: _Outcomes) -> None:
+    """A sweep, checked value by value and its directory claimed before Hydra writes; Hydra's own flags
+    (--help, --cfg, ...) answered by Hydra."""
+    sweep = all(flag in SWEEP_FLAGS for flag in flags)
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    where = []
+    if sweep:
+        problem = composition_error(argv)
+        if problem:
+            raise TransferError(problem)
+        distributed.init_from_env()
+        where = distributed.broadcast_object(_sweep_dir_override(overrides) if distributed.is_main() else None)
+        if isinstance(where, TransferError):
+            raise where
+    launcher_pid = os.getpid()
+
+    def job(started: HydraJob) -> float | None:
+        distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
+        return _sweep_job(started, outcomes, worker=os.getpid() != launcher_pid)
+
+    run_hydra_main([*argv, *where], job)
+
+
+def _sweep_dir_override(overrides: list[str]) -> list[str] | TransferError:
+    """A clock-made sweep dir made unique (as an override naming it), or a chosen one checked as a re-run."""
+    try:
+        planned, from_clock = sweep_dir(overrides)
+        if from_clock:
+            return [f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}"]
+        check_rerun(overrides, planned)
+        return []
+    except TransferError as error:
+        return error
+
+
+def _sweep_job(started: HydraJob, outcomes: _Outcomes, worker: bool) -> float | None:
+    """One job of a sweep in its own locked directory: a finished one skipped, a partial one resumed, another
+    config's refused. A launcher's worker (`worker`) also fails where its launcher sees it."""
+    run_dir, main = started.run_dir, distributed.is_main()
+    try:
+        cfg = started.config()
+        if distributed.broadcast_object((run_dir / "summary.json").exists() if main else None):
+            return _skip_finished(run_dir, cfg)  # reads only: no lock
+        with runlock.hold_on_main(run_dir, "a transfer train -m job"):
+            found = distributed.broadcast_object(previous_attempt(run_dir, cfg) if main else None)
+            if found["kind"] == "other":
+                raise TransferError(another_config(run_dir, found["differences"]))
+            resume = None
+            if found["kind"] == "partial":
+                cfg, resume = resume_point(run_dir)
+                logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
+            outcome = _announced(run_dir, train_in(cfg, run_dir, _entries_before(run_dir),
+                                                   started.save_config, resume))
+    except (TransferError, NotOwnFile) as error:  # another process's run, a link in it, another config
+        outcome = Outcome(error=error, code=2, line=f"transfer: error: {error}")
+    outcomes.add(outcome)
+    if worker and outcome.error is not None and outcome.code in (1, 2):
+        print(outcome.line, file=sys.stderr)
+        raise outcome.error
+    return _objective(outcome.summary) if outcome.summary else None
 
 
 def _entries_before(run_dir: Path) -> frozenset[str]:
@@ -80,202 +184,18 @@ def _entries_before(run_dir: Path) -> frozenset[str]:
     return frozenset(names - HYDRA_ONLY_FILES - {runlock.LOCK_NAME})
 
 
-def main(argv: list[str]) -> int:
-    """`transfer train` with Hydra's own argument handling (overrides, -m, --help, --cfg)."""
-    outcomes = _Outcomes()
-    try:
-        train_jobs(argv, outcomes)
-    except TransferError as error:  # refused before any job started: one line, as a job's mistake is
-        outcomes.user_error(error)
-    return outcomes.report()
-
-
-def train_jobs(argv: list[str], outcomes: Any) -> list[Path]:
-    """The command but its exit code (also what `transfer_cli.train` runs): the checks, the claim of the
-    directory, each job under Hydra, however it ends told to `outcomes`; returns the jobs' directories."""
-    missing = missing_plugin(argv)
-    if missing:
-        raise TransferError(missing)
-    register_configs()
-    problem = composition_error(argv)
-    if problem:
-        raise TransferError(problem)
-    distributed.init_from_env()  # torchrun: before Hydra composes, so rank 0 picks the run dir for every rank
-    where, lock = _claim_dir(argv)
-    launcher_pid = os.getpid()
-    trained: list[Path] = []
-
-    held_before = lock.held_before if lock else None
-
-    def job(started: HydraJob) -> float | None:
-        trained.append(started.run_dir)
-        distributed.init_from_env()  # a launcher's job process (submitit, several tasks) joins here
-        return _job(started, outcomes, worker=os.getpid() != launcher_pid, held_before=held_before)
-
-    with lock or contextlib.nullcontext():  # a single run's directory stays locked until Hydra is done with it
-        run_hydra_main([*argv, *where], job)
-    return trained
-
-
-class _Outcomes:
-    """How the jobs of one `transfer train` ended, said on stderr once Hydra is done, and its exit code:
-    an interruption's (130, 143) before a bug's (1) before a user mistake's (2)."""
-    def __init__(self) -> None:
-        self.codes: list[int] = []
-        self._say: list[Callable[[], object]] = []
-
-    def add(self, code: int, line: str) -> None:
-        self.codes.append(code)
-        self._say.append(lambda: print(line, file=sys.stderr))
-
-    def user_error(self, error: Exception) -> None:
-
-        self.codes.append(USER_ERROR_EXIT)
-        self._say.append(lambda: report_user_error(error))
-
-    def report(self) -> int:
-        for say in self._say:
-            say()
-        return sorted(self.codes, key=lambda code: (code in (1, 2), code))[0] if self.codes else 0
-
-
-def _claim_dir(argv: list[str]) -> tuple[list[str], Any]:
-    """Before Hydra writes anything, rank 0 picks the directory (see runlock.claim_new) and locks a single
-    run's; every rank gets the Hydra override that names it, and rank 0 the lock. Hydra's own flags
-    (--help, --cfg, ...) write no run: nothing to claim."""
-    flags = [arg for arg in argv if arg.startswith("-")]
-    if any(flag not in SWEEP_FLAGS for flag in flags):
-        return [], None
-    overrides = [arg for arg in argv if not arg.startswith("-")]
-    claimed, lock = None, None
-    if distributed.is_main():
-        try:
-            claimed, lock = _claim_on_main(overrides, sweep=bool(flags))
-        except TransferError as error:
-            claimed = error
-    claimed = distributed.broadcast_object(claimed)
-    if isinstance(claimed, TransferError):
-        raise claimed
-    return ([claimed] if claimed else []), lock
-
-
-def _claim_on_main(overrides: list[str], sweep: bool) -> tuple[str | None, Any]:
-    """The override naming a new run's directory, locked (and that lock), or a sweep's clock-made dir, made unique."""
-    empty = next((o.partition("=")[0] for o in overrides if re.fullmatch(r"hydra\.(run|sweep)\.dir=\s*(''|\"\")?", o)),
-                 None)
-    if empty:  # Hydra would take the current directory, whatever it holds
-        raise TransferError(f"{empty} is empty: give a directory, or leave it out (each run then gets its own under "
-                            "outputs/)")
-    planned, from_clock, sweep = planned_dir(overrides, sweep)
-    if sweep:  # its jobs lock their own dirs; a fixed sweep dir is a re-run's to skip or resume
-        if from_clock:
-            return f"hydra.sweep.dir={quoted(str(runlock.unused_dir(planned)))}", None
-        check_rerun(overrides, planned)
-        return None, None
-    lock = runlock.claim_new(planned, from_clock, "transfer train")
-    return f"hydra.run.dir={quoted(str(lock.run_dir))}", lock
-
-
-def quoted(value: str) -> str:
-    """`value` as a quoted Hydra override value: any path, spaces, commas and quotes included. In Hydra's
-    quoted strings a backslash is literal except in a run before a quote or the closing quote: such runs double."""
-    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
-
-
-def _job(started: HydraJob, outcomes: _Outcomes, worker: bool, held_before: frozenset[str] | None) -> float | None:
-    """One job in its locked directory (a sweep job locks its own here); however it ends goes to `outcomes`.
-    A launcher's worker (`worker`) also fails where its launcher sees it. `held_before`: what a single run's
-    directory held before its claim (None for a sweep job: read here), all of it kept when the run is discarded."""
-    run_dir, sweep_job = started.run_dir, started.sweep_job
-    main = distributed.is_main()
-    finished = (run_dir / "summary.json").exists() if main else None  # a re-run's skip reads only: no lock
-    locked = sweep_job and not distributed.broadcast_object(finished)
-    try:
-        with runlock.hold_on_main(run_dir, "a transfer train -m job") if locked else contextlib.nullcontext():
-            keep = held_before if held_before is not None else _entries_before(run_dir)
-            new = not (run_dir / "config.yaml").is_file()
-            discard = (lambda: _discard_unstarted(run_dir, keep)) if main and new else (lambda: None)
-            try:
-                return _train_job(started, discard)
-            except BaseException as error:  # noqa: BLE001 - each ending is settled in one place
-                _settle(error, run_dir, discard, outcomes, worker)
-                return None
-    except (runlock.RunDirBusy, NotOwnFile) as error:  # another process's run, or a link in it: left alone
-        outcomes.user_error(error)
-        if worker:
-            report_user_error(error)
-            raise
-        return None
-
-
-def _settle(error: BaseException, run_dir: Path, discard: Callable[[], None], outcomes: _Outcomes,
-            worker: bool) -> None:
-    """A job's failure as one line: a user mistake (2), an interruption (130, 143), a bug (1, its traceback in a
-    file); a new run without a checkpoint is discarded. Anything else (SystemExit) goes on up."""
-    if isinstance(error, Interrupted):
-        outcomes.add(getattr(error, "exit_code", INTERRUPT_EXIT),
-                     f"transfer: {error}; continue with: {runlock.resume_command(run_dir)}")
-        return
-    if not isinstance(error, (Exception, KeyboardInterrupt)):
-        raise error
-    discard()
-    resumable = runlock.holds_run(run_dir) and not (run_dir / "summary.json").exists()
-    then = f"; continue with: {runlock.resume_command(run_dir)}" if resumable else ""
-    if isinstance(error, TransferError):
-        outcomes.user_error(error)
-        if worker:
-            report_user_error(error)
-            raise error
-    elif isinstance(error, KeyboardInterrupt):
-        outcomes.add(INTERRUPT_EXIT, f"transfer: interrupted{then or ' before the first checkpoint: nothing kept'}")
-    else:
-        code, line = failure(error, run_dir / "error.log" if runlock.holds_run(run_dir) else None, then, run_dir)
-        outcomes.add(code, line)  # a full disk: 2, a bug: 1
-        if worker:
-            print(line, file=sys.stderr)
-            raise error
-
-
-def _train_job(started: HydraJob, discard: Callable[[], None]) -> float | None:
-    """Train one job (a sweep re-run: skip a finished one, resume a partial one); its objective for a sweeper."""
-
-
-    run_dir, sweep_job = started.run_dir, started.sweep_job
-    main = distributed.is_main()
-    cfg = started.config()
-    resume = None
-    if sweep_job:
-        found = distributed.broadcast_object(previous_attempt(run_dir, cfg) if main else None)
-        if found["kind"] == "other":
-            raise TransferError(another_config(run_dir, found["differences"]))
-        if found["kind"] == "done":
-            return _report_done(run_dir, found["summary"])
-        if found["kind"] == "partial":
-            cfg, resume = resume_point(run_dir)
-            logging.getLogger(__name__).info("resuming %s from %s", run_dir, resume_position(resume))
-    from transfer_cli.training.run import train  # torch: only a job that trains loads it
-
-    if resume is None:
-        cfg = as_run(cfg)  # the stages as they run (trainer.epochs rescales them): what config.yaml records
-        if main:
-            started.save_config([stage.epochs for stage in cfg.strategy.stages] or None)
-
-    summary = train(cfg, run_dir, resume=resume)
-    if summary.get("dry_run"):
-        discard()
-        return None
-    print(f"run dir: {run_dir}")
-    print(format_result(summary))
-    return _objective(summary)
-
-
 def _objective(summary: dict[str, Any]) -> float | None:
     """What a sweeper (Optuna: direction maximize) optimizes: the best validation top-1 accuracy, a float."""
     value = summary.get("best_val_acc")
     return float(value) if value is not None else None
 
 
-def _report_done(run_dir: Path, summary: dict[str, Any]) -> float | None:
+def _skip_finished(run_dir: Path, cfg: Any) -> float | None:
+    """A job whose directory holds a finished run of its own config: its stored result, not a second run."""
+    found = distributed.broadcast_object(previous_attempt(run_dir, cfg) if distributed.is_main() else None)
+    if found["kind"] != "done":
+        raise TransferError(another_config(run_dir, found["differences"]))
+    summary = found["summary"]
     status = summary.get("status", "finished")
     print(f"run dir: {run_dir} ({status} before: skipped)")
     if status != "finished":

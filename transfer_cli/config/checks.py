@@ -1,9 +1,11 @@
-"""Value rules for config fields, and the walk that applies them to a whole config.
+"""Value rules for config fields, and the walks that read a whole schema by its fields' metadata.
 
 A schema field carries its rule in its metadata (`field(default=..., metadata=rule(...))`,
 see schema.py), so the range sits next to the field it guards. `check_tree` visits every field
 of a dataclass tree and raises one TransferError naming the first bad key, its value and what
-it must be. It imports neither torch nor Hydra: composition checks it before anything runs.
+it must be; `machinery_keys` lists the fields marked MACHINERY. A Toggle (auto | true | false)
+is checked by one rule and read by one function, `resolve_toggle`. This module imports neither
+torch nor Hydra: composition checks it before anything runs, and `transfer report` reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +23,13 @@ from transfer_cli.core.errors import TransferError
 
 RULE = "rule"
 MISSING = "???"  # omegaconf.MISSING: a required value not given yet (composition reports it)
+# field metadata: how a run is carried out (workers, device, caches, loggers), not what it computes
+MACHINERY = {"machinery": True}
+
+# A three-way switch: `auto` lets the run decide (each field says how), true and false decide for it. YAML and
+# the command line turn true/false into booleans, which reach a str field as True/False: any case is taken.
+Toggle = str
+TOGGLE_CHOICES = ("auto", "true", "false")
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,21 @@ def one_of(*choices: str, case: bool = True) -> Rule:
     return Rule(lambda value: str(value).lower() in choices, f"must be one of {', '.join(choices)}")
 
 
+def toggle() -> Rule:
+    """A Toggle: auto, true or false, in any case (YAML's booleans arrive as True and False)."""
+    return one_of(*TOGGLE_CHOICES, case=False)
+
+
+def resolve_toggle(value: Toggle, auto: bool) -> bool:
+    """A Toggle as on or off, `auto` being what the run decides for it (on CUDA, within budget, ...)."""
+    return auto if is_auto(value) else str(value).lower() == "true"
+
+
+def is_auto(value: Toggle) -> bool:
+    """Whether a Toggle leaves the choice to the run: a forced one may deserve a warning that auto would not."""
+    return str(value).lower() == "auto"
+
+
 def matches(pattern: str, says: str) -> Rule:
     return Rule(lambda value: re.fullmatch(pattern, str(value)) is not None, says)
 
@@ -142,3 +167,23 @@ def check_tree(node: Any, prefix: str = "") -> None:
             for index, item in enumerate(value):
                 if dataclasses.is_dataclass(item):
                     check_tree(item, f"{key}[{index}].")
+
+
+def machinery_keys(schema: type, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the fields marked MACHINERY in the dataclass tree `schema` (a marked node covers its keys)."""
+    hints = typing.get_type_hints(schema)
+    keys: list[str] = []
+    for spec in dataclasses.fields(schema):
+        key = f"{prefix}{spec.name}"
+        nested = _dataclass_in(hints[spec.name])
+        if MACHINERY.items() <= spec.metadata.items():
+            keys.append(key)
+        elif nested is not None:
+            keys.extend(machinery_keys(nested, f"{key}."))
+    return tuple(keys)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field's type names, itself or as Optional[...]; None for any other type."""
+    candidates = [hint, *typing.get_args(hint)]
+    return next((kind for kind in candidates if dataclasses.is_dataclass(kind)), None)

@@ -1,43 +1,60 @@
-"""The Hydra boundary: the schema in Hydra's ConfigStore, composition, and `hydra.main` for a train job.
+"""The Hydra boundary: the schema in Hydra's ConfigStore, composition, and Hydra running a train job.
 
-Nothing outside the config package imports Hydra: a command asks here for a composed
-TrainConfig (`compose_config`), for the directory Hydra would write (`planned_dir`), for
-the jobs a sweep will launch (`sweep_jobs`: checked before Hydra writes into their
-directories), or for Hydra to run its job function (`run_hydra_main`), which receives a `HydraJob`.
-A composition mistake is one TransferError line, before anything is written.
+Nothing outside the config package imports Hydra. A single run is composed once (`compose`:
+the checked TrainConfig with its stages as they run, and the directory Hydra's settings name)
+by a config loader of its own, so a caller's Hydra state (a notebook that initialised Hydra
+for its own configs) is neither read nor changed. The command then runs that one composition
+as a Hydra job (`run_as_hydra_job`: Hydra's logging, `.hydra/` record, env and callbacks); the
+Python API calls training directly and records the same files (`record_job`). A sweep
+(`-m`) and Hydra's own flags go through `hydra.main` (`run_hydra_main`), its jobs arriving
+as `HydraJob`s. A composition mistake is one TransferError line, before anything is written.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra._internal.callbacks import Callbacks
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
-from hydra.core.utils import setup_globals
+from hydra.core.utils import run_job, setup_globals
 from hydra.errors import HydraException
-from hydra.types import RunMode
+from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from transfer_cli.config.loading import config_dir
 from transfer_cli.config.schema import TrainConfig
+from transfer_cli.config.stage_epochs import scale_epochs
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.extras import installed
 
 
 SWEEP_FLAGS = {"-m", "--multirun"}
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+CONFIG_NAME = "train"
+# a rank > 0 of a torchrun run writes neither `.hydra/` nor train.log: rank 0 keeps the record
+CONSOLE_ONLY_LOGGING = {
+    "version": 1,
+    "formatters": {"simple": {"format": "[%(asctime)s][rank %(process)d][%(levelname)s] - %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple", "stream": "ext://sys.stderr"}},
+    "root": {"level": "WARNING", "handlers": ["console"]},
+    "disable_existing_loggers": False,
+}
 
 
 def register_configs() -> None:
@@ -61,23 +78,140 @@ def _stand_in_for_missing_sweeper(store: Any) -> None:
     })
 
 
-def composition_error(argv: list[str]) -> str | None:
-    """Compose the config up front, so a typo'd key, option or value, or a value out of its range
-    (the schema's rules), is one line before anything is written.
+# --------------------------------------------------------------------------- a single run: composed once
 
-    A sweep is checked value by value (see `value_by_value`), not job by job. Hydra's own
-    flags (--help, --cfg, ...) are left to Hydra, which reports them.
-    """
+
+@dataclass(frozen=True)
+class Composed:
+    """One composition of `transfer train <overrides>`: the checked config, the composed tree with Hydra's
+    settings, the run's part of it with the stage epochs as they run (what config.yaml records), the directory
+    Hydra's settings name, and whether a clock made its name."""
+    config: TrainConfig
+    tree: DictConfig
+    ran: DictConfig
+    run_dir: Path
+    from_clock: bool
+
+    @property
+    def multirun(self) -> bool:
+        """hydra.mode=MULTIRUN, set by an override or a config (hparams_search): a sweep, not a single run."""
+        return self.tree.hydra.mode == RunMode.MULTIRUN
+
+
+def compose(overrides: list[str]) -> Composed:
+    """`transfer train <overrides>` composed and checked once, by a config loader of our own: Hydra's global
+    state (GlobalHydra, HydraConfig) is neither needed nor touched. A typo'd key, option or value, or a value
+    out of its range, is one TransferError line."""
+    register_configs()
+    setup_globals()  # Hydra's resolvers (${now:}); registering them again changes nothing
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+    try:
+        tree = loader.load_configuration(config_name=CONFIG_NAME, overrides=list(overrides), run_mode=RunMode.RUN)
+        run_dir = str(tree.hydra.run.dir)
+        if not run_dir.strip():  # Hydra would take the current directory, whatever it holds
+            raise TransferError("hydra.run.dir is empty: give a directory, or leave it out (each run then gets its "
+                                "own under outputs/)")
+        ran = _as_run(_task(tree))
+        config = OmegaConf.to_object(ran)
+    except MissingMandatoryValue as error:
+        raise TransferError(f"{error.full_key} has no value: give one ({error.full_key}=...)") from error
+    except (HydraException, OmegaConfBaseException) as error:
+        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+    pattern = str(OmegaConf.to_container(tree.hydra.run, resolve=False)["dir"])
+    return Composed(config, tree, ran, Path(run_dir).absolute(), "${now:" in pattern)
+
+
+def _task(tree: DictConfig) -> DictConfig:
+    """The run's part of a composed tree (a copy without Hydra's settings)."""
+    task = copy.deepcopy(tree)
+    with read_write(task), open_dict(task):
+        task.pop("hydra", None)
+    return task
+
+
+def _as_run(task: DictConfig) -> DictConfig:
+    """`task` with its strategy's stage epochs as they run (rescaled to `trainer.epochs`), so the config is built
+    (and checked) once, and config.yaml records the stages that ran (reading it back rescales nothing). A
+    size-table strategy (`auto`) has no stages until the data picks them: plan.json and summary.json show those."""
+    stages, total = task.strategy.stages, task.trainer.epochs
+    counts = [stage.epochs for stage in stages]
+    if counts and min(counts) >= 1 and (total is None or total >= 1):  # else the schema names the bad key
+        epochs = scale_epochs(counts, total)
+        with read_write(task):
+            for stage, count in zip(stages, epochs):
+                stage.epochs = count
+    return task
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The TrainConfig `transfer train <overrides>` would run, for commands and benchmarks that build on it."""
+    return compose(overrides).config
+
+
+def quoted(value: str) -> str:
+    """`value` as a quoted Hydra override value: any path, spaces, commas and quotes included. In Hydra's
+    quoted strings a backslash is literal except in a run before a quote or the closing quote: such runs double."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
+
+
+def _job_tree(composed: Composed, run_dir: Path) -> DictConfig:
+    """The composed tree as its job runs: in `run_dir` (the claimed directory), mode RUN."""
+    tree = copy.deepcopy(composed.tree)
+    with read_write(tree.hydra), open_dict(tree.hydra):
+        tree.hydra.run.dir = str(run_dir)
+        tree.hydra.runtime.output_dir = str(run_dir.absolute())
+        tree.hydra.mode = RunMode.RUN
+    return tree
+
+
+def run_as_hydra_job(composed: Composed, run_dir: Path, job: Callable[[], Any], writes_record: bool) -> Any:
+    """Run `job` as Hydra runs a single run's job, on this one composition: the logging of hydra.job_logging,
+    `.hydra/` (config, hydra, overrides), hydra.job.env_set, hydra.callbacks. A process that does not keep the
+    record (`writes_record` False: a torchrun rank > 0) logs to its console only."""
+    tree = _job_tree(composed, run_dir)
+    if not writes_record:
+        with read_write(tree.hydra), open_dict(tree.hydra):
+            tree.hydra.output_subdir = None
+            tree.hydra.job_logging = CONSOLE_ONLY_LOGGING
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+    callbacks = Callbacks(tree)
+    callbacks.on_run_start(config=tree, config_name=CONFIG_NAME)
+    ended = run_job(task_function=lambda _: job(), config=tree, job_dir_key="hydra.run.dir", job_subdir_key=None,
+                    hydra_context=HydraContext(config_loader=loader, callbacks=callbacks))
+    callbacks.on_run_end(config=tree, config_name=CONFIG_NAME, job_return=ended)
+    return ended.return_value  # raises what the job raised
+
+
+def record_job(composed: Composed, run_dir: Path) -> None:
+    """The `.hydra/` record a Hydra job leaves (its config as composed, Hydra's settings, the overrides), for a run
+    started without Hydra (the Python API), so `transfer report` and resume read every run alike."""
+    tree = _job_tree(composed, run_dir)
+    record = run_dir / str(tree.hydra.output_subdir or ".hydra")
+    record.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(_task(tree), record / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": tree.hydra}), record / "hydra.yaml")
+    OmegaConf.save(tree.hydra.overrides.task, record / "overrides.yaml")
+
+
+def save_config(ran: DictConfig, run_dir: Path) -> None:
+    """The resolved config as it runs as `config.yaml` in the run directory: what resume, eval and a sweep
+    re-run read back."""
+    OmegaConf.save(ran, run_dir / "config.yaml", resolve=True)
+
+
+# --------------------------------------------------------------------------- sweeps: hydra.main and its jobs
+
+
+def composition_error(argv: list[str]) -> str | None:
+    """Compose a sweep value by value (see `value_by_value`) up front, so a bad value is one line before any job
+    starts. Hydra's own flags (--help, --cfg, ...) are left to Hydra, which reports them."""
     flags = [arg for arg in argv if arg.startswith("-")]
     if any(flag not in SWEEP_FLAGS for flag in flags):
         return None
-
-
     overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra")]
     try:
-        runs = value_by_value(overrides) if flags else [overrides]
-        for run in runs:
-            compose_config(run)
+        for run in value_by_value(overrides):
+            compose(run)
     except HydraException as error:  # a sweep override Hydra cannot parse
         return _one_line(f"{error}\n{error.__cause__ or ''}")
     except TransferError as error:
@@ -106,20 +240,6 @@ def value_by_value(overrides: list[str]) -> list[list[str]]:
     return runs
 
 
-def compose_config(overrides: list[str]) -> Any:
-    """The TrainConfig `transfer train <overrides>` would run, composed in this process without a
-    Hydra job (no run dir, no logging set up), for commands that build on it; a composition
-    mistake or a value out of its range is a one-line TransferError."""
-    register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return OmegaConf.to_object(compose("train", overrides=overrides))
-    except MissingMandatoryValue as error:
-        raise TransferError(f"{error.full_key} has no value: give one ({error.full_key}=...)") from error
-    except (HydraException, OmegaConfBaseException) as error:
-        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
-
-
 def _one_line(report: str) -> str:
     """Hydra's multi-line report as one line: the message, the options it lists, the key."""
     lines = [line.strip() for line in report.splitlines() if line.strip()]
@@ -132,23 +252,23 @@ def _one_line(report: str) -> str:
     return " ".join([lines[0].rstrip("."), "-", *detail[:1]]) if detail else lines[0]
 
 
-def planned_dir(overrides: list[str], sweep: bool) -> tuple[Path, bool, bool]:
-    """The directory Hydra would write (a sweep's: its dir), resolved here the way Hydra resolves it;
-    whether its name comes from the clock (`${now:...}`); whether this is a sweep (-m or hydra.mode)."""
+def sweep_dir(overrides: list[str]) -> tuple[Path, bool]:
+    """The directory a sweep writes (hydra.sweep.dir, with its first job's values), and whether its name comes
+    from the clock (`${now:...}`)."""
     register_configs()
-    setup_globals()  # Hydra's ${now:} and ${hydra:} resolvers
+    setup_globals()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=value_by_value(overrides)[0] if sweep else overrides,
-                          return_hydra_config=True)
-        sweep = sweep or cfg.hydra.mode == RunMode.MULTIRUN
-        node = cfg.hydra.sweep if sweep else cfg.hydra.run
-        HydraConfig.instance().set_config(cfg)
-        planned = Path(str(node.dir))
+        tree = loader.load_configuration(config_name=CONFIG_NAME, overrides=value_by_value(overrides)[0],
+                                         run_mode=RunMode.MULTIRUN)
+        planned = str(tree.hydra.sweep.dir)
     except (HydraException, OmegaConfBaseException) as error:
         raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
-    pattern = str(OmegaConf.to_container(node, resolve=False)["dir"])
-    return planned, "${now:" in pattern, sweep
+    if not planned.strip():  # Hydra would sweep into the current directory, whatever it holds
+        raise TransferError("hydra.sweep.dir is empty: give a directory, or leave it out (each sweep then gets its "
+                            "own under outputs/)")
+    pattern = str(OmegaConf.to_container(tree.hydra.sweep, resolve=False)["dir"])
+    return Path(planned), "${now:" in pattern
 
 
 def sweep_jobs(overrides: list[str]) -> list[HydraJob] | None:
@@ -162,7 +282,7 @@ def sweep_jobs(overrides: list[str]) -> list[HydraJob] | None:
     setup_globals()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            master = compose("train", overrides=value_by_value(overrides)[0], return_hydra_config=True)
+            master = hydra_compose(CONFIG_NAME, overrides=value_by_value(overrides)[0], return_hydra_config=True)
             if master.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
                 return None
             parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
@@ -178,61 +298,41 @@ def sweep_jobs(overrides: list[str]) -> list[HydraJob] | None:
 
 def _sweep_job(num: int, overrides: list[str]) -> HydraJob:
     """Job `num` of a sweep, as the basic launcher sets it up (job id and number, then its directory)."""
-    composed = compose("train", overrides=overrides, return_hydra_config=True)
+    composed = hydra_compose(CONFIG_NAME, overrides=overrides, return_hydra_config=True)
     with read_write(composed.hydra), open_dict(composed.hydra):
         composed.hydra.job.id = num
         composed.hydra.job.num = num
     run_dir = Path(str(composed.hydra.sweep.dir)) / str(composed.hydra.sweep.subdir)
     with read_write(composed), open_dict(composed):
         del composed["hydra"]
-    return HydraJob(run_dir, True, composed)
+    return HydraJob(run_dir, composed)
 
 
 @dataclass(frozen=True)
 class HydraJob:
-    """One job as Hydra started it: where it runs, whether it is a sweep's, and its composed config."""
+    """A sweep's job as Hydra started it: where it runs and its composed config."""
     run_dir: Path
-    sweep_job: bool
     composed: DictConfig
 
     def config(self) -> TrainConfig:
-        """The job's config as dataclasses (its ranges checked: a bad value raises TransferError here)."""
-        return OmegaConf.to_object(self.composed)
+        """The job's config as dataclasses, stages as they run (its ranges checked: a bad value raises
+        TransferError here)."""
+        try:
+            return OmegaConf.to_object(_as_run(_task(self.composed)))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
 
-    def save_config(self, stage_epochs: list[int] | None = None) -> None:
-        """The resolved config as `config.yaml` in the run directory (what resume and eval read back), with
-        `stage_epochs` as its strategy's stage epochs: the stages as they run, after `trainer.epochs` rescaled
-        them (they then sum to trainer.epochs, so reading the file back rescales nothing)."""
-        composed = self.composed
-        if stage_epochs is not None:
-            composed = copy.deepcopy(composed)
-            for stage, epochs in zip(composed.strategy.stages, stage_epochs, strict=True):
-                stage.epochs = epochs
-        OmegaConf.save(composed, self.run_dir / "config.yaml", resolve=True)
+    def save_config(self) -> None:
+        save_config(_as_run(_task(self.composed)), self.run_dir)
 
 
 def run_hydra_main(argv: list[str], job: Callable[[HydraJob], float | None]) -> None:
-    """Run `job` under `hydra.main` with Hydra's own argument handling (overrides, -m, --help, --cfg);
-    what `job` returns is a sweeper's objective."""
-    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+    """Run `job` for each job of a sweep under `hydra.main`, with Hydra's own argument handling (overrides, -m,
+    --help, --cfg); what `job` returns is a sweeper's objective."""
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=CONFIG_NAME)
     def task(composed: DictConfig) -> float | None:
-        hydra_cfg = HydraConfig.get()
-        return job(HydraJob(Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN, composed))
+        return job(HydraJob(Path(HydraConfig.get().runtime.output_dir), composed))
 
+    register_configs()
     sys.argv = ["transfer train", *argv]
     task()
-
-
-@contextmanager
-def callers_hydra_set_aside() -> Iterator[None]:
-    """Hydra's process-wide state as a caller left it (a notebook that ran `hydra.initialize(...)` for its own
-    configs), set aside while `transfer_cli.train` composes and runs ours, and given back afterwards."""
-    theirs = GlobalHydra.instance().hydra
-    GlobalHydra.instance().clear()
-    try:
-        yield
-    finally:
-        state = GlobalHydra.instance()  # Hydra's run may have swapped its singletons: ask again
-        state.clear()
-        if theirs is not None:
-            state.initialize(theirs)

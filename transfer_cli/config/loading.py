@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transfer_cli.config.schema import StrategyConfig, TrainConfig, TrainerConfig
+from transfer_cli.config.schema import StrategyConfig, TrainConfig
 from transfer_cli.core.errors import TransferError, first_line
 
 
@@ -58,7 +58,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         raise TransferError(f"{file} is nested too deeply to be a run's config: {DAMAGED}") from error
     if not isinstance(tree, DictConfig):
         raise TransferError(f"{file} is damaged: it holds a list, not a config mapping")
-    _split_as_trained(tree)
+    _require_split_seed(tree, file)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), tree))
     except OmegaConfBaseException as error:
@@ -105,14 +105,15 @@ def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
     return sizes[key]
 
 
-def _split_as_trained(tree: Any) -> None:
-    """A run saved before `dataset.split_seed` existed split its data (val_fraction, subsets, generated images)
-    by trainer.seed: that seed, not the schema's default, gives resume and eval the run's own images."""
-    from omegaconf import DictConfig, OmegaConf
+def _require_split_seed(tree: Any, file: Path) -> None:
+    """A saved config names the seed its data was split with: the schema's default in its place would evaluate or
+    resume the run on other images, a silent wrong number."""
+    from omegaconf import DictConfig
 
     dataset = tree.get("dataset")
     if isinstance(dataset, DictConfig) and "split_seed" not in dataset:
-        dataset.split_seed = OmegaConf.select(tree, "trainer.seed", default=TrainerConfig.seed)
+        raise TransferError(f"{file} names no dataset.split_seed, so the images the run held out cannot be told: "
+                            "add the seed it split with (dataset.split_seed: N), or train a new run")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

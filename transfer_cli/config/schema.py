@@ -6,6 +6,10 @@ config is composed, not in epoch 3. A field's allowed range sits in its metadata
 (`rule(...)`, see checks.py); building a TrainConfig checks them all, so a value out of
 range fails there too. Below the CLI the code receives these dataclasses (via
 `OmegaConf.to_object`), never a DictConfig.
+
+The dataclasses hold every default: a conf/<group>/ file states only what its choice changes
+(tests/test_configs.py refuses one that restates a default). A field marked MACHINERY says how a
+run is carried out, not what it computes (`transfer report` never tells runs apart by it).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from transfer_cli.config.checks import (
+    MACHINERY,
     Items,
     Rule,
+    Toggle,
     above,
     at_least,
     auto_or_count,
@@ -27,33 +33,49 @@ from transfer_cli.config.checks import (
     one_of,
     ordered,
     rule,
+    toggle,
     whole_number,
 )
 
 
-FLAG = rule(one_of("auto", "true", "false", case=False))  # YAML may hand these over as True/False
+# The one spelling of each choice: composition refuses any other name in one line naming these, the registries
+# that build them accept no other (core/registry.py), and conf/<group>/ names its files after them;
+# tests/test_config_choices.py proves that every choice has its builder and every builder its choice.
+BACKBONE_SOURCE_NAMES = ("timm", "torchvision")
+HEAD_KINDS = ("linear", "mlp")
+DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+SCHEDULER_NAMES = ("onecycle", "cosine", "constant")
+INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
+CROP_MODES = ("center", "squash", "border")  # timm's, see TransformsConfig
+AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
+BN_POLICIES = ("frozen_stats", "reestimate", "train")
+DOMAINS = ("near", "far")
+BAD_IMAGE_CHOICES = ("skip", "error")
+MONITORS = ("val/loss", "val/acc1", "val/acc5")  # what every epoch records of validation
+WANDB_MODES = ("online", "offline", "disabled")
+
+TOGGLE = rule(toggle())  # auto | true | false: a Toggle field, read by resolve_toggle (checks.py)
 POSITIVE = rule(above(0))
 NON_NEGATIVE = rule(at_least(0))
 UNIT = between(0, 1)  # [0, 1): dropouts, betas, momentum, label smoothing, warmup share
 SHARE = between(0, 1, low_open=True, high_open=False)  # (0, 1]
 PROBABILITY = between(0, 1, high_open=False)  # [0, 1]
-BN_POLICIES = ("frozen_stats", "reestimate", "train")
 MISSING = "???"  # OmegaConf's marker for a value the config must give
-AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
-DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
 # torch takes 64-bit seeds, and the sampler and the synthetic images derive theirs as seed * 1_000_003 + epoch
 # (or image index): from a seed within 2**40 of 0, every derived one stays within 64 bits
 SEED = rule(whole_number(-2**40, 2**40 - 1, "seeds derived from it must fit in 64 bits"))
 # a network input: the backbones downsample 32x (ResNet, EfficientNet and ConvNeXt stages; ViT patches of 14 to 32
 # px), so a smaller one leaves their last stage under a pixel; a side over 4096 is a typo (a batch of 32 is 6 GB)
 INPUT_SIZE = rule(whole_number(32, 4096, "the backbones downsample 32x; over 4096 px a batch fills memory"))
+DEVICE = rule(matches(r"auto|cpu|cuda(:\d+)?|mps", "must be one of auto, cpu, cuda, cuda:N, mps"))
 
 
 @dataclass
 class BackboneConfig:
     """Which network to start from and where its weights come from."""
 
-    source: str = field(default=MISSING, metadata=rule(one_of("timm", "torchvision")))
+    source: str = field(default=MISSING, metadata=rule(one_of(*BACKBONE_SOURCE_NAMES)))
     name: str = MISSING  # timm name[.tag] or torchvision model name
     weights: Optional[str] = "DEFAULT"  # torchvision weights enum member, DEFAULT or null
     pretrained: bool = True
@@ -67,7 +89,7 @@ class BackboneConfig:
 class HeadConfig:
     """The classifier that replaces the backbone's own."""
 
-    kind: str = field(default="linear", metadata=rule(one_of("linear", "mlp")))
+    kind: str = field(default="linear", metadata=rule(one_of(*HEAD_KINDS)))
     dropout: float = field(default=0.0, metadata=rule(UNIT))  # linear: dropout before the layer
     hidden: int = field(default=256, metadata=POSITIVE)  # mlp only
     dropouts: list[float] = field(default_factory=lambda: [0.5, 0.3],  # mlp only: before each of its two layers
@@ -123,32 +145,29 @@ class DatasetConfig:
 
     name: str = field(default=MISSING, metadata=rule(one_of(*DATASET_NAMES)))
     root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
-    download: bool = True
+    download: bool = field(default=True, metadata=MACHINERY)
     train_split: str = "train"
     val_split: str = "val"
     # folder without train/ and val/: share held out, stratified
     val_fraction: float = field(default=0.2, metadata=rule(between(0, 1, low_open=True)))
     # skip (warn, count in summary.json) | error
-    on_bad_image: str = field(default="skip", metadata=rule(one_of("skip", "error")))
+    on_bad_image: str = field(default="skip", metadata=rule(one_of(*BAD_IMAGE_CHOICES)))
     # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
-    # from trainer.seed, so a seed sweep varies training alone (a run saved without it used trainer.seed)
+    # from trainer.seed, so a seed sweep varies training alone
     split_seed: int = field(default=42, metadata=SEED)
     # stratified, seeded subset of the training split
     train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     # keep decoded, resized images in memory: auto (if within budget) | true | false
-    cache_images: str = field(default="auto", metadata=FLAG)
-    cache_budget_mb: float = field(default=2048.0, metadata=NON_NEGATIVE)
+    cache_images: Toggle = field(default="auto", metadata=TOGGLE | MACHINERY)
+    cache_budget_mb: float = field(default=2048.0, metadata=NON_NEGATIVE | MACHINERY)
     # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
-    domain: str = field(default="near", metadata=rule(one_of("near", "far")))
+    domain: str = field(default="near", metadata=rule(one_of(*DOMAINS)))
     # synthetic only
     num_classes: int = field(default=4, metadata=rule(at_least(2)))
     train_size: int = field(default=256, metadata=POSITIVE)
     val_size: int = field(default=128, metadata=POSITIVE)
     image_size: int = field(default=64, metadata=rule(whole_number(1, 4096, "a side in pixels")))
-
-
-CROP_MODES = ("center", "squash", "border")  # timm's, see TransformsConfig
 
 
 @dataclass
@@ -162,7 +181,7 @@ class TransformsConfig:
     image_size: Optional[int] = field(default=None, metadata=INPUT_SIZE)  # square; null: the weights' (maybe not)
     crop_pct: Optional[float] = field(default=None, metadata=rule(between(0, 1.5, low_open=True)))
     crop_mode: Optional[str] = field(default=None, metadata=rule(one_of(*CROP_MODES)))
-    interpolation: Optional[str] = field(default=None, metadata=rule(one_of("bilinear", "bicubic", "nearest")))
+    interpolation: Optional[str] = field(default=None, metadata=rule(one_of(*INTERPOLATION_NAMES)))
     mean: Optional[list[float]] = field(
         default=None, metadata=rule(Items(Rule(math.isfinite, "must be a finite number"), (3, 1))))
     std: Optional[list[float]] = field(default=None, metadata=rule(Items(above(0), (3, 1))))
@@ -195,7 +214,7 @@ class AugmentConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = field(default=MISSING, metadata=rule(one_of("adam", "adamw", "sgd")))
+    name: str = field(default=MISSING, metadata=rule(one_of(*OPTIMIZER_NAMES)))
     weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
     momentum: float = field(default=0.9, metadata=rule(UNIT))  # sgd only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=rule(Items(UNIT, (2,))))
@@ -205,11 +224,8 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = field(default=MISSING, metadata=rule(one_of("onecycle", "cosine", "constant")))
+    name: str = field(default=MISSING, metadata=rule(one_of(*SCHEDULER_NAMES)))
     warmup_pct: float = field(default=0.1, metadata=rule(UNIT))
-
-
-MONITORS = ("val/loss", "val/acc1", "val/acc5")  # what every epoch records of validation
 
 
 @dataclass
@@ -226,20 +242,21 @@ class TrainerConfig:
     # null: the strategy's stage epochs; N: stages scaled to N
     epochs: Optional[int] = field(default=None, metadata=POSITIVE)
     batch_size: int = field(default=32, metadata=POSITIVE)
-    eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE)
-    device: str = field(default="auto", metadata=rule(matches(r"auto|cpu|cuda(:\d+)?|mps",
-                                                              "must be one of auto, cpu, cuda, cuda:N, mps")))
-    amp: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA) | true | false
-    channels_last: str = field(default="auto", metadata=FLAG)  # auto (on for CUDA and CPU) | true | false
+    eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE | MACHINERY)
+    device: str = field(default="auto", metadata=DEVICE | MACHINERY)
+    # auto: on for CUDA (bf16 where the GPU has it natively, else fp16 with a grad scaler)
+    amp: Toggle = field(default="auto", metadata=TOGGLE)
+    # auto: on for CUDA and CPU (faster convolutions); false: contiguous
+    channels_last: Toggle = field(default="auto", metadata=TOGGLE | MACHINERY)
     seed: int = field(default=42, metadata=SEED)
     # DataLoader worker processes: auto is min(8, CPU count), as `transfer bench --gpu` measures; or a count
-    num_workers: Any = field(default="auto", metadata=rule(auto_or_count(0)))
+    num_workers: Any = field(default="auto", metadata=rule(auto_or_count(0)) | MACHINERY)
     # uint8 batches cross to the device, which converts and normalizes them (4x fewer bytes than float32):
     # auto (on CUDA) | true | false (the loader normalizes)
-    normalize_on_device: str = field(default="auto", metadata=FLAG)
+    normalize_on_device: Toggle = field(default="auto", metadata=TOGGLE | MACHINERY)
     # JPEG batches decoded on the device (torchvision.io.decode_jpeg: nvjpeg on CUDA) and augmented there with
     # transforms.v2 on tensors; workers only read files (data/device_decode.py). For data beyond the image cache
-    decode_on_device: bool = False
+    decode_on_device: bool = field(default=False, metadata=MACHINERY)
     grad_clip: Optional[float] = field(default=None, metadata=POSITIVE)  # max global grad norm
     # batches whose mean gradient makes one optimizer step (effective batch: batch_size x this); schedules and the
     # EMA count optimizer steps; progress lines, log_every, limit_train_batches and checkpoint_every_steps batches
@@ -247,18 +264,21 @@ class TrainerConfig:
     label_smoothing: float = field(default=0.0, metadata=rule(UNIT))
     # e.g. 0.999: evaluate and checkpoint an EMA of the weights
     ema_decay: Optional[float] = field(default=None, metadata=rule(between(0, 1, low_open=True)))
-    compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # CUDA: no cuDNN autotuning, no TF32 (repeatable numbers over speed)
+    compile: bool = field(default=False, metadata=MACHINERY)  # torch.compile the model
+    # CUDA: no cuDNN autotuning, no TF32 (repeatable numbers over speed)
+    deterministic: bool = field(default=False, metadata=MACHINERY)
     # also checkpoint mid-epoch (long epochs)
-    checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE)
+    checkpoint_every_steps: Optional[int] = field(default=None, metadata=POSITIVE | MACHINERY)
     # steps between host syncs that check the loss is finite (every step on CPU)
-    log_every: int = field(default=50, metadata=POSITIVE)
+    log_every: int = field(default=50, metadata=POSITIVE | MACHINERY)
     limit_train_batches: Optional[int] = field(default=None, metadata=POSITIVE)  # debug: steps per epoch at most
     limit_val_batches: Optional[int] = field(default=None, metadata=POSITIVE)  # debug: val batches at most
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    # auto (where exact) | true (one centre view even with augmentation) | false
-    cache_features: str = field(default="auto", metadata=FLAG)
-    cache_dir: Optional[str] = None  # feature cache; default ~/.cache/transfer/features (TRANSFER_CACHE)
+    # train head-only stages on backbone features computed once: auto (where exact) | true (one centre view even
+    # with augmentation) | false
+    cache_features: Toggle = field(default="auto", metadata=TOGGLE | MACHINERY)
+    # feature cache; null: ~/.cache/transfer/features (TRANSFER_CACHE)
+    cache_dir: Optional[str] = field(default=None, metadata=MACHINERY)
 
 
 @dataclass
@@ -279,7 +299,7 @@ class WandbLoggerConfig:
     entity: Optional[str] = None  # null: the account's default entity
     name: Optional[str] = None  # null: the run directory's name
     # null: WANDB_MODE, else online; offline keeps the run in <run dir>/wandb for `wandb sync`
-    mode: Optional[str] = field(default=None, metadata=rule(one_of("online", "offline", "disabled")))
+    mode: Optional[str] = field(default=None, metadata=rule(one_of(*WANDB_MODES)))
 
 
 @dataclass
@@ -302,7 +322,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = MISSING
     scheduler: SchedulerConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig, metadata=MACHINERY)
     dry_run: bool = False  # validate everything and print the plan without training
     eval_splits: list[str] = field(default_factory=list)  # e.g. [test]: best.pt scored on each when training ends
 

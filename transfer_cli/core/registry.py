@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from transfer_cli.core.errors import TransferError
@@ -13,7 +13,8 @@ T = TypeVar("T")
 
 
 def unknown_name_error(kind: str, name: str, known: list[str], option: str) -> TransferError:
-    """Build the standard 'unknown X' error, listing close matches first."""
+    """The one-line error for a name the schema leaves free (a timm or torchvision model, its weights), close
+    matches first."""
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     listing = ", ".join(known) if len(known) <= 30 else ", ".join(known[:30]) + ", ..."
@@ -21,14 +22,25 @@ def unknown_name_error(kind: str, name: str, known: list[str], option: str) -> T
 
 
 class Registry(Generic[T]):
-    """A mapping from names to objects that fails helpfully on unknown names."""
+    """Builders for the choices of one config field, keyed by the names the schema spells (config/schema.py).
 
-    def __init__(self, kind: str, option: str) -> None:
+    Composition refuses any other name, in one line naming the choices, before a registry is asked: `get`
+    meets only names the schema took. `register` refuses at import a name outside `choices` (the schema's
+    tuple for the field; None leaves the comparison to tests/test_config_choices.py, which also proves that
+    every choice has its builder).
+    """
+
+    def __init__(self, kind: str, option: str, choices: Sequence[str] | None = None) -> None:
         self.kind = kind
         self.option = option
+        self.choices = choices
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if self.choices is not None and name not in self.choices:
+            raise ValueError(f"{self.kind} '{name}' is not a choice of {self.option}: add it to its tuple in "
+                             "config/schema.py first")
+
         def decorator(obj: T) -> T:
             self._items[name] = obj
             return obj
@@ -36,15 +48,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        if name not in self._items:
-            raise unknown_name_error(self.kind, name, sorted(self._items), self.option)
         return self._items[name]
 
     def names(self) -> list[str]:
         return sorted(self._items)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
-from transfer_cli.config.schema import DatasetConfig
+from transfer_cli.config.schema import DATASET_NAMES, DatasetConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry
 from transfer_cli.data.folder import ImageFolderDataset, class_folders, folder_layout
@@ -42,7 +42,7 @@ class RawSplits:
 
 
 # builder(cfg, split_seed): the split seed decides val_fraction splits and generated images
-DATASETS: Registry[Callable[[DatasetConfig, int], RawSplits]] = Registry("dataset", "dataset")
+DATASETS: Registry[Callable[[DatasetConfig, int], RawSplits]] = Registry("dataset", "dataset.name", DATASET_NAMES)
 
 
 def default_cache_dir() -> Path:
@@ -127,12 +127,11 @@ def _file_names(dataset: Dataset) -> list[str] | None:
 def check_same_splits(data: dict[str, Any], run: dict[str, Any] | None) -> None:
     """A resume continues on the images the run started on: files added, removed, renamed or moved to another
     class folder since its checkpoint would re-draw a held-out val split, and the remaining epochs would train or
-    be scored on other images. `run` is None for a checkpoint of an earlier version, which recorded no splits:
-    accepted, with a warning that nothing could be compared."""
+    be scored on other images. A checkpoint without its splits record proves nothing, and is refused."""
     if run is None:
-        log.warning("the checkpoint predates split records: resuming without checking that %s still holds the "
-                    "images the run started on", data.get("source"))
-        return
+        raise TransferError(f"the checkpoint holds no record of the images the run trained on, so resuming cannot "
+                            f"prove that {data.get('source')} still holds them: restore checkpoints/last.pt from a "
+                            "copy, or train a new run")
     changed = [split for split in ("train", "val") if data.get(split) != run.get(split)]
     if not changed:
         return
@@ -156,8 +155,7 @@ def _change(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 @DATASETS.register("synthetic")
 def _synthetic(cfg: DatasetConfig, seed: int) -> RawSplits:
-    if cfg.num_classes < 2:
-        raise TransferError(f"dataset.num_classes={cfg.num_classes}: a classifier needs at least 2 classes")
+    """Generated images of cfg.num_classes classes (the schema keeps it >= 2: a classifier needs two)."""
     train = SyntheticImages(cfg.num_classes, cfg.train_size, cfg.image_size, seed)
     val = SyntheticImages(cfg.num_classes, cfg.val_size, cfg.image_size, seed + 1)
     return RawSplits(train, val, train.classes, train.targets, val.targets)

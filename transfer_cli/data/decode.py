@@ -1,10 +1,10 @@
 """Decoding JPEGs at reduced size where a pipeline's first step shrinks them anyway.
 
 libjpeg can decode at 1/2, 1/4 or 1/8 of the stored size by scaling in the DCT domain (PIL's
-`Image.draft`): a 2000x1500 photo decodes ~3x faster at half size, and the resize after it works on
+`Image.draft`): a photo decodes several times faster at half size, and the resize after it works on
 4-64x fewer pixels. A pipeline (`Pipeline`, transforms.py builds them) carries a `DecodePlan` that
 says how far its input may be reduced; datasets that read files themselves honour it (folder.py's
-`fetch`), anything else (tensors, decoded images, torchvision's sets) is served as before.
+`fetch`), anything else (tensors, decoded images, torchvision's sets) is served unchanged.
 """
 
 from __future__ import annotations

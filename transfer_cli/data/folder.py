@@ -24,7 +24,6 @@ from transfer_cli.core.errors import TransferError
 
 log = logging.getLogger(__name__)
 
-BAD_IMAGE_CHOICES = ("skip", "error")
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 # What PIL and its format plugins raise on a corrupt, truncated or oversized file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
@@ -79,11 +78,6 @@ def decode_problem(path: Path) -> str | None:
     return None
 
 
-def check_bad_image_choice(on_bad_image: str) -> None:
-    if on_bad_image not in BAD_IMAGE_CHOICES:
-        raise TransferError(f"dataset.on_bad_image={on_bad_image!r} is not one of {' | '.join(BAD_IMAGE_CHOICES)}")
-
-
 def image_files(folder: Path) -> list[Path]:
     """Image files at any depth under `folder`, sorted. Hidden entries (a name starting with '.') are left out
     at every depth: `.thumbs/` folders, `.DS_Store`, and the AppleDouble `._x.jpg` files macOS writes beside
@@ -115,7 +109,6 @@ class ImageFolderDataset(FileImages):
     """
 
     def __init__(self, root: Path, classes: list[str], on_bad_image: str = "skip") -> None:
-        check_bad_image_choice(on_bad_image)
         self.root = root
         self.classes = classes
         self.on_bad_image = on_bad_image

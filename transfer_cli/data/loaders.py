@@ -219,7 +219,7 @@ def eval_loader(dataset: Dataset, trainer: TrainerConfig, pin_memory: bool) -> D
 
 
 def steps_per_epoch(loader: DataLoader) -> int:
-    """Optimizer steps in a full epoch, whatever the sampler is currently skipping."""
+    """Batches in a full epoch (this rank's, under DDP), whatever the sampler is currently skipping."""
     size = getattr(loader.sampler, "num_samples", len(loader.dataset))  # this rank's share under DDP
     batch = loader.batch_size
     return size // batch if loader.drop_last else -(-size // batch)

@@ -8,7 +8,6 @@ import torch
 from torchvision.transforms import v2
 
 from transfer_cli.config.schema import AugmentConfig
-from transfer_cli.core.errors import TransferError
 
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -17,10 +16,9 @@ BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Te
 def batch_mixer(augment: AugmentConfig, num_classes: int) -> BatchMixer | None:
     """MixUp, CutMix, or a random choice of the two per batch; None when both alphas are 0.
 
-    The mixed targets are class probabilities, which CrossEntropyLoss accepts directly.
+    The mixed targets are class probabilities, which CrossEntropyLoss accepts directly. The schema keeps both
+    alphas >= 0.
     """
-    if augment.mixup_alpha < 0 or augment.cutmix_alpha < 0:
-        raise TransferError("augment.mixup_alpha and augment.cutmix_alpha must be >= 0 (0 turns them off)")
     mixers = []
     if augment.mixup_alpha > 0:
         mixers.append(v2.MixUp(alpha=augment.mixup_alpha, num_classes=num_classes))

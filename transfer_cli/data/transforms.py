@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 from torchvision.transforms import v2
 
-from transfer_cli.config.schema import CROP_MODES, AugmentConfig, TransformsConfig
+from transfer_cli.config.schema import CROP_MODES, INTERPOLATION_NAMES, AugmentConfig, TransformsConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.data.decode import DecodePlan, Pipeline
 from transfer_cli.models.backbones import PretrainedPreprocessing
@@ -27,11 +27,8 @@ log = logging.getLogger(__name__)
 # the geometric steps take PIL images (before ToImage) or tensors (from the image cache)
 ImageLike = PIL.Image.Image | torch.Tensor
 
-INTERPOLATIONS = {
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "nearest": v2.InterpolationMode.NEAREST,
-}
+# transforms.interpolation (and the weights' own) -> torchvision's mode, whose values are the schema's names
+INTERPOLATIONS = {name: v2.InterpolationMode(name) for name in INTERPOLATION_NAMES}
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -164,7 +161,8 @@ def eval_transform(pre: Preprocessing, *, draft: bool = True, normalize: bool = 
     return Pipeline([first, _crop(pre), v2.ToImage(), *_finish(pre, normalize)], DecodePlan(first) if draft else None)
 
 
-# augment.policy -> the torchvision v2 transform (on uint8 images, before normalization)
+# augment.policy (the schema's AUGMENT_POLICIES) -> the torchvision v2 transform (on uint8 images, before
+# normalization)
 POLICIES: dict[str, Callable[[Any], Callable[[ImageLike], ImageLike]]] = {
     "randaugment": lambda mode: v2.RandAugment(interpolation=mode),
     "trivialaugment": lambda mode: v2.TrivialAugmentWide(interpolation=mode),

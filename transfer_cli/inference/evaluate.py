@@ -53,7 +53,7 @@ class Counts:
 def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision, num_classes: int) -> Counts:
     """Confusion matrix, top-k hits and summed cross-entropy over `loader`, in eval mode.
 
-    Top-1 is the first of the top-k indices, as in engine.evaluate, so ties break alike. The counts add up on
+    Top-1 is the first of the top-k indices, as in loop.evaluate, so ties break alike. The counts add up on
     the device; the host reads them once, at the end.
     """
     model.eval()

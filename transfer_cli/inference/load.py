@@ -32,8 +32,7 @@ def load_trained_model(run_dir: str | Path, checkpoint: str = "best") -> tuple[T
     problem = misfit(model.model.state_dict(), state)
     if problem:
         raise TransferError(f"checkpoint {file} does not fit this run's model ({cfg.backbone.name}, "
-                            f"{len(classes)} classes): {problem}; was it saved by another run, or by a version "
-                            "before torchvision classifiers were replaced whole? Retrain it")
+                            f"{len(classes)} classes): {problem}; was it saved by another run? Retrain it")
     model.model.load_state_dict(state, strict=True)
     model.model.eval()
     return cfg, model, classes

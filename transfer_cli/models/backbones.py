@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from transfer_cli.config.schema import BackboneConfig
+from transfer_cli.config.schema import BACKBONE_SOURCE_NAMES, BackboneConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry, unknown_name_error
 
@@ -57,7 +57,7 @@ class RawBackbone:
 
 
 BACKBONE_SOURCES: Registry[Callable[[BackboneConfig, bool], RawBackbone]] = Registry(
-    "backbone source", "backbone.source"
+    "backbone source", "backbone.source", BACKBONE_SOURCE_NAMES
 )
 
 

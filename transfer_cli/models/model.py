@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from transfer_cli.config.schema import BackboneConfig, HeadConfig
+from transfer_cli.config.schema import HEAD_KINDS, BackboneConfig, HeadConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry
 from transfer_cli.models.backbones import PretrainedPreprocessing, build_raw_backbone
@@ -48,7 +48,7 @@ class TransferModel:
         raise TransferError(f"layer group '{name}' does not exist for this backbone: its groups are {known}")
 
 
-HEADS: Registry = Registry("head", "head")
+HEADS: Registry = Registry("head", "head.kind", HEAD_KINDS)
 
 
 @HEADS.register("linear")

@@ -3,7 +3,7 @@
 Every file `save_atomic` writes carries a sha256 digest of each top-level entry (its tensors by path, dtype,
 shape and bytes, and a canonical text of its other values); `load` recomputes them before anything uses the
 payload, so bit rot or a torn write inside the tensor data, a value or an entry's name is refused, never
-served. Files written before digests existed carry none and load as they are.
+served; a file without the digest record is not one `transfer train` wrote whole, and is refused too.
 """
 
 from __future__ import annotations
@@ -67,15 +67,12 @@ def read(path: Path) -> Any:
 
 def verified(payload: Any, path: Path) -> Any:
     """`payload` without its digests, once its entries are the ones saved and each hashes to its digest; else one
-    line saying the file is damaged (a changed byte in a tensor, a value or an entry's name). A payload without
-    digests was saved before they existed: returned as it is, unless an entry's name is one character off DIGEST
-    (a changed byte there would otherwise pass the file off as an old one)."""
+    line saying the file is damaged (a changed byte in a tensor, a value or an entry's name, or no digest record
+    at all: the file is then not one this tool wrote whole)."""
     record = payload.get(DIGEST) if isinstance(payload, dict) else None
     if record is None:
-        if isinstance(payload, dict) and any(_one_off(key, DIGEST) for key in payload):
-            raise Damaged(f"{path} is damaged: the name of its digest record changed; restore it from a copy, "
-                          "or retrain")
-        return payload
+        raise Damaged(f"{path} is damaged or not written by `transfer train`: it carries no digest record of its "
+                      "contents; restore it from a copy, or retrain")
     body = {key: value for key, value in payload.items() if key != DIGEST}
     saved = _parsed(record)
     unrecorded = sorted(map(repr, (body.keys() - saved.keys()) | (saved.keys() - body.keys())))
@@ -101,10 +98,6 @@ def _parsed(record: Any) -> dict[str, str]:
     if not isinstance(record, str):
         return {}
     return dict(line.rsplit("\t", 1) for line in record.splitlines() if "\t" in line)
-
-
-def _one_off(key: Any, name: str) -> bool:
-    return isinstance(key, str) and len(key) == len(name) and sum(a != b for a, b in zip(key, name)) == 1
 
 
 def entry_digest(value: Any) -> str:

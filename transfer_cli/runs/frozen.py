@@ -1,7 +1,7 @@
 """The part of a network no optimizer touches, stored once per run: epoch checkpoints hold only what changed.
 
-A head-only stage of ViT-B/16 would otherwise rewrite ~0.35 GB of untouched backbone into last.pt (and best.pt)
-every epoch to keep the 770k parameters its head trains. The first checkpoint of a run writes
+A head-only stage of ViT-B/16 would otherwise rewrite its whole untouched backbone (86M parameters) into last.pt
+(and best.pt) every epoch to keep the few its head trains. The first checkpoint of a run writes
 `checkpoints/frozen-<digest>.pt`: every parameter without requires_grad and every buffer of a module without
 trainable parameters. Each checkpoint then stores a tensor inline unless it is bit-equal to the stored one, and
 names the file and its sha256 digest; loading recomputes the digest, so a changed, torn or foreign frozen file is

@@ -16,6 +16,8 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transfer_cli.config.checks import machinery_keys
+from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import atomic_file, csv_cell, write_text
 from transfer_cli.core.plotting import pyplot, save_figure
@@ -64,16 +66,20 @@ class Row:
         return ", ".join(run.name for run in self.runs)
 
 
-# how a run was carried out, not what it is: never a difference between experiments
-MACHINERY = ("logger", "trainer.num_workers", "trainer.device", "trainer.cache_dir", "trainer.cache_features",
-             "trainer.log_every", "trainer.checkpoint_every_steps", "dataset.cache_images", "dataset.cache_budget_mb",
-             "dataset.download", "trainer.normalize_on_device")
+# how a run was carried out, not what it is (the schema's fields marked MACHINERY): never a difference between
+# experiments
+MACHINERY = machinery_keys(TrainConfig)
+
+
+def is_machinery(key: str) -> bool:
+    """Whether the flat config key `key` is a MACHINERY field or lies below one (logger.mlflow.experiment)."""
+    return any(key == marked or key.startswith(f"{marked}.") for marked in MACHINERY)
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
     """Config keys whose value is not the same in every run that has a config (the machinery left out)."""
     configs = [run.config for run in runs if run.config]
-    keys = list(dict.fromkeys(key for config in configs for key in config if not key.startswith(MACHINERY)))
+    keys = list(dict.fromkeys(key for config in configs for key in config if not is_machinery(key)))
     return [key for key in keys if len({config.get(key) for config in configs}) > 1]
 
 

@@ -155,8 +155,11 @@ def _shown(value: Any) -> str:
 
 
 def _status(summary: dict[str, Any], file: Path, notes: list[str]) -> str:
-    """summary.json's status (finished where the key is missing: summaries written before it were finished runs)."""
-    status = summary.get("status", "finished")
+    """summary.json's status; a summary without one is shown as unknown, with a note."""
+    if "status" not in summary:
+        notes.append(f"{file}: no status: shown as unknown")
+        return "unknown"
+    status = summary["status"]
     if isinstance(status, str) and STATUS.fullmatch(status):
         return status
     notes.append(f"{file}: status is {_shown(status)}, not a run status: shown as unknown")

@@ -44,10 +44,12 @@ def resume_point(run_dir: Path) -> tuple[TrainConfig, dict[str, Any] | None]:
 
 
 def resume_position(state: dict[str, Any] | None) -> str:
-    """Where a resumed run continues, for its log."""
+    """Where a resumed run continues, for its log: the epoch in progress counted from 1 (as the log lines count
+    epochs) and the steps of it already done."""
     if state is None:
         return "the start (no checkpoint yet)"
-    return f"epoch {state['progress']['epoch']} step {state['progress']['step']}"
+    progress = state["progress"]
+    return f"epoch {progress['epoch'] + 1} after step {progress['step']}"
 
 
 RESUME_KEYS = ("model", "optimizer", "scheduler", "progress", "rng", "classes")

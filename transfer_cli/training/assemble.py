@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from transfer_cli.config.checks import is_auto, resolve_toggle
 from transfer_cli.config.schema import StrategyConfig, TrainConfig, to_plain
 from transfer_cli.core.errors import TransferError
 from transfer_cli.data.datasets import RawSplits, load_splits
@@ -47,17 +48,19 @@ from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
-    """A run ready to fit: what train and resume both build from a config."""
+    """A run ready to fit: its fit setup (model, stages, loaders, runner) and the rest that train and resume
+    build from a config. Not frozen: the setup's parts are live training state."""
 
     splits: RawSplits
-    model: TransferModel
-    stages: list[Stage]
     preprocessing: Preprocessing
     setup: FitSetup
     strategy: StrategyConfig  # the one that runs (auto resolves to another)
     strategy_choice: str = ""
+
+
+RunnerAdapter = Callable[[StepRunner], StepRunner]  # the runner built from the config -> the one to train with
 
 
 def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, precision: Precision,
@@ -69,8 +72,10 @@ def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, 
                       model.model if ema is not None else None, batch_mixer(cfg.augment, num_classes))
 
 
-def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
-    """Build data, model, stages, loaders and the fit setup (building `cfg` checked its values)."""
+def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None = None) -> Prepared:
+    """Build data, model, stages, loaders and the fit setup (building `cfg` checked its values). `adapt_runner`
+    gets the step runner built from the config and returns the one to train with: another loss
+    (`lambda runner: dataclasses.replace(runner, loss_fn=FocalLoss())`), a hook on its model or optimizer."""
     seed_everything(cfg.trainer.seed)
     device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
@@ -106,32 +111,29 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
                              pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     runner = _runner(cfg, model, optimizer, precision, scaler, num_classes)
+    if adapt_runner is not None:
+        runner = adapt_runner(runner)
     obstacles = _cache_obstacles(cfg, model, runner, strategy)
-    if obstacles and str(cfg.trainer.cache_features).lower() == "auto" and any(set(s.lrs) == {HEAD} for s in stages):
+    if obstacles and is_auto(cfg.trainer.cache_features) and any(set(s.lrs) == {HEAD} for s in stages):
         log.info("feature cache off: %s; head-only stages run the backbone on every image", "; ".join(obstacles))
     stage_data = _feature_cache_source(cfg, model, splits, preprocessing, precision, not obstacles,
                                        (batch_size, eval_batch_size))
     setup = FitSetup(
         model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler, runner=runner,
         train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
-        train_bn=strategy.train_bn, early_stopping=cfg.trainer.early_stopping,
-        checkpoint_every_steps=cfg.trainer.checkpoint_every_steps,
-        check_every=1 if device.type == "cpu" else max(1, cfg.trainer.log_every), log_every=cfg.trainer.log_every,
-        limit_train_batches=cfg.trainer.limit_train_batches, limit_val_batches=cfg.trainer.limit_val_batches,
-        accumulate_steps=cfg.trainer.accumulate_steps,
+        train_bn=strategy.train_bn, trainer=cfg.trainer,
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes, "splits": splits.identity},
-        stage_data=stage_data, compile=cfg.trainer.compile,
+        stage_data=stage_data,
     )
     if distributed.active():  # distinct dropout and MixUp streams per rank (augmentation is per sample)
         seed_everything(cfg.trainer.seed + 1_000_003 * distributed.rank())
-    return Prepared(splits, model, stages, preprocessing, setup, strategy, choice)
+    return Prepared(splits, preprocessing, setup, strategy, choice)
 
 
 def _normalizing(cfg: TrainConfig, precision: Precision, preprocessing: Preprocessing) -> Precision:
     """`precision`, normalizing uint8 batches on the device where trainer.normalize_on_device says (auto: on
     CUDA): the loaders then stop before ToDtype and Normalize, and 4x fewer bytes cross to the device."""
-    mode = str(cfg.trainer.normalize_on_device).lower()
-    on = precision.device.type == "cuda" if mode == "auto" else mode == "true"
+    on = resolve_toggle(cfg.trainer.normalize_on_device, auto=precision.device.type == "cuda")
     if not (on or cfg.trainer.decode_on_device):  # device-decoded batches are uint8 too
         return precision
     return replace(precision, normalize=(preprocessing.mean, preprocessing.std))
@@ -177,8 +179,8 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
                           precision: Precision, exact: bool, batch_sizes: tuple[int, int]) -> Callable[[Stage], Any]:
     """The data source a stage asks for its inputs: cached-feature loaders where only the head trains and the
     cache is allowed (`exact`: the features are what each epoch would compute), else None (the images)."""
-    mode = str(cfg.trainer.cache_features).lower()  # auto | true | false (the schema's rule)
-    if mode == "false" or (mode == "auto" and not exact):
+    setting = cfg.trainer.cache_features
+    if not resolve_toggle(setting, auto=exact):
         return lambda stage: None
     if not exact:
         log.warning("trainer.cache_features=true: head-only stages train on one centre view per image "
@@ -200,21 +202,16 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
         if set(stage.lrs) != {HEAD} or unidentified:
             return None
         try:
-            cached = cached_splits(
+            # DDP: every rank computes all features; each trains and validates on its share
+            return cached_splits(
                 model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
                 train_labels=splits.train_labels, val_labels=splits.val_labels, batch_size=batch,
                 eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
-                cache_dir=cache_dir, memo=memo)
+                cache_dir=cache_dir, memo=memo, shard=(distributed.rank(), distributed.world_size()))
         except NoIdentity as why:
             unidentified.append(str(why))
-            log.log(logging.WARNING if mode == "true" else logging.INFO,
+            log.log(logging.INFO if is_auto(setting) else logging.WARNING,
                     "feature cache off: %s; head-only stages run the backbone on every image", why)
             return None
-        if distributed.active():  # every rank computed all features; each trains and validates on its share
-            shard = {"num_workers": 0, "seed": cfg.trainer.seed, "pin_memory": False,
-                     "rank": distributed.rank(), "world_size": distributed.world_size()}
-            cached = replace(cached, train_loader=make_loader(cached.train_loader.dataset, batch, train=True, **shard),
-                             val_loader=make_loader(cached.val_loader.dataset, eval_batch, train=False, **shard))
-        return cached
 
     return for_stage

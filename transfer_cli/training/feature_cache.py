@@ -105,8 +105,8 @@ def _digest(*parts: str) -> str:
 
 def _files(samples: Any) -> str:
     """Path, label and stat of every file, in order. ctime and inode catch an in-place edit whose
-    size and mtime were put back (os.utime sets ctime): 2 ms for hymenoptera's 396 files, where
-    hashing their bytes takes 40 ms and a full read of a large dataset."""
+    size and mtime were put back (os.utime sets ctime): a stat per file costs far less than hashing
+    the files' bytes, a full read of the dataset."""
     digest = hashlib.sha256(b"files")
     for path, label in samples:
         try:
@@ -148,14 +148,15 @@ RESIDENT_SHARE = 0.5
 
 
 @torch.inference_mode()
-def compute_features(model: TransferModel, loader: DataLoader,
-                     precision: Precision) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_features(model: TransferModel, loader: DataLoader, precision: Precision,
+                     gather_budget: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's input for every image of `loader`, in loader order, with the backbone in eval mode, on the CPU.
 
     The features gather on the device and cross to the host in one copy at the end (a `.cpu()` per batch
-    would wait for the device every batch), or in one per GATHER_SHARE of its free memory they fill.
+    would wait for the device every batch), or in one per `gather_budget` bytes they fill (default:
+    GATHER_SHARE of the device's free memory).
     """
-    budget = _free_memory(precision.device) * GATHER_SHARE
+    budget = free_memory(precision.device) * GATHER_SHARE if gather_budget is None else gather_budget
     gathered: list[torch.Tensor] = []  # on the device, since the last move to the host
     moved: list[torch.Tensor] = []
     held = [0]  # bytes in `gathered`
@@ -194,7 +195,7 @@ def compute_features(model: TransferModel, loader: DataLoader,
     return moved[0] if len(moved) == 1 else torch.cat(moved), torch.cat(labels)
 
 
-def _free_memory(device: torch.device) -> float:
+def free_memory(device: torch.device) -> float:
     """Free bytes on a CUDA device (the driver's count); unbounded for the CPU, whose features are in place."""
     if device.type != "cuda":
         return float("inf")
@@ -206,7 +207,7 @@ def feature_home(nbytes: int, device: torch.device) -> torch.device:
     """Where `nbytes` of cached features live while the head trains: on the CUDA device while they take at most
     RESIDENT_SHARE of its free memory (batches are then gathered there: no copy per step), else in host memory
     (pinned by the loaders, so each step's copy overlaps); a CPU run keeps them where they are."""
-    if device.type == "cuda" and nbytes <= _free_memory(device) * RESIDENT_SHARE:
+    if device.type == "cuda" and nbytes <= free_memory(device) * RESIDENT_SHARE:
         return device
     return torch.device("cpu")
 
@@ -221,12 +222,14 @@ class CachedSplits:
 def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, make: Any, *,
                   train_labels: list[int], val_labels: list[int], batch_size: int, eval_batch_size: int,
                   seed: int, precision: Precision, key_extra: str, cache_dir: Path,
-                  memo: dict[tuple[str, ...], CachedSplits] | None = None) -> CachedSplits:
+                  memo: dict[tuple[str, ...], CachedSplits] | None = None,
+                  shard: tuple[int, int] = (0, 1)) -> CachedSplits:
     """Features for both splits (from `memo` or the cache dir when already computed) as head-only loaders.
 
     `make(dataset, batch_size, train)` builds the image loaders used to compute features;
     the train loader over features shuffles with the same EpochSampler as the image path,
-    so both see samples in the same order. An entry is keyed by the split, the backbone's
+    so both see samples in the same order; under DDP (`shard`: rank, world size) the loaders
+    serve this rank's share. An entry is keyed by the split, the backbone's
     current weights, `key_extra` (preprocessing, precision) and the data's content identity
     (in `memo` too: a later head-only stage after one that trained the backbone gets fresh
     features), and is served only if it holds the run's labels. Raises NoIdentity, before any
@@ -247,7 +250,7 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
             stored = {"key": keys[split], "features": features, "labels": computed}
             _store(stored, path, split, unchanged=_identity_or_none(data) == identities[split])
         tensors[split] = (stored["features"], stored["labels"])
-    served = _serve(model, tensors, batch_size, eval_batch_size, seed, precision)
+    served = _serve(model, tensors, batch_size, eval_batch_size, seed, precision, shard)
     if memo is not None:  # the latest only: features of a backbone that has since changed are not asked for again
         memo.clear()
         memo[tuple(keys.values())] = served
@@ -255,7 +258,7 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
 
 
 def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-           eval_batch_size: int, seed: int, precision: Precision) -> CachedSplits:
+           eval_batch_size: int, seed: int, precision: Precision, shard: tuple[int, int]) -> CachedSplits:
     """Head-only loaders over the features: on CUDA they stay in device memory where they fit (feature_home),
     else the loaders pin their batches."""
     home = feature_home(sum(t.numel() * t.element_size() for pair in tensors.values() for t in pair),
@@ -264,8 +267,9 @@ def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Te
     pin = home.type == "cpu" and precision.device.type == "cuda"
     if precision.device.type == "cuda":
         log.info("the head trains on cached features in %s memory", "GPU" if home.type == "cuda" else "pinned host")
-    train_loader = make_loader(served["train"], batch_size, train=True, num_workers=0, seed=seed, pin_memory=pin)
-    val_loader = make_loader(served["val"], eval_batch_size, train=False, num_workers=0, seed=seed, pin_memory=pin)
+    where = {"num_workers": 0, "seed": seed, "pin_memory": pin, "rank": shard[0], "world_size": shard[1]}
+    train_loader = make_loader(served["train"], batch_size, train=True, **where)
+    val_loader = make_loader(served["val"], eval_batch_size, train=False, **where)
     return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader)
 
 
@@ -302,7 +306,7 @@ def _entry_problem(stored: Any, key: str, labels: list[int]) -> str | None:
     if cached.tolist() != list(labels):
         return "holds other labels than the run's"
     if checkpoint.DIGEST not in stored:
-        return "carries no digest of its bytes (written by an earlier version)"
+        return "carries no digest of its bytes"
     return None
 
 

@@ -1,41 +1,61 @@
-"""`fit`: stages, epochs, schedules, checkpoints, early stopping, interrupts and resume.
+"""`fit`: stages, epochs, schedules, checkpoints, early stopping, interrupts and resume; `Callback`, its hooks.
 
-A run is assembled once into a frozen `FitSetup`; entering a stage (stages.py) returns a frozen
-`StageRun`: the runner, the data and the schedule of that stage. A head-only stage may ask the
+A run is assembled once into a `FitSetup`; entering a stage (stages.py) returns a `StageRun`: the
+runner, the data and the schedule of that stage. A head-only stage may ask the
 setup's `stage_data` for cached features; it then trains the head on them instead of images.
 Everything needed to continue a run exactly lives in `Progress` plus the states saved
 beside it (model, optimizer, scheduler, scaler, EMA, RNGs), so a run killed at any
 checkpoint and resumed ends with the same metrics as one never interrupted.
+
+`fit(setup, callbacks=[...])` (and `run.train(cfg, run_dir, callbacks=[...])`) calls each `Callback`'s
+hooks as the run goes: `on_epoch_start(stage, epoch)`, `on_step(epoch, step)`, `on_epoch_end(record)`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import remove_temp_files
 from transfer_cli.inference.topk import topk_for
-from transfer_cli.models.model import TransferModel
 from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.training.epoch_progress import EpochProgress
 from transfer_cli.training.interrupts import InterruptFlag
-from transfer_cli.training.loop import NonFiniteLoss, Tally, evaluate, train_one_epoch
-from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, epoch_batches, prepare_stage, stage_run
+from transfer_cli.training.loop import Accumulation, NonFiniteLoss, Tally, evaluate, train_one_epoch
+from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run, validation_target
 from transfer_cli.training.state import FitResult, Progress, update_early_stopping
-from transfer_cli.training.strategies import hold_frozen_batchnorm
+from transfer_cli.training.strategies import Stage, hold_frozen_batchnorm
 
 
 log = logging.getLogger(__name__)
+
+
+class Callback:
+    """A hook into `fit`: subclass it and override the hooks you need (the others do nothing). A hook that
+    raises stops the run there: the exception leaves `fit` (and `train`, which closes the loggers first), and
+    the last checkpoint stays resumable. Under DDP every rank calls its hooks at the same points."""
+
+    def on_epoch_start(self, stage: Stage, epoch: int) -> None:
+        """Before the first batch of epoch `epoch` (1-based, counted over the run) of `stage`, or of its rest
+        where a run resumes mid-epoch."""
+
+    def on_step(self, epoch: int, step: int) -> None:
+        """After each optimizer step: `step` batches of epoch `epoch` done, and saved in last.pt where
+        trainer.checkpoint_every_steps falls on this step."""
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        """After an epoch: its record (what metrics.jsonl keeps) logged, its checkpoints saved, early stopping
+        updated."""
 
 
 def _stop_requested(setup: FitSetup, interrupt: InterruptFlag) -> bool:
@@ -46,19 +66,6 @@ def _stop_requested(setup: FitSetup, interrupt: InterruptFlag) -> bool:
 
 def _stage_start(setup: FitSetup, index: int) -> int:
     return sum(stage.epochs for stage in setup.stages[:index])
-
-
-def _eval_model(run: StageRun) -> nn.Module:
-    """What validation runs: the EMA, else the network the stage trains, without its DDP wrapper (shards are
-    uneven) and never compiled (an inference-mode forward and a ragged last batch would add recompiles to the
-    training graph's). Validation follows the epoch's training steps: where a compiled stage says what
-    torch.compile did in them."""
-    if run.compiled is not None:
-        run.compiled.report()
-    if run.runner.ema is not None:
-        return run.runner.ema.module
-    forward = run.runner.model
-    return distributed.unwrap(getattr(forward, "_orig_mod", forward))
 
 
 def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | None, name: str) -> None:
@@ -95,13 +102,13 @@ RESUME_ONLY = ("optimizer", "scheduler", "scaler", "tally", "rng", "rng_by_rank"
 
 def restore(setup: FitSetup, state: dict[str, Any]) -> tuple[Progress, StageRun, Tally | None]:
     """Rebuild the optimizer's groups stage by stage, then load every saved state."""
-    progress = Progress.restored(state["progress"])
+    progress = Progress.restored(state["progress"], setup.run_dir / "checkpoints" / "last.pt")
     for index in range(progress.stage + 1):
         scheduler = prepare_stage(setup, Progress(), index, fresh=False)
     progress.params_trainable = dict(state["progress"]["params_trainable"])
     problem = checkpoint.misfit(setup.model.model.state_dict(), state["model"])
-    if problem:  # e.g. saved by a version that named the classifier otherwise
-        raise TransferError(f"checkpoints/last.pt does not fit the model this version builds for the run "
+    if problem:  # e.g. a classifier whose keys or shapes differ from the network built here
+        raise TransferError(f"checkpoints/last.pt does not fit the model built for the run "
                             f"({problem}): it cannot be resumed; start a new run")
     setup.model.model.load_state_dict(state["model"])
     setup.frozen_store.adopt(state)
@@ -135,9 +142,10 @@ def _rng_of_this_rank(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
-        logger: Any = None) -> FitResult:
+        logger: Any = None, callbacks: Sequence[Callback] = ()) -> FitResult:
     """Train every stage in order (from `resume`'s position if given), checkpointing as it goes; `logger`
-    (TensorBoard, MLflow: rank 0) gets each epoch's record, which metrics.jsonl keeps regardless."""
+    (TensorBoard, MLflow: rank 0) gets each epoch's record, which metrics.jsonl keeps regardless; `callbacks`
+    see each epoch start, each optimizer step and each epoch's record."""
     records = list(history or [])
     progress, run, tally = restore(setup, resume) if resume else (Progress(), None, None)
     if distributed.is_main():
@@ -150,11 +158,13 @@ def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dic
                 run = enter_stage(setup, progress, index)
             while progress.epoch < _stage_start(setup, index + 1) and progress.stop_reason is None:
                 try:
-                    record = _epoch(setup, run, progress, tally, interrupt, logger)
+                    record = _epoch(setup, run, progress, tally, interrupt, logger, callbacks)
                 except NonFiniteLoss as error:
                     return FitResult(records, progress, error=str(error))
                 tally = None
                 records.append(record)
+                for callback in callbacks:
+                    callback.on_epoch_end(record)
                 if _stop_requested(setup, interrupt):
                     raise interrupt.stopped(f"after epoch {progress.epoch}")
             if progress.stop_reason is not None:
@@ -176,56 +186,55 @@ def _remove_temp_files(run_dir: Path) -> None:
                  ", ".join(str(path.relative_to(run_dir)) for path in removed))
 
 
-def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | None,
-           interrupt: InterruptFlag, logger: Any) -> dict[str, Any]:
+def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | None, interrupt: InterruptFlag,
+           logger: Any, callbacks: Sequence[Callback]) -> dict[str, Any]:
     """Train one epoch (or its rest), evaluate, record, checkpoint, update early stopping."""
     start = time.perf_counter()
     stage, scheduler = run.stage, run.scheduler
     epoch = progress.epoch + 1
+    for callback in callbacks:
+        callback.on_epoch_start(stage, epoch)
     tally = tally or Tally(setup.runner.precision.device, topk_for(setup.num_classes))
     if progress.step == 0:  # a run resumed mid-epoch records the lrs its epoch started with
         progress.epoch_lrs = setup.optimizer.lrs_by_group()
     upcoming = {"lrs": setup.optimizer.lrs_by_group()}  # what the next step runs with (the scheduler steps after it)
-
+    train_loader = _start_epoch(setup, run, progress)
+    accumulation = setup.accumulation(train_loader)
     saved = {"step": progress.step}  # where last.pt stands within this epoch (0: at its start)
 
     def checkpoint_and_stop() -> NoReturn:
         _save(setup, scheduler, progress, tally, "last.pt")
         raise interrupt.stopped(f"in epoch {epoch} at step {progress.step}")
 
-    previous = {"step": progress.step}  # batches done at the optimizer step before this one
-
     def on_step(step: int) -> None:  # after each optimizer step: `step` batches done
-        before, previous["step"] = previous["step"], step
         progress.step = step
         progress.step_ran(upcoming["lrs"])
         upcoming["lrs"] = setup.optimizer.lrs_by_group()
-        every = setup.checkpoint_every_steps
-
-        def reached(count: int) -> bool:  # a multiple of `count` batches (accumulated ones step together)
-            return step // count > before // count
-
+        every = setup.trainer.checkpoint_every_steps
         # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
-        if (not distributed.active() or reached(setup.check_every)) and _stop_requested(setup, interrupt):
+        agreed = not distributed.active() or accumulation.reaches(step, setup.check_every)
+        if agreed and _stop_requested(setup, interrupt):
             checkpoint_and_stop()
-        if every and reached(every):
+        if every and accumulation.reaches(step, every):
             _save(setup, scheduler, progress, tally, "last.pt")
             saved["step"] = step
+        for callback in callbacks:
+            callback.on_step(epoch, step)
 
-    train_loader = _start_epoch(setup, run, progress)
     try:
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}",
-                                progress=_epoch_progress(setup, run, epoch, progress.step),
-                                accumulate=setup.accumulate_steps, total_steps=epoch_batches(setup, train_loader),
-                                max_steps=setup.limit_train_batches)
+                                progress=_epoch_progress(setup, run, epoch, progress.step, accumulation),
+                                accumulation=accumulation)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
         where = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
         raise NonFiniteLoss(f"{error} of epoch {epoch}: training stopped; {_kept(setup, where)}. Lower the lr, set "
                             "trainer.grad_clip, or check the data") from None
+    if run.compiled is not None:  # what torch.compile did in the epoch's training steps
+        run.compiled.report()
     kept = f"step {saved['step']} of epoch {epoch}" if saved["step"] else f"epoch {progress.epoch}"
-    val = _validate(setup, progress, *_validation_target(setup, run), interrupt, checkpoint_and_stop, kept)
+    val = _validate(setup, progress, *validation_target(setup, run), interrupt, checkpoint_and_stop, kept)
     progress.epoch, progress.step = epoch, 0
     record = {"epoch": epoch, "stage": stage.name, **_lr_record(setup, progress), **train, **val,
               "seconds": time.perf_counter() - start}
@@ -243,7 +252,7 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
     improved = record["val/acc1"] > progress.best_val_acc
     if improved:
         progress.best_val_acc, progress.best_epoch = record["val/acc1"], epoch
-    update_early_stopping(setup.early_stopping, progress, record)
+    update_early_stopping(setup.trainer.early_stopping, progress, record)
     _save(setup, scheduler, progress, None, "last.pt")
     if improved:
         _save(setup, scheduler, progress, None, "best.pt")
@@ -258,13 +267,13 @@ def _kept(setup: FitSetup, where: str) -> str:
     return "no checkpoint was saved before it"
 
 
-def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int) -> EpochProgress:
+def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int,
+                    accumulation: Accumulation) -> EpochProgress:
     """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only)."""
     total = _stage_start(setup, len(setup.stages))
-    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", epoch_batches(setup, run.train_loader),
-                         start_step,
+    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", accumulation.batches, start_step,
                          run.train_loader.batch_size * distributed.world_size(), setup.optimizer.lrs_by_group,
-                         setup.log_every, bar=None if distributed.is_main() else False)
+                         setup.trainer.log_every, bar=None if distributed.is_main() else False)
 
 
 def _start_epoch(setup: FitSetup, run: StageRun, progress: Progress) -> Any:
@@ -281,38 +290,10 @@ def _start_epoch(setup: FitSetup, run: StageRun, progress: Progress) -> Any:
 
 def _lr_record(setup: FitSetup, progress: Progress) -> dict[str, dict[str, float | None]]:
     """Every group's lr at the epoch's last step (`lr`) and first (`lr_start`); 0 for groups not yet trained.
-    A OneCycle stage's first epoch starts at max_lr/25: its end says more. An old checkpoint resumed
-    after its epoch's last step does not know that step's lrs: null, not a made-up number."""
+    A OneCycle stage's first epoch starts at max_lr/25: its end says more."""
     start, end = progress.epoch_lrs, progress.step_lrs
     return {"lr": {g.name: None if end is None else end.get(g.name, 0.0) for g in setup.model.groups},
             "lr_start": {g.name: start.get(g.name, 0.0) for g in setup.model.groups}}
-
-
-def _validation_target(setup: FitSetup, run: StageRun) -> tuple[nn.Module, DataLoader, Precision]:
-    """What the epoch validates (the EMA where there is one), on which data, at which precision.
-
-    On cached features the head runs alone. The EMA's head may use them only while the EMA's backbone
-    equals the live one (an average of weights frozen since the EMA began is those weights); after a stage
-    that trained the backbone it lags behind, and the whole EMA runs on the images.
-    """
-    ema, images, cached = setup.runner.ema, setup.runner.precision, run.cached
-    if cached is None:
-        return _eval_model(run), setup.val_loader, images
-    features = replace(images, channels_last=False)
-    if ema is None:
-        return cached.head, cached.val_loader, features
-    if _same_backbone(setup.model, ema.module):
-        return ema.module.get_submodule(setup.model.head_path), cached.val_loader, features
-    return ema.module, setup.val_loader, images
-
-
-def _same_backbone(model: TransferModel, other: nn.Module) -> bool:
-    """Whether `other` (the same architecture) computes the head's input as `model` does: every floating-point
-    tensor outside the head equal (integer buffers, BatchNorm's batch counter, never enter an eval forward)."""
-    head = model.head_path + "."
-    theirs = other.state_dict()
-    return all(torch.equal(tensor, theirs[name]) for name, tensor in model.model.state_dict().items()
-               if not name.startswith(head) and tensor.is_floating_point())
 
 
 def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: DataLoader, precision: Precision,
@@ -333,7 +314,7 @@ def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: Dat
     epoch = progress.epoch + 1
     try:
         return evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, on_batch=on_batch,
-                        max_batches=setup.limit_val_batches)
+                        max_batches=setup.trainer.limit_val_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} after epoch {epoch}"
         raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; {_kept(setup, kept)}. Lower the lr, set "

@@ -1,4 +1,5 @@
-"""One training epoch and one evaluation pass; `fit` in trainer.py owns the rest.
+"""One training epoch and one evaluation pass, and how an epoch's batches make optimizer steps; `fit` owns
+the rest.
 
 Metrics accumulate on the device and are read at the end of an epoch; the only host sync
 inside the loop is the finite-loss check every `check_every` steps.
@@ -7,10 +8,11 @@ inside the loop is the finite-loss check every `check_every` steps.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -88,9 +90,9 @@ class EMA(torch.optim.swa_utils.AveragedModel):
 
     AveragedModel keeps its counter `n_averaged` on the CPU unless built with `device=`, and copies it to
     the device for every dtype group each step (a blocking copy), or, on the device, reads it each step to
-    decide whether to copy or average: 2 host syncs per step on an H200. Here the counter lives beside the
-    weights and is only added to; the host remembers whether the average has begun (read back once after
-    `load_state_dict`).
+    decide whether to copy or average: either way the host waits for the device every step. Here the counter
+    lives beside the weights and is only added to; the host remembers whether the average has begun (read
+    back once after `load_state_dict`).
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
@@ -130,10 +132,63 @@ class EMA(torch.optim.swa_utils.AveragedModel):
         self.n_averaged += 1
 
 
+class Group(NamedTuple):
+    """A batch's place in its optimizer step: part `part` of the `parts` batches whose mean gradient makes it."""
+
+    part: int = 0
+    parts: int = 1
+
+    @property
+    def opens(self) -> bool:
+        """The step's first batch: it clears the gradients."""
+        return self.part == 0
+
+    @property
+    def closes(self) -> bool:
+        """The step's last batch: it all-reduces (DDP), clips, steps and updates the EMA."""
+        return self.part == self.parts - 1
+
+    def share(self, loss: torch.Tensor) -> torch.Tensor:
+        """What this batch backpropagates: loss / parts, so the step sees the mean over its batches."""
+        return loss / self.parts if self.parts > 1 else loss
+
+
 @dataclass(frozen=True)
+class Accumulation:
+    """How an epoch's batches make optimizer steps (trainer.accumulate_steps): groups of `per_step` batches counted
+    from the epoch's start, and a shorter last group where `batches` is no multiple (the mean of its own batches).
+    Schedules and the EMA count optimizer steps; progress, limit_train_batches and checkpoint_every_steps count
+    batches."""
+
+    batches: int  # in the epoch: its loader's, or trainer.limit_train_batches
+    per_step: int = 1
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps in the epoch."""
+        return -(-self.batches // self.per_step)
+
+    def group(self, batch: int) -> Group:
+        """Where batch `batch` (0-based, from the epoch's start) stands in its optimizer step."""
+        first = batch - batch % self.per_step
+        return Group(batch - first, min(self.per_step, self.batches - first))
+
+    def reaches(self, done: int, every: int) -> bool:
+        """Whether the optimizer step that ends after `done` batches passes a multiple of `every` batches: what
+        counts in batches (checkpoint_every_steps, DDP's stop checks) acts at the step that covers it."""
+        first = (done - 1) - (done - 1) % self.per_step
+        return done // every > first // every
+
+
+EVERY_BATCH = Accumulation(sys.maxsize)  # one optimizer step per batch, for as many batches as the loader yields
+ALONE = Group()  # a batch that makes an optimizer step by itself
+
+
+@dataclass
 class StepRunner:
     """One batch: forward under autocast, backward (scaled); at the last batch of an optimizer step, clip,
-    step, EMA."""
+    step, EMA. Its parts are live training state; each stage runs a copy (dataclasses.replace) whose `model`
+    is what that stage runs forward."""
 
     model: nn.Module  # what runs forward (compiled or not)
     optimizer: Optimizer
@@ -151,29 +206,33 @@ class StepRunner:
         if self.ema is not None and self.averaged is None:
             raise ValueError("StepRunner: an EMA needs `averaged`, the whole network it averages")
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally, part: int = 0,
-                 parts: int = 1) -> None:
-        """Batch `part` of the `parts` whose gradients add up to one optimizer step (trainer.accumulate_steps):
-        each backpropagates its loss / `parts`, so the step sees their mean; the first clears the gradients,
-        the last clips, steps and updates the EMA. Under DDP only the last one all-reduces (no_sync before)."""
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, tally: Tally, group: Group = ALONE) -> None:
+        """One batch of `group`'s optimizer step; under DDP only the step's last batch all-reduces (no_sync before)."""
         targets = labels
         if self.mix is not None:
             images, targets = self.mix(images, labels)
-        last = part == parts - 1
-        with contextlib.nullcontext() if last else _no_sync(self.model):
+        with contextlib.nullcontext() if group.closes else _no_sync(self.model):
             with self.precision.autocast():
                 logits = self.model(images)
                 loss = self.loss_fn(logits, targets)
-            if part == 0:
+            if group.opens:
                 self.optimizer.zero_grad(set_to_none=True)
-            share = loss / parts if parts > 1 else loss
+            share = group.share(loss)
             if self.scaler is not None:
                 self.scaler.scale(share).backward()
             else:
                 share.backward()
-        if last:
+        if group.closes:
             self._step()
         tally.add(loss, logits, labels)
+
+    def eval_network(self) -> nn.Module:
+        """What validation runs: the EMA, else the network this runner trains, without its DDP wrapper (shards are
+        uneven) and never compiled (an inference-mode forward and a ragged last batch would add recompiles to
+        the training graph's)."""
+        if self.ema is not None:
+            return self.ema.module
+        return distributed.unwrap(getattr(self.model, "_orig_mod", self.model))
 
     def _step(self) -> None:
         """The optimizer step over the accumulated gradients (unscaled, clipped), then the EMA."""
@@ -209,41 +268,33 @@ def train_one_epoch(
     check_every: int = 1,
     description: str = "train",
     progress: EpochProgress | None = None,
-    max_steps: int | None = None,
-    accumulate: int = 1,
-    total_steps: int | None = None,
+    accumulation: Accumulation = EVERY_BATCH,
 ) -> dict[str, float]:
-    """Train over `loader` (already positioned at `start_step`), stepping the optimizer and `scheduler` once
-    every `accumulate` batches and after the epoch's last batch (`total_steps` batches: a shorter last group
-    is the mean of its own batches).
+    """Train over `loader` (already positioned at `start_step`) until the epoch's `accumulation.batches`,
+    stepping the optimizer and `scheduler` at the end of each of its groups.
 
-    A step here is one batch (`start_step`, `max_steps`, `check_every`, `progress`). `on_step(step)` runs
-    after every optimizer step, with the batches done (mid-epoch checkpoints, interrupts: only there do the
-    weights, optimizer and schedule stand at a whole step); `progress` shows the epoch to a person (a bar,
-    or log lines), else a plain tqdm bar titled `description`. The caller sets train mode and holds frozen
+    A step here is one batch (`start_step`, `check_every`, `progress`). `on_step(step)` runs after every
+    optimizer step, with the batches done (mid-epoch checkpoints, interrupts: only there do the weights,
+    optimizer and schedule stand at a whole step); `progress` shows the epoch to a person (a bar, or log
+    lines), else a plain tqdm bar titled `description`. The caller sets train mode and holds frozen
     BatchNorm in eval mode before calling.
     """
     start = time.perf_counter()
     counted = tally.count
     step = start_step
-    if accumulate > 1 and total_steps is None:
-        raise ValueError("train_one_epoch: accumulating batches needs total_steps, where the epoch's last group ends")
-    end = total_steps if max_steps is None or total_steps is None else min(total_steps, max_steps)
     batches = progress.wrap(loader) if progress else tqdm(loader, desc=description, leave=False, disable=None)
     for images, labels in batches:
-        if max_steps is not None and step >= max_steps:  # trainer.limit_train_batches
+        if step >= accumulation.batches:  # trainer.limit_train_batches
             break
         images, labels = runner.precision.to_device(images, labels)
-        first = step - step % accumulate  # groups start at multiples of `accumulate` from the epoch's start
-        parts = min(accumulate, end - first) if accumulate > 1 else 1
-        runner(images, labels, tally, step - first, parts)
+        group = accumulation.group(step)
+        runner(images, labels, tally, group)
         step += 1
-        stepped = step - first == parts
-        if stepped:
+        if group.closes:
             scheduler.step()
         if step % check_every == 0 and tally.any_nonfinite():
             raise NonFiniteLoss(f"non-finite loss at step {step}")
-        if stepped:
+        if group.closes:
             on_step(step)
         if progress:
             progress.step(step, tally)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
-from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
+from transfer_cli.config.schema import OPTIMIZER_NAMES, SCHEDULER_NAMES, OptimizerConfig, SchedulerConfig
 from transfer_cli.core.registry import Registry
 from transfer_cli.models.model import TransferModel
 from transfer_cli.training.strategies import Stage, frozen_batchnorms
@@ -26,7 +26,7 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.mo
 
 KINDS = ("decay", "no_decay", "norm", "bn")
 
-OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", "optimizer")
+OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", "optimizer.name", OPTIMIZER_NAMES)
 
 
 def _fused(groups: list[dict]) -> bool:
@@ -124,7 +124,7 @@ class StagedOptimizer:
         return lrs
 
 
-SCHEDULERS: Registry[Callable[..., LRScheduler]] = Registry("scheduler", "scheduler")
+SCHEDULERS: Registry[Callable[..., LRScheduler]] = Registry("scheduler", "scheduler.name", SCHEDULER_NAMES)
 
 
 @SCHEDULERS.register("onecycle")

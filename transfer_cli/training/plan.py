@@ -16,16 +16,17 @@ if TYPE_CHECKING:
 def _check_coverage(prepared: "Prepared") -> dict[str, int]:
     """Parameters per group; every parameter must belong to exactly one group."""
     owners: dict[str, list[str]] = {}
-    for group in prepared.model.groups:
+    model = prepared.setup.model
+    for group in model.groups:
         for name in group.params:
             owners.setdefault(name, []).append(group.name)
-    params = dict(prepared.model.model.named_parameters())
+    params = dict(model.model.named_parameters())
     orphans = sorted(set(params) - set(owners))
     doubles = sorted(name for name, groups in owners.items() if len(groups) > 1)
     if orphans or doubles:
         raise TransferError(f"layer groups do not partition the parameters (in no group: {orphans[:5]}, "
                             f"in two: {doubles[:5]}): fix the backbone's group matcher")
-    return {g.name: sum(params[n].numel() for n in g.params) for g in prepared.model.groups}
+    return {g.name: sum(params[n].numel() for n in g.params) for g in model.groups}
 
 
 def _out_features(head: Any) -> int | None:
@@ -36,11 +37,11 @@ def _out_features(head: Any) -> int | None:
 def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
     """Backbone and weights origin, data vs head, normalization vs the weights', and every stage."""
     sizes = _check_coverage(prepared)
-    model, pre = prepared.model, prepared.preprocessing
+    model, pre = prepared.setup.model, prepared.preprocessing
     head = model.model.get_submodule(model.head_path)
     total = sum(sizes.values())
     stages = []
-    for stage in prepared.stages:
+    for stage in prepared.setup.stages:
         trainable = sum(sizes[g] for g in stage.lrs)
         stages.append({"name": stage.name, "epochs": stage.epochs, "bn": stage.bn, "trainable_params": trainable,
                        "frozen_params": total - trainable,

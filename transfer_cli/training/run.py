@@ -7,6 +7,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from transfer_cli.data.datasets import check_classes, check_same_splits
 from transfer_cli.inference.evaluate import check_split, count_predictions, evaluate_run, plot_confusion
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
-from transfer_cli.training.assemble import Prepared, prepare
-from transfer_cli.training.fit import fit
+from transfer_cli.training.assemble import Prepared, RunnerAdapter, prepare
+from transfer_cli.training.fit import Callback, fit
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
 from transfer_cli.training.state import FitResult, Progress, check_history
@@ -30,10 +31,14 @@ from transfer_cli.training.strategies import Stage
 log = logging.getLogger(__name__)
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None, *,
+          callbacks: Sequence[Callback] = (), adapt_runner: RunnerAdapter | None = None) -> dict[str, Any]:
     """Run one experiment into `run_dir` (continuing from checkpoint `resume`) and return its summary.
 
-    Under torchrun every rank calls this with the same `run_dir`; rank 0 writes the files.
+    `callbacks` see the run as it goes (fit.Callback: each epoch's start, each optimizer step, each epoch's
+    record; one that raises stops the run); `adapt_runner` turns the step runner built from the config into
+    the one to train with (assemble.prepare). Under torchrun every rank calls this with the same `run_dir`;
+    rank 0 writes the files.
     """
     started = time.perf_counter()
     distributed.init_from_env()
@@ -44,7 +49,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
         check_split(replace(cfg.dataset, val_split=split), cfg.dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
     with sigterm_stops("before training started"):
-        prepared = prepare(cfg, run_dir)
+        prepared = prepare(cfg, run_dir, adapt_runner)
     if resume is not None:
         check_classes(prepared.splits.classes, resume["classes"],
                       "restore the dataset's class folders as they were, or train a new run")
@@ -55,10 +60,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
         return {"dry_run": True, "plan": plan}
     if main:
         runlog.write_json(run_dir / "plan.json", plan)
+    splits, preprocessing = prepared.splits, prepared.preprocessing
     log.info("%s (%s) -> %d classes; %d train / %d val images; input %dpx mean=%s std=%s",
-             cfg.backbone.name, prepared.model.weights_source, len(prepared.splits.classes), len(prepared.splits.train),
-             len(prepared.splits.val), prepared.preprocessing.image_size, prepared.preprocessing.mean,
-             prepared.preprocessing.std)
+             cfg.backbone.name, prepared.setup.model.weights_source, len(splits.classes), len(splits.train),
+             len(splits.val), preprocessing.image_size, preprocessing.mean, preprocessing.std)
     if distributed.active():
         log.info("data parallel: %d processes, %d images per process per step (global batch %d)",
                  distributed.world_size(), prepared.setup.train_loader.batch_size, cfg.trainer.batch_size)
@@ -74,7 +79,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None)
     sinks = loggers.build(cfg.logger, run_dir) if main else loggers.Loggers([])  # TensorBoard, MLflow: rank 0
     sinks.log_params(to_plain(cfg))
     try:
-        result = fit(prepared.setup, resume, history, logger=sinks)
+        result = fit(prepared.setup, resume, history, logger=sinks, callbacks=callbacks)
     except BaseException as error:
         sinks.close("KILLED" if isinstance(error, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
@@ -150,8 +155,8 @@ def _final_val_confusion(prepared: Prepared, summary: dict[str, Any]) -> loggers
 
 def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[str, Any]:
     """summary.json: the figures to compare runs by, what produced them, and why it stopped."""
-    splits, model, stages, preprocessing = prepared.splits, prepared.model, prepared.stages, prepared.preprocessing
-    precision = prepared.setup.runner.precision
+    splits, setup, preprocessing = prepared.splits, prepared.setup, prepared.preprocessing
+    model, precision = setup.model, setup.runner.precision
     final = result.records[-1] if result.records else {}
     progress = result.progress
     return {
@@ -171,13 +176,13 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
         "strategy": prepared.strategy.name,
         "strategy_choice": prepared.strategy_choice or None,
         "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs, "peak_lrs": _peak_lrs(progress, i, s)}
-                   for i, s in enumerate(stages)],
+                   for i, s in enumerate(setup.stages)],
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,
         "preprocessing": {**vars(preprocessing), "resize_size": preprocessing.resize_size},
         "device": str(precision.device),
         "amp": str(precision.amp_dtype).replace("torch.", "") if precision.amp_dtype else None,
-        "ema": prepared.setup.runner.ema is not None,
+        "ema": setup.runner.ema is not None,
         "train_images_per_s": _mean([r["train/images_per_s"] for r in result.records]),
         **{k: v for k, v in final.items() if k.startswith("val/")},
         "seed": cfg.trainer.seed,
@@ -189,7 +194,7 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
 
 def _peak_lrs(progress: Progress, index: int, stage: Stage) -> dict[str, float] | None:
     """The highest lr each group of stage `index` ran at (a OneCycle stage's max_lr where a step lands on it);
-    None for a stage never run, or begun before a resume from a checkpoint that did not note it."""
+    None for a stage never run."""
     peak = progress.peak_lrs[index] if index < len(progress.peak_lrs) else None
     return {group: peak.get(group, 0.0) for group in stage.lrs} if peak else None
 

@@ -1,5 +1,6 @@
-"""A run's fixed parts (`FitSetup`, assembled once) and entering a stage (`enter_stage`: what fit, resume
-and the benchmarks all do at a stage boundary), which returns the frozen `StageRun` its epochs use."""
+"""A run's parts (`FitSetup`, assembled once), entering a stage (`enter_stage`: what fit, resume and the
+benchmarks all do at a stage boundary), which returns the `StageRun` its epochs use, and what an epoch
+validates (`validation_target`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer_cli.config.schema import EarlyStoppingConfig, SchedulerConfig
+from transfer_cli.config.schema import SchedulerConfig, TrainerConfig
 from transfer_cli.data.loaders import steps_per_epoch
 from transfer_cli.models.model import TransferModel
+from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
 from transfer_cli.runs.frozen import FrozenStore
 from transfer_cli.training.compiled import CompileWatch, compile_for_stage
 from transfer_cli.training.feature_cache import CachedSplits
-from transfer_cli.training.loop import StepRunner
+from transfer_cli.training.loop import Accumulation, StepRunner
 from transfer_cli.training.optim import StagedOptimizer, build_scheduler
 from transfer_cli.training.state import Progress
 from transfer_cli.training.strategies import Stage, apply_stage, reestimate_batchnorm
@@ -27,9 +30,10 @@ from transfer_cli.training.strategies import Stage, apply_stage, reestimate_batc
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class FitSetup:
-    """Everything `fit` needs, built once by assemble.py and never changed."""
+    """Everything `fit` needs, built once by assemble.py. Not frozen: its parts are live training state (weights,
+    optimizer groups, the frozen store), though which parts they are never changes."""
 
     model: TransferModel
     stages: list[Stage]
@@ -40,24 +44,29 @@ class FitSetup:
     val_loader: DataLoader
     num_classes: int
     run_dir: Path
-    train_bn: bool = False
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    checkpoint_every_steps: int | None = None
-    check_every: int = 1
-    log_every: int = 50  # progress lines where no terminal shows a bar
-    limit_train_batches: int | None = None  # debug=fast: at most this many steps per epoch
-    limit_val_batches: int | None = None  # debug=fast: at most this many val batches
-    accumulate_steps: int = 1  # batches per optimizer step (trainer.accumulate_steps)
+    train_bn: bool = False  # strategy.train_bn
+    # limits, checkpoints, accumulation, early stopping, compile, log_every
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
-    compile: bool = False  # torch.compile the network (DDP: its wrapper) afresh at each stage's start
     frozen_store: FrozenStore = field(default_factory=FrozenStore)  # the untrained tensors, written once per run
 
+    @property
+    def check_every(self) -> int:
+        """Steps between the host syncs that check the loss is finite: every step on the CPU (a sync costs
+        nothing there), else trainer.log_every."""
+        return 1 if self.runner.precision.device.type == "cpu" else max(1, self.trainer.log_every)
 
-@dataclass(frozen=True)
+    def accumulation(self, loader: DataLoader) -> Accumulation:
+        """An epoch over `loader`: its batches (all, or trainer.limit_train_batches) and their optimizer steps."""
+        full, limit = steps_per_epoch(loader), self.trainer.limit_train_batches
+        return Accumulation(min(full, limit) if limit else full, self.trainer.accumulate_steps)
+
+
+@dataclass
 class StageRun:
-    """One stage as its epochs run it: the runner (DDP-wrapped, or the head alone on cached features),
-    the data it trains on, and the stage's schedule."""
+    """One stage as its epochs run it: the runner (DDP-wrapped, compiled, or the head alone on cached
+    features), the data it trains on, and the stage's schedule (which steps as the epochs run)."""
 
     index: int
     stage: Stage
@@ -80,20 +89,28 @@ def enter_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool = T
 
 def stage_run(setup: FitSetup, index: int, scheduler: Any) -> StageRun:
     """The runner and data of an entered stage (a resumed one's after its weights are loaded: the cached
-    features are computed from them); with trainer.compile, the runner's forward is compiled afresh here."""
-    stage, runner, train_loader = setup.stages[index], setup.runner, setup.train_loader
-    if distributed.active():  # wrap after freezing: DDP syncs only the parameters that now require grad
-        runner = replace(runner, model=distributed.wrap(setup.model.model, runner.precision.device))
+    features are computed from them)."""
+    stage = setup.stages[index]
     cached = setup.stage_data(stage)
-    watch = None
-    if cached is not None:  # the head alone, on features computed once
-        precision = replace(runner.precision, channels_last=False)
-        head = distributed.wrap(cached.head, precision.device) if distributed.active() else cached.head
-        runner, train_loader = replace(runner, model=head, precision=precision), cached.train_loader
-    elif setup.compile:  # a fresh compile per stage, after its freezing (compiled.py says why)
-        forward, watch = compile_for_stage(runner.model, stage.name)
-        runner = replace(runner, model=forward)
+    forward, watch = _stage_forward(setup, stage, cached)
+    # cached features are (batch, channels) tensors: no memory format to choose
+    precision = setup.runner.precision if cached is None else replace(setup.runner.precision, channels_last=False)
+    runner = replace(setup.runner, model=forward, precision=precision)
+    train_loader = setup.train_loader if cached is None else cached.train_loader
     return StageRun(index, stage, runner, train_loader, scheduler, cached, watch)
+
+
+def _stage_forward(setup: FitSetup, stage: Stage, cached: CachedSplits | None) -> tuple[nn.Module, CompileWatch | None]:
+    """What the stage's steps run forward: the head on cached features, else the network; DDP-wrapped after the
+    stage's freezing (DDP syncs only the parameters that now require grad); with trainer.compile, compiled
+    afresh (compiled.py says why)."""
+    device = setup.runner.precision.device
+    if cached is not None:
+        return (distributed.wrap(cached.head, device) if distributed.active() else cached.head), None
+    forward = distributed.wrap(setup.model.model, device) if distributed.active() else setup.runner.model
+    if setup.trainer.compile:
+        return compile_for_stage(forward, stage.name)
+    return forward, None
 
 
 def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) -> Any:
@@ -112,7 +129,7 @@ def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) 
     progress.params_trainable[stage_labels(setup.stages)[index]] = trainable
     log.info("stage %d/%d '%s': %d epochs, trainable %s (%d params)", index + 1, len(setup.stages), stage.name,
              stage.epochs, ", ".join(f"{g}@{lr:g}" for g, lr in stage.lrs.items()), trainable)
-    steps = stage.epochs * optimizer_steps(setup, epoch_batches(setup, setup.train_loader))
+    steps = stage.epochs * setup.accumulation(setup.train_loader).steps
     return build_scheduler(setup.optimizer.optimizer, setup.scheduler_cfg, steps)
 
 
@@ -129,13 +146,27 @@ def stage_labels(stages: list[Stage]) -> list[str]:
     return labels
 
 
-def epoch_batches(setup: FitSetup, loader: DataLoader) -> int:
-    """Batches in an epoch over `loader`: all of them, or trainer.limit_train_batches (debug=fast)."""
-    full = steps_per_epoch(loader)
-    return min(full, setup.limit_train_batches) if setup.limit_train_batches else full
+def validation_target(setup: FitSetup, run: StageRun) -> tuple[nn.Module, DataLoader, Precision]:
+    """What an epoch of `run` validates (the EMA where there is one), on which data, at which precision.
+
+    On cached features the head runs alone. The EMA's head may use them only while the EMA's backbone
+    equals the live one (an average of weights frozen since the EMA began is those weights); after a stage
+    that trained the backbone it lags behind, and the whole EMA runs on the images.
+    """
+    ema, cached = setup.runner.ema, run.cached
+    if cached is None:
+        return run.runner.eval_network(), setup.val_loader, setup.runner.precision
+    if ema is None:
+        return cached.head, cached.val_loader, run.runner.precision
+    if _same_backbone(setup.model, ema.module):
+        return ema.module.get_submodule(setup.model.head_path), cached.val_loader, run.runner.precision
+    return ema.module, setup.val_loader, setup.runner.precision
 
 
-def optimizer_steps(setup: FitSetup, batches: int) -> int:
-    """Optimizer steps in an epoch of `batches`: one per trainer.accumulate_steps batches, and one for a
-    shorter last group, so schedules count the steps that move the weights."""
-    return -(-batches // setup.accumulate_steps)
+def _same_backbone(model: TransferModel, other: nn.Module) -> bool:
+    """Whether `other` (the same architecture) computes the head's input as `model` does: every floating-point
+    tensor outside the head equal (integer buffers, BatchNorm's batch counter, never enter an eval forward)."""
+    head = model.head_path + "."
+    theirs = other.state_dict()
+    return all(torch.equal(tensor, theirs[name]) for name, tensor in model.model.state_dict().items()
+               if not name.startswith(head) and tensor.is_floating_point())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,26 @@ class Progress:
     stop_reason: str | None = None
     params_trainable: dict[str, int] = field(default_factory=dict)
     epoch_lrs: dict[str, float] = field(default_factory=dict)  # lrs at the first step of the epoch in progress
-    step_lrs: dict[str, float] | None = None  # lrs of the last step completed (None: unknown, a resumed old checkpoint)
-    # per stage entered: each group's highest lr at any of its steps (None: unknown, a resumed old checkpoint)
-    peak_lrs: list[dict[str, float] | None] = field(default_factory=list)
+    step_lrs: dict[str, float] | None = None  # lrs of the last step completed (None: no step yet)
+    # per stage entered: each group's highest lr at any of its steps
+    peak_lrs: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
-    def restored(cls, saved: dict[str, Any]) -> "Progress":
-        """A checkpoint's progress; one saved before lrs were noted per step has no peaks for the stages it began."""
-        progress = cls(**saved)
-        if "peak_lrs" not in saved:
-            progress.peak_lrs = [None] * (progress.stage + 1)
-        return progress
+    def restored(cls, saved: dict[str, Any], where: Path) -> "Progress":
+        """A checkpoint's progress; a record lacking a field (not one `fit` wrote) is refused, never guessed."""
+        missing = sorted({spec.name for spec in fields(cls)} - set(saved))
+        if missing:
+            raise TransferError(f"{where}'s progress record lacks {', '.join(missing)}: it is not a checkpoint "
+                                "`transfer train` wrote whole; restore it from a copy, or train a new run")
+        return cls(**saved)
 
     def step_ran(self, lrs: dict[str, float]) -> None:
         """Note the lrs a step of the current stage ran with: the epoch's last so far, and the stage's peaks."""
         self.step_lrs = lrs
         self.peak_lrs.extend({} for _ in range(self.stage + 1 - len(self.peak_lrs)))
         peak = self.peak_lrs[self.stage]
-        if peak is not None:
-            for group, lr in lrs.items():
-                peak[group] = max(peak.get(group, lr), lr)
+        for group, lr in lrs.items():
+            peak[group] = max(peak.get(group, lr), lr)
 
 
 @dataclass

@@ -53,15 +53,10 @@ def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: in
     ]
 
 
-DOMAINS = ("near", "far")
-
-
 def choose_by_size(strategy: StrategyConfig, train_size: int, domain: str) -> tuple[StrategyConfig, str]:
     """Resolve a size-table strategy (`auto`) to the strategy its table picks, and say why."""
     if not strategy.by_train_size:
         return strategy, ""
-    if domain not in DOMAINS:
-        raise TransferError(f"dataset.domain='{domain}' is unknown: use near or far")
     rules = strategy.by_train_size
     row = next((i for i, rule in enumerate(rules) if rule.below is None or train_size < rule.below), len(rules) - 1)
     reason = f"{train_size} training images: " + (

@@ -1,5 +1,5 @@
-"""Reused bytes are proven, not assumed: cached features are reused only for the backbone weights they were
-computed from (never by stage name), and a feature-cache entry or checkpoint whose bytes changed on disk is
+"""The integrity of what a run reads back from disk: cached features serve only the backbone weights they were
+computed from (never a stage name), and a feature-cache entry or checkpoint whose bytes changed on disk is
 recomputed (the cache) or refused in one line (every reader of a checkpoint), never served.
 """
 
@@ -58,8 +58,8 @@ def flip_tensor_byte(path: Path) -> None:
 def test_a_head_stage_after_a_backbone_stage_trains_on_the_trained_backbone(
         tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
     """A second stage named `head` gets features of the backbone the `all` stage trained: the last epoch's val
-    loss is what `transfer eval checkpoint=last` measures on the images (a name-keyed reuse served the first
-    stage's features of a backbone that no longer exists)."""
+    loss is what `transfer eval checkpoint=last` measures on the images (features keyed by the stage's name would
+    be the first stage's, of a backbone that no longer exists)."""
     cache = tmp_path / "cache"
     run = _train(tmp_path / "run", HEAD_ALL_HEAD, "trainer.epochs=3", "trainer.cache_features=true",
                  f"trainer.cache_dir={cache}")
@@ -129,13 +129,17 @@ def test_an_undamaged_checkpoint_evaluates_in_a_fresh_process(run: Path) -> None
     assert done.returncode == 0, done.stderr
 
 
-def test_a_checkpoint_saved_before_digests_still_loads(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Checkpoints of earlier versions carry no digest: they predate them, and are read as before."""
-    file = run / "checkpoints" / "best.pt"
+def test_a_checkpoint_without_its_digest_record_is_refused(run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A file with no digest record is not one `transfer train` wrote whole: nothing proves its bytes."""
+    copy = tmp_path / "undigested"
+    shutil.copytree(run, copy)
+    file = copy / "checkpoints" / "best.pt"
     payload = checkpoint.read(file)
     del payload[checkpoint.DIGEST]
     torch.save(payload, file)
-    assert main(["eval", str(run)]) == 0, capsys.readouterr().err
+    assert main(["eval", str(copy)]) == 2
+    assert "carries no digest record" in capsys.readouterr().err
 
 
 def _image(folder: Path) -> Path:

@@ -1,6 +1,8 @@
-"""Mistakes a user can make that used to end in an internal error or a traceback: each is one
-`transfer: error:` line naming the key or file, exit 2, refused before training where it is knowable
-up front, and the run directory left as it was.
+"""A user's mistakes, and a disk that is full or read-only, end in one `transfer: error:` line naming the key
+or file, exit 2, never a traceback: values out of the libraries' range, a batch of one for BatchNorm statistics,
+eval overrides that do not resolve, damaged run files on resume, a config.yaml too big to expand. Each is refused
+before training where it is knowable up front, and the run directory is left as it was. Library warnings are one
+line too.
 
 One interrupted run (epoch 1 of 2 checkpointed, no summary) is trained per module; each test
 works on its own copy.
@@ -53,7 +55,6 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return real(*args, description=description, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRANSFER_CACHE", str(run_dir.parent / "feature-cache"))
         patch.setattr(trainer, "train_one_epoch", crash_in_epoch_2)
         with pytest.raises(Crash):
             train(cfg, run_dir)
@@ -73,7 +74,7 @@ def one_error(capsys: pytest.CaptureFixture[str], code: int, *names: object) -> 
     return one_error_line(code, err, *names, out=out)
 
 
-# --------------------------------------------------------------------------- 1: values the libraries refuse
+# --------------------------------------------------------------------------- values the libraries refuse
 
 
 @pytest.mark.parametrize(("override", "key", "bound"), [
@@ -109,7 +110,7 @@ def test_values_at_the_edges_of_the_ranges_compose(override: str) -> None:
     compose_train([*TINY, override])
 
 
-# --------------------------------------------------------------------------- 2, 3: known once the data is
+# --------------------------------------------------------------------------- known once the data is
 
 
 @pytest.mark.slow
@@ -145,7 +146,7 @@ def test_early_stopping_on_top5_with_fewer_than_5_classes_is_refused_before_trai
                  "trainer.early_stopping.monitor=val/acc5", "dry_run=true", f"hydra.run.dir={tmp_path / 'five'}"]) == 0
 
 
-# --------------------------------------------------------------------------- 4: eval overrides
+# --------------------------------------------------------------------------- eval overrides
 
 
 @pytest.mark.slow
@@ -158,7 +159,7 @@ def test_an_eval_override_that_does_not_resolve_is_one_line(run: Path, capsys: p
     assert tree_snapshot(run) == before
 
 
-# --------------------------------------------------------------------------- 5: damaged run files on resume
+# --------------------------------------------------------------------------- damaged run files on resume
 
 
 def _summary_a_folder(run_dir: Path) -> Path:
@@ -220,7 +221,7 @@ def test_a_sweep_rerun_resuming_over_a_record_that_lacks_a_key_is_refused_before
     assert tree_snapshot(run / "checkpoints") == checkpoints
 
 
-# --------------------------------------------------------------------------- 6: a read-only or a full disk
+# --------------------------------------------------------------------------- a read-only or a full disk
 
 
 def _mount_tmpfs(folder: Path, size: str) -> None:
@@ -290,7 +291,7 @@ def test_a_full_disk_under_a_library_error_is_the_users_to_fix(tmp_path: Path) -
     assert code == 1 and line.startswith("transfer: internal error (ValueError: a bug)")
 
 
-# --------------------------------------------------------------------------- 7: a YAML alias bomb
+# --------------------------------------------------------------------------- a YAML alias bomb
 
 
 def _laughs(levels: int = 10) -> str:
@@ -320,7 +321,7 @@ def test_eval_of_a_config_yaml_too_big_to_expand_is_one_line_and_fast(
     assert tree_snapshot(run) == before
 
 
-# --------------------------------------------------------------------------- 8: library warnings
+# --------------------------------------------------------------------------- library warnings
 
 
 def test_a_warning_is_one_line() -> None:

@@ -1,13 +1,12 @@
-"""Issue 11's smaller correctness points, from the user's side: an EMA on cached features, a split seed apart
-from the training seed (runs saved before it keep their split), report rows whose n counts seeds, and the
-lr an epoch ended with."""
+"""Seeds and the figures a run records, from the user's side: an EMA on cached features, a split seed apart from
+the training seed (a saved config must name it), report rows whose n counts seeds, and the lr an epoch ended
+with."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 from PIL import Image
-from test_report import parse_markdown, write_run
+from torch.utils.data import TensorDataset
 
 from transfer_cli.cli import main
 from transfer_cli.config.loading import load_run_config
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.datasets import load_splits
-from transfer_cli.inference.evaluate import evaluate_run
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import fit as trainer
@@ -29,7 +28,7 @@ from transfer_cli.training.optim import build_scheduler
 from transfer_cli.training.run import train
 
 from conftest import compose_train
-from helpers import assert_same_metrics, run_metrics
+from helpers import assert_same_metrics, parse_markdown, run_metrics, write_run
 
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
@@ -51,19 +50,20 @@ def test_an_ema_on_cached_features_matches_the_uncached_run(tmp_path: Path, monk
     frozen live one and its head runs on the cached features; after a stage that trained the backbone the EMA's
     lags the live one, and the cached stage must validate the whole EMA on the images."""
     monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
-    lagging: list[bool] = []  # per cached epoch: whether the EMA's backbone lagged the live one
-    real = trainer._same_backbone
+    on_features: list[bool] = []  # per epoch: whether it validated on the cached features (else on the images)
+    real = trainer.evaluate
 
-    def same_backbone(*args: Any) -> bool:
-        lagging.append(not real(*args))
-        return not lagging[-1]
+    def evaluate(model: Any, loader: Any, *args: Any, **kwargs: Any) -> Any:
+        on_features.append(isinstance(loader.dataset, TensorDataset))
+        return real(model, loader, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "_same_backbone", same_backbone)
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
     overrides = [*TINY, *HEAD_ALL_HEAD, "trainer.ema_decay=0.8"]
     with caplog.at_level(logging.INFO, logger="transfer_cli.training.feature_cache"):
         cached = train(compose_train(overrides), tmp_path / "cached")  # auto: an EMA no longer turns the cache off
     assert "cached train features" in caplog.text
-    assert lagging == [False, True], "per cached epoch: the first stage's, then the third's"
+    # the first stage's EMA head on the features; the third stage's EMA lags the live backbone: on the images
+    assert on_features == [True, False, False]
     plain = train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
     assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
     assert cached["best_val_acc"] == plain["best_val_acc"] and cached["ema"] is True
@@ -101,32 +101,17 @@ def test_training_seeds_share_the_split_and_the_split_seed_moves_it(tmp_path: Pa
     assert not torch.equal(images(["trainer.seed=1"]), images(["dataset.split_seed=7"]))
 
 
-def _old_run(tmp_path: Path) -> Path:
-    """A finished run as the code before dataset.split_seed saved it: split by its trainer.seed (5)."""
-    data = image_folder(tmp_path / "data")
+def test_a_saved_config_without_a_split_seed_is_refused_and_one_naming_it_keeps_it(tmp_path: Path) -> None:
+    """The schema's default in place of the seed a run split with would evaluate it on other images."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    cfg = compose_train([*TINY, "dataset=folder", f"dataset.root={data}", "dataset.val_fraction=0.3",
-                         "strategy=feature_extract", "trainer.seed=5", "dataset.split_seed=5", "trainer.epochs=1"])
-    train(cfg, run_dir)
+    cfg = compose_train([*TINY, "strategy=feature_extract", "dataset.split_seed=5", "trainer.epochs=1"])
     tree = OmegaConf.to_container(OmegaConf.structured(cfg))
     del tree["dataset"]["split_seed"]
     (run_dir / "config.yaml").write_text(yaml.safe_dump(tree), encoding="utf-8")
-    return run_dir
-
-
-def test_a_run_saved_without_a_split_seed_is_evaluated_on_its_own_split(tmp_path: Path) -> None:
-    run_dir = _old_run(tmp_path)
-    cfg = load_run_config(run_dir)
-    assert cfg.dataset.split_seed == 5, "the run's trainer.seed, not the schema's default"
-    default = load_splits(replace(cfg.dataset, split_seed=42)).val.indices
-    assert load_splits(cfg.dataset).val.indices != default, "the default would evaluate other images"
-    last = read_metrics(run_dir)[-1]
-    metrics, _ = evaluate_run(run_dir, ["checkpoint=last"])
-    assert metrics["acc1"] == last["val/acc1"]
-    assert metrics["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
-    tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-    tree["dataset"]["split_seed"] = 9  # a run that names its split seed keeps it
+    with pytest.raises(TransferError, match="names no dataset.split_seed"):
+        load_run_config(run_dir)
+    tree["dataset"]["split_seed"] = 9
     (run_dir / "config.yaml").write_text(yaml.safe_dump(tree), encoding="utf-8")
     assert load_run_config(run_dir).dataset.split_seed == 9
 
@@ -208,22 +193,19 @@ def test_metrics_log_the_lr_of_each_epochs_last_step_and_summary_the_peak(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_resume_after_an_epochs_last_step_keeps_its_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Killed during validation after a checkpoint at the epoch's last step: the resumed run trains no step of
-    that epoch, yet logs the lr its last step ran with (and one from an older checkpoint says it does not know)."""
+def test_a_resume_after_an_epochs_last_step_keeps_its_lr(tmp_path: Path) -> None:
+    """Killed after a checkpoint at the epoch's last step, before its validation: the resumed run trains no step
+    of that epoch, yet logs the lr its last step ran with (a checkpoint that did not note it is refused)."""
     overrides = [*TINY, "strategy=gradual", "trainer.epochs=3", "trainer.checkpoint_every_steps=4"]  # 4 steps an epoch
     train(compose_train(overrides), tmp_path / "plain")
-    real = trainer._validate
 
-    def killed(setup: Any, progress: Any, *args: Any) -> Any:
-        if progress.epoch == 1:
-            raise KeyboardInterrupt
-        return real(setup, progress, *args)
+    class KilledAfterEpoch2sLastStep(trainer.Callback):
+        def on_step(self, epoch: int, step: int) -> None:
+            if (epoch, step) == (2, 4):
+                raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
-        patch.setattr(trainer, "_validate", killed)
-        with pytest.raises(KeyboardInterrupt):
-            train(compose_train(overrides), tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train(overrides), tmp_path / "killed", callbacks=[KilledAfterEpoch2sLastStep()])
     state = checkpoint.load(tmp_path / "killed" / "checkpoints" / "last.pt")
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (1, 4)
     summary = train(compose_train(overrides), tmp_path / "killed", resume=state)
@@ -231,9 +213,6 @@ def test_a_resume_after_an_epochs_last_step_keeps_its_lr(tmp_path: Path, monkeyp
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert summary["stages"] == plain["stages"] and all(s["peak_lrs"] for s in plain["stages"])
 
-    old = {**state, "progress": {k: v for k, v in state["progress"].items() if k not in ("step_lrs", "peak_lrs")}}
-    (tmp_path / "killed" / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in read_metrics(tmp_path / "killed")[:1]), encoding="utf-8")
-    summary = train(compose_train(overrides), tmp_path / "killed", resume=old)
-    assert set(read_metrics(tmp_path / "killed")[1]["lr"].values()) == {None}, "unknown, not made up"
-    assert [s["peak_lrs"] is None for s in summary["stages"]] == [True, True, False], "stages begun before it"
+    unnoted = {**state, "progress": {k: v for k, v in state["progress"].items() if k != "step_lrs"}}
+    with pytest.raises(TransferError, match="progress record lacks step_lrs"):
+        train(compose_train(overrides), tmp_path / "killed", resume=unnoted)

@@ -1,8 +1,8 @@
-"""Held-out cases, each from the user's side (real files, the CLI), each a bug that was just fixed: the user's own
-dot-files beside a run, a checkpoint entry renamed by one byte, formula-like or CR-holding CSV cells, the user's
-multirun.yaml, links where eval and export write, numbers past a float, FIFOs, a lock folder or a file as the run
-dir, an empty run dir, a folder holding only `checkpoints/`, a non-finite first epoch, and SIGTERM after the last
-epoch.
+"""A run directory and the files around it in states nobody plans for, from the user's side (real files, the
+CLI): the user's own dot-files beside a run, a checkpoint entry renamed by one byte, formula-like or CR-holding CSV
+cells, the user's multirun.yaml, links where eval and export write, numbers past a float, FIFOs, a lock folder or a
+file as the run dir, an empty run dir, a folder holding only `checkpoints/`, a non-finite first epoch, and SIGTERM
+after the last epoch. Each ends in a working command or in one error line, nothing of the user's changed.
 
 One finished run (class folders with formula-like names, EMA weights) is trained per module, beside three files of
 the user's; each test that damages it works on its own copy.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import os
 import re
 import shutil
@@ -22,8 +21,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from PIL import Image
 from transfer_cli.cli import main
 
 from conftest import REPO
-from helpers import one_error_line, tree_snapshot
+from helpers import hydra_state_restored, one_error_line, transfer, transfer_env, tree_snapshot
 
 
 CLASSES = ["=1+2", "@SUM(1)", "-x", "\r=cr"]
@@ -79,34 +76,17 @@ def write_class_folders(root: Path) -> list[str]:
     return names
 
 
-@contextmanager
-def hydra_undone() -> Iterator[None]:
-    """What conftest's hydra_in_process fixture undoes, for the module-scoped run."""
-    argv, root = list(sys.argv), logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        sys.argv[:] = argv
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A finished `transfer train` run on class folders named like formulas, trained in a folder that held the
     user's own `.draft.tmp`, `.thesis.docx.tmp` and `notes.txt`."""
-    base = tmp_path_factory.mktemp("held_out")
+    base = tmp_path_factory.mktemp("edge_cases")
     classes = write_class_folders(base / "data")
     run_dir = base / "run"
     run_dir.mkdir()
     for name, data in USER_FILES.items():
         (run_dir / name).write_bytes(data)
-    with pytest.MonkeyPatch.context() as patch, hydra_undone():
-        patch.setenv("TRANSFER_CACHE", str(base / "feature-cache"))
+    with hydra_state_restored():  # what the hydra_in_process fixture undoes, for the module-scoped run
         code = main(["train", *TRAIN, "dataset=folder", f"dataset.root={base / 'data'}", f"hydra.run.dir={run_dir}"])
     return {"run": run_dir, "code": code, "classes": classes}
 
@@ -127,14 +107,7 @@ def interrupted(run: Path) -> Path:
     return run
 
 
-def transfer(*args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`transfer ARGS` in a process of its own; a hang past `timeout` fails the test (TimeoutExpired)."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-# --------------------------------------------------------------------------- 1: the user's dot-files beside a run
+# --------------------------------------------------------------------------- the user's dot-files beside a run
 
 
 def test_a_fresh_run_leaves_the_users_tmp_files_beside_it_byte_for_byte(trained: dict[str, Any]) -> None:
@@ -145,7 +118,7 @@ def test_a_fresh_run_leaves_the_users_tmp_files_beside_it_byte_for_byte(trained:
         assert (run_dir / name).read_bytes() == data, name
 
 
-# --------------------------------------------------------------------------- 2: an entry's name changed by one byte
+# --------------------------------------------------------------------------- an entry's name changed by one byte
 
 
 def rename_entry(path: Path, key: str, new: str) -> None:
@@ -187,7 +160,7 @@ def test_a_checkpoint_entry_renamed_by_one_byte_is_refused_as_damaged(
     assert "damaged" in line, line
 
 
-# --------------------------------------------------------------------------- 3: CSV cells a spreadsheet would run
+# --------------------------------------------------------------------------- CSV cells a spreadsheet would run
 
 
 def test_predict_csv_of_formula_like_and_cr_names_reads_back_one_row_per_image(
@@ -222,7 +195,7 @@ def test_predict_csv_of_formula_like_and_cr_names_reads_back_one_row_per_image(
     assert "'=cmd.png" in {row[0] for row in rows}
 
 
-# --------------------------------------------------------------------------- 4: the user's own multirun.yaml
+# --------------------------------------------------------------------------- the user's own multirun.yaml
 
 
 def test_a_sweep_dir_holding_the_users_multirun_yaml_is_refused(
@@ -230,12 +203,13 @@ def test_a_sweep_dir_holding_the_users_multirun_yaml_is_refused(
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("mine")
-    code = main(["train", "-m", "experiment=smoke", "trainer.epochs=1", f"hydra.sweep.dir={sweep}"])
+    code = main(["train", "-m", "experiment=smoke", "strategy=fine_tune", "trainer.epochs=1",
+                 f"hydra.sweep.dir={sweep}"])
     one_error_line(code, capsys.readouterr().err, sweep / "multirun.yaml")
     assert tree_snapshot(sweep) == {"multirun.yaml": b"mine"}
 
 
-# --------------------------------------------------------------------------- 5: links where eval and export write
+# --------------------------------------------------------------------------- links where eval and export write
 
 
 def test_eval_refuses_an_eval_folder_that_links_to_the_users_folder(
@@ -264,7 +238,7 @@ def test_export_refuses_an_export_folder_that_links_to_the_users_folder(
     assert tree_snapshot(users) == before
 
 
-# --------------------------------------------------------------------------- 6: numbers past what a float holds
+# --------------------------------------------------------------------------- numbers past what a float holds
 
 
 def test_report_shows_a_best_val_acc_past_a_float_as_unknown_with_a_warning(
@@ -297,7 +271,7 @@ def test_resume_refuses_a_val_loss_past_a_float_before_training(
     assert tree_snapshot(interrupted) == before  # the checkpoints above all: no epoch ran
 
 
-# --------------------------------------------------------------------------- 7: NaN in summary.json, then export
+# --------------------------------------------------------------------------- NaN in summary.json, then export
 
 
 @pytest.mark.slow
@@ -312,7 +286,7 @@ def test_export_writes_null_for_a_nan_best_val_acc(run: Path, capsys: pytest.Cap
     assert "NaN" not in model_json.read_text()
 
 
-# --------------------------------------------------------------------------- 8: FIFOs in place of run files
+# --------------------------------------------------------------------------- FIFOs in place of run files
 
 
 @pytest.mark.parametrize(("command", "name"), [
@@ -323,12 +297,12 @@ def test_a_fifo_in_place_of_a_run_file_is_one_line_not_a_hang(interrupted: Path,
     (interrupted / name).unlink(missing_ok=True)
     os.mkfifo(interrupted / name)
     started = time.monotonic()
-    done = transfer(command, str(interrupted))
+    done = transfer(command, str(interrupted), timeout=60)  # a hang fails the test
     one_error_line(done.returncode, done.stderr, interrupted / name)
     assert time.monotonic() - started < 30
 
 
-# --------------------------------------------------------------------------- 9: a lock folder, a file as the run dir
+# --------------------------------------------------------------------------- a lock folder, a file as the run dir
 
 
 def test_resume_refuses_a_lock_that_is_a_folder(interrupted: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -347,7 +321,7 @@ def test_train_refuses_a_file_as_its_run_dir(tmp_path: Path, capsys: pytest.Capt
     assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
 
 
-# --------------------------------------------------------------------------- 10: an empty run dir
+# --------------------------------------------------------------------------- an empty run dir
 
 
 @pytest.mark.parametrize("argv", [["hydra.run.dir="], ["-m", "trainer.seed=1,2", "hydra.sweep.dir="]],
@@ -362,7 +336,7 @@ def test_an_empty_run_dir_is_refused_and_the_current_folder_kept(
     assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
 
 
-# --------------------------------------------------------------------------- 11: a folder holding only checkpoints/
+# --------------------------------------------------------------------------- a folder holding only checkpoints/
 
 
 def test_a_folder_holding_only_the_users_checkpoints_is_not_called_a_run_to_resume(
@@ -377,7 +351,7 @@ def test_a_folder_holding_only_the_users_checkpoints_is_not_called_a_run_to_resu
     assert tree_snapshot(folder) == before
 
 
-# --------------------------------------------------------------------------- 12: non-finite in epoch 1
+# --------------------------------------------------------------------------- non-finite in epoch 1
 
 
 @pytest.mark.slow
@@ -395,7 +369,7 @@ def test_a_run_non_finite_in_epoch_1_does_not_claim_a_last_pt(
         assert "last.pt" not in text and "no checkpoint was saved" in text, text
 
 
-# --------------------------------------------------------------------------- 13: SIGTERM after the last epoch
+# --------------------------------------------------------------------------- SIGTERM after the last epoch
 
 
 def last_epoch_logged(metrics: Path, epoch: int) -> bool:
@@ -411,12 +385,11 @@ def last_epoch_logged(metrics: Path, epoch: int) -> bool:
 @pytest.mark.slow
 def test_sigterm_just_after_the_last_epoch_ends_in_one_line_and_resumes_to_finished(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "strategy=feature_extract",
          "trainer.epochs=2", "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16",
          "eval_splits=[val]", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        cwd=REPO, env=transfer_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not last_epoch_logged(run_dir / "metrics.jsonl", 2):
