@@ -36,7 +36,7 @@ from transfer_cli.config.schema import (
 from transfer_cli.models.model import TransferModel, build_model
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import fit
-from transfer_cli.training.strategies import Stage
+from transfer_cli.training.freezing import Stage
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,8 +136,7 @@ def make_fit_setup(model: TransferModel, stages: list[Stage], run_dir: Path, *, 
     from transfer_cli.data.synthetic import SyntheticImages
     from transfer_cli.data.transforms import eval_transform, resolve_preprocessing, train_transform
     from transfer_cli.models.runtime import Precision
-    from transfer_cli.training.optim import StagedOptimizer
-    from transfer_cli.training.stages import FitSetup
+    from transfer_cli.training.stages import FitSetup, StagedOptimizer
 
     preprocessing = resolve_preprocessing(model.preprocessing, TransformsConfig(image_size=image_size, crop_pct=1.0),
                                           model.pretrained)

@@ -19,9 +19,9 @@ from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training import fit as trainer
 from transfer_cli.training import stages as stages_module
+from transfer_cli.training.freezing import Stage
 from transfer_cli.training.loop import ALONE, Accumulation, Group, StepRunner, Tally, train_one_epoch
 from transfer_cli.training.run import train
-from transfer_cli.training.strategies import Stage
 
 from conftest import FAST, compose_train
 from helpers import comparable, group_names, load_scheduler, make_fit_setup, tiny_resnet

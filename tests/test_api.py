@@ -247,9 +247,9 @@ def test_evaluate_gives_what_the_eval_command_computes(trained: tuple[dict[str, 
     metrics = transfer_cli.load_run(run_dir).evaluate(split="val")
     assert metrics["acc1"] == pytest.approx(summary["best_val_acc"]) and "macro_f1" in metrics
     assert set(metrics["per_class"]) == set(summary["classes"])
-    (run_dir / "eval" / "val" / "metrics.json").unlink()
+    (run_dir / "eval" / "val" / "best" / "metrics.json").unlink()
     assert transfer_main(["eval", str(run_dir)]) == 0
-    assert json.loads((run_dir / "eval" / "val" / "metrics.json").read_text()) == metrics
+    assert json.loads((run_dir / "eval" / "val" / "best" / "metrics.json").read_text()) == metrics
     assert transfer_cli.load_run(run_dir, checkpoint="last").evaluate()["checkpoint"] == "last"
 
 

@@ -9,7 +9,7 @@ import pytest
 from transfer_cli.config.loading import load_strategy
 from transfer_cli.core.errors import TransferError
 from transfer_cli.training.run import train
-from transfer_cli.training.strategies import choose_by_size
+from transfer_cli.training.stages import choose_by_size
 
 from conftest import FAST, compose_train
 

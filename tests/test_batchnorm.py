@@ -24,10 +24,10 @@ from transfer_cli.runs import checkpoint
 from transfer_cli.training import assemble
 from transfer_cli.training import fit as trainer
 from transfer_cli.training.feature_cache import backbone_is_deterministic
+from transfer_cli.training.freezing import Stage, frozen_modules, hold_frozen_batchnorm
 from transfer_cli.training.run import train
-from transfer_cli.training.stages import enter_stage
+from transfer_cli.training.stages import enter_stage, plan_stages
 from transfer_cli.training.state import Progress
-from transfer_cli.training.strategies import Stage, frozen_modules, hold_frozen_batchnorm, plan_stages
 
 from conftest import FAST, compose_train
 from helpers import (
@@ -136,7 +136,8 @@ def test_the_default_policy_follows_the_weights(tmp_path: Path) -> None:
 
 def test_reestimate_sets_the_stats_to_the_training_images_then_holds_them(tmp_path: Path) -> None:
     model = tiny_resnet(seed=0)
-    setup = make_fit_setup(model, [Stage("head", 2, {HEAD: 1e-2}, "reestimate")], tmp_path)
+    every_group = {group.name: 1e-3 for group in model.groups}
+    setup = make_fit_setup(model, [Stage("all", 2, every_group, "reestimate")], tmp_path)
     first = next(iter(batchnorms(model.model).values()))  # its input does not depend on any BatchNorm
     momentum = first.momentum
     inputs: list[torch.Tensor] = []
@@ -155,6 +156,21 @@ def test_reestimate_sets_the_stats_to_the_training_images_then_holds_them(tmp_pa
     settled = stats(model)
     trainer.fit(setup)
     assert all(torch.equal(value, settled[key]) for key, value in stats(model).items()), "held after re-estimation"
+
+
+@pytest.mark.parametrize("trained", [1, 2])  # the head alone (it holds no BatchNorm); the last block too
+def test_reestimate_leaves_the_statistics_of_frozen_groups_as_they_were(tmp_path: Path, trained: int) -> None:
+    model = tiny_resnet(seed=0)
+    groups = model.groups[-trained:]
+    before = stats(model)
+    setup = make_fit_setup(model, [Stage("last", 1, {group.name: 1e-3 for group in groups}, "reestimate")], tmp_path)
+    enter_stage(setup, Progress(), 0)
+    after = stats(model)
+    trained_params = {name for group in groups for name in group.params}
+    in_trained = {key for key in before if f"{key.rsplit('.', 1)[0]}.weight" in trained_params}
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == in_trained
+    assert bool(changed) == (trained == 2)
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def test_confusion_matrix_agrees_with_per_class_accuracy_and_macro_f1(run: Path)
 
 def test_eval_writes_its_files_atomically_and_prints_a_table(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert transfer_main(["eval", str(run), "trainer.device=cpu", "trainer.eval_batch_size=7"]) == 0
-    out = run / "eval" / "val"
+    out = run / "eval" / "val" / "best"
     assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json"]
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "metrics.json").read_text())["overrides"] == [
@@ -275,3 +275,22 @@ def test_predict_command(run: Path, val_folder: Path, tmp_path: Path) -> None:
     result = transfer("predict", str(run), str(val_folder), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert len(json.loads(out.read_text())) == 32 and len(result.stdout.splitlines()) == 33
+
+
+@pytest.mark.parametrize(("classes", "top5"), [(5, False), (6, True)])
+def test_top5_is_reported_only_with_more_than_5_classes_and_best_and_last_keep_their_own_eval(
+        tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str], classes: int, top5: bool) -> None:
+    """With 5 classes or fewer top-5 is always 1.0: no column says nothing. `transfer eval` of best.pt and of
+    last.pt write apart, so the second never overwrites the first."""
+    run = tmp_path / "run"
+    assert transfer_main(["train", "experiment=smoke", "strategy=feature_extract", f"dataset.num_classes={classes}",
+                          "dataset.train_size=40", "dataset.val_size=20", "trainer.epochs=2",
+                          f"hydra.run.dir={run}"]) == 0
+    records = runlog.read_metrics(run)
+    assert all(("val/acc5" in record) == top5 for record in records)
+    assert transfer_main(["eval", str(run)]) == 0 and transfer_main(["eval", str(run), "checkpoint=last"]) == 0
+    best = json.loads((run / "eval" / "val" / "best" / "metrics.json").read_text())
+    last = json.loads((run / "eval" / "val" / "last" / "metrics.json").read_text())
+    assert (best["checkpoint"], last["checkpoint"]) == ("best", "last") and ("acc5" in best) == top5
+    assert last["acc1"] == records[-1]["val/acc1"]
+    assert ("top-5" in capsys.readouterr().out) == top5

@@ -28,7 +28,7 @@ from transfer_cli.lesson.exercise5 import sample_indices
 from transfer_cli.lesson.imagenet_classes import imagenet_index
 from transfer_cli.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from transfer_cli.models.model import build_model
-from transfer_cli.training.strategies import plan_stages
+from transfer_cli.training.stages import plan_stages
 
 from conftest import REPO, compose_train
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from transfer_cli.config.schema import HeadConfig
 from transfer_cli.training.fit import fit
+from transfer_cli.training.freezing import Stage
 from transfer_cli.training.loop import evaluate
-from transfer_cli.training.strategies import Stage
 
 from helpers import (
     RESNET_GROUPS,

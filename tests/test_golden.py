@@ -237,8 +237,8 @@ def test_eval_prints_and_writes_as_recorded(resumed_run: tuple[Path, dict[str, A
     capsys.readouterr()
     assert transfer("eval", str(run_dir)) == 0
     check("eval/stdout.txt", capsys.readouterr().out)
-    check("eval/metrics.json", read_json(run_dir / "eval" / "val" / "metrics.json"))
-    check("eval/confusion_matrix.json", read_json(run_dir / "eval" / "val" / "confusion_matrix.json"))
+    check("eval/metrics.json", read_json(run_dir / "eval" / "val" / "best" / "metrics.json"))
+    check("eval/confusion_matrix.json", read_json(run_dir / "eval" / "val" / "best" / "confusion_matrix.json"))
 
 
 def write_images(folder: Path) -> None:

@@ -20,7 +20,7 @@ from transfer_cli.config.schema import HeadConfig
 from transfer_cli.models.backbones import build_raw_backbone
 from transfer_cli.models.model import TransferModel
 from transfer_cli.training.run import train
-from transfer_cli.training.strategies import plan_stages
+from transfer_cli.training.stages import plan_stages
 
 from conftest import compose_train
 from helpers import build, load_strategy, timm_backbone, tv_backbone

@@ -217,7 +217,8 @@ def test_every_tracker_gets_the_confusion_matrices(tmp_path: Path, offline_track
     classes = ["class_0", "class_1"]
     last = evaluate_run(run_dir, ["checkpoint=last"])[1] / "confusion_matrix.json"
     expected = {"val_last_epoch": json.loads(last.read_text())["matrix"],
-                "test": json.loads((run_dir / "eval" / "test" / "confusion_matrix.json").read_text())["matrix"]}
+                "test": json.loads((run_dir / "eval" / "test" / "best" / "confusion_matrix.json").read_text())[
+                    "matrix"]}
     assert sum(map(sum, expected["val_last_epoch"])) == sum(map(sum, expected["test"])) == 16
 
     wandb_id = (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip()

@@ -136,13 +136,13 @@ def test_a_batch_of_one_with_frozen_batchnorm_goes_through(tmp_path: Path, hydra
 
 
 @pytest.mark.slow
-def test_early_stopping_on_top5_with_fewer_than_5_classes_is_refused_before_training(
+def test_early_stopping_on_top5_with_5_classes_or_fewer_is_refused_before_training(
         tmp_path: Path, hydra_in_process: None, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", *TINY, "trainer.early_stopping.patience=1", "trainer.early_stopping.monitor=val/acc5",
                  f"hydra.run.dir={tmp_path / 'run'}"])
     one_error(capsys, code, "trainer.early_stopping.monitor=val/acc5", "4 classes", "val/acc1")
     assert not (tmp_path / "run").exists()
-    assert main(["train", *TINY, "dataset.num_classes=5", "trainer.early_stopping.patience=1",
+    assert main(["train", *TINY, "dataset.num_classes=6", "trainer.early_stopping.patience=1",
                  "trainer.early_stopping.monitor=val/acc5", "dry_run=true", f"hydra.run.dir={tmp_path / 'five'}"]) == 0
 
 

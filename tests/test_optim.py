@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig
-from transfer_cli.training.optim import NORM_TYPES, StagedOptimizer, build_scheduler
-from transfer_cli.training.strategies import apply_stage, plan_stages
+from transfer_cli.training.freezing import apply_stage
+from transfer_cli.training.optim import build_scheduler
+from transfer_cli.training.stages import NORM_TYPES, StagedOptimizer, plan_stages
 
 from helpers import RESNET_GROUPS, load_optimizer, load_scheduler, load_strategy, params_of, stage, tiny_resnet
 

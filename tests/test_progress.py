@@ -3,6 +3,7 @@ saying why the feature cache is off for a head-only stage."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import subprocess
@@ -82,6 +83,10 @@ def test_a_run_with_stdout_in_a_file_logs_progress_inside_each_epoch(tmp_path: P
             inside = [i for i, m in enumerate(map(LINE.match, lines)) if m and m.group(1) == epoch]
             summary = next(i for i, line in enumerate(lines) if line.startswith(f"epoch {epoch} [all] train loss"))
             assert inside and max(inside) < summary, "progress comes during the epoch, before its summary line"
+            [record] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(line)["epoch"] == int(epoch)]
+            ran = max(record["lr"].values())
+            assert re.search(r" lr (\S+) ", lines[max(inside)]).group(1) == f"{ran:.1e}", "the lr its last step ran at"
 
 
 @pytest.mark.slow

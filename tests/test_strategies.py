@@ -7,7 +7,8 @@ from torch import nn
 
 from transfer_cli.config.schema import StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
-from transfer_cli.training.strategies import apply_stage, frozen_batchnorms, plan_stages, scale_epochs
+from transfer_cli.training.freezing import apply_stage, frozen_batchnorms
+from transfer_cli.training.stages import plan_stages, scale_epochs
 
 from helpers import RESNET_GROUPS, batchnorms, load_strategy, params_of, stage, strategy_names, tiny_resnet
 

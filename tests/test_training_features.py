@@ -18,8 +18,8 @@ from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.assemble import prepare
-from transfer_cli.training.optim import NORM_TYPES
 from transfer_cli.training.run import train
+from transfer_cli.training.stages import NORM_TYPES
 
 from conftest import FAST, compose_train
 

@@ -41,10 +41,10 @@ def loop_throughput(spec: dict[str, Any]) -> dict[str, Any]:
     from transfer_cli.data.loaders import make_loader
     from transfer_cli.inference.topk import topk_for
     from transfer_cli.training.assemble import prepare
+    from transfer_cli.training.freezing import hold_frozen_batchnorm
     from transfer_cli.training.loop import Tally, train_one_epoch
     from transfer_cli.training.stages import enter_stage
     from transfer_cli.training.state import Progress
-    from transfer_cli.training.strategies import hold_frozen_batchnorm
 
     cfg = compose_config(spec["overrides"])
     prepared = prepare(cfg, Path(spec["run_dir"]))

@@ -138,10 +138,10 @@ def _loader_images_per_s(prepared: dict[bool, Any], rounds: int) -> dict[str, An
 
 def _model_images_per_s(prepared: Any, steps: int) -> float:
     """Training images/s of the run's model on one loader batch held in memory (a warm-up step first)."""
+    from transfer_cli.training.freezing import hold_frozen_batchnorm
     from transfer_cli.training.loop import Tally
     from transfer_cli.training.stages import enter_stage
     from transfer_cli.training.state import Progress
-    from transfer_cli.training.strategies import hold_frozen_batchnorm
 
     setup = prepared.setup
     run = enter_stage(setup, Progress(), 0)

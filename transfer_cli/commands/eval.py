@@ -2,7 +2,7 @@
 
 The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy,
 macro-F1 and the confusion matrix say which classes it mixes up. Results are written to
-RUN_DIR/eval/<split>/ so each split keeps its own.
+RUN_DIR/eval/<split>/<checkpoint>/ so each split and checkpoint keeps its own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
     parser = CommandParser(
         prog="transfer eval",
         description="Evaluate a run's checkpoint on a split: top-1, top-5, per-class accuracy, macro-F1 and the "
-                    "confusion matrix, written to RUN_DIR/eval/<split>/.")
+                    "confusion matrix, written to RUN_DIR/eval/<split>/<checkpoint>/.")
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a directory `transfer train` wrote")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="checkpoint=best|last (default best), dataset.val_split=test (the split to evaluate), "

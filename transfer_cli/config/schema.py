@@ -232,7 +232,8 @@ class SchedulerConfig:
 class EarlyStoppingConfig:
     # epochs without improvement before stopping; null: never stop early
     patience: Optional[int] = field(default=None, metadata=POSITIVE)
-    # val/loss (minimized), val/acc1 or val/acc5 (maximized; top-5 needs 5 classes, checked once the data is known)
+    # val/loss (minimized), val/acc1 or val/acc5 (maximized; top-5 needs more than 5 classes, checked once the
+    # data is known)
     monitor: str = field(default="val/acc1", metadata=rule(one_of(*MONITORS)))
     min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
 

@@ -2,7 +2,7 @@
 
 The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy,
 macro-F1 and the confusion matrix say which classes it mixes up. Results are written to
-RUN_DIR/eval/<split>/ so each split keeps its own.
+RUN_DIR/eval/<split>/<checkpoint>/ so each split and checkpoint keeps its own.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def summarize(counts: Counts, classes: list[str]) -> dict[str, Any]:
 
 
 def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Path]:
-    """Evaluate a run's checkpoint on the split its (overridden) config names; write eval/<split>/."""
+    """Evaluate a run's checkpoint on the split its (overridden) config names; write eval/<split>/<checkpoint>/
+    (best.pt's and last.pt's results kept apart)."""
     run_dir = require_run_dir(run_dir)
     checkpoint, cfg = _eval_config(run_dir, overrides)
     _, model, classes = load_trained_model(run_dir, checkpoint)
@@ -118,7 +119,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], P
     split = cfg.dataset.val_split
     metrics = {"split": split, "checkpoint": checkpoint, "device": str(device),
                "overrides": [o for o in overrides if not o.startswith("checkpoint=")], **summarize(counts, classes)}
-    out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split)
+    out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split) / checkpoint
     refuse_links_below(run_dir, out)
     write_results(out, metrics, counts.confusion, classes)
     return metrics, out

@@ -77,7 +77,7 @@ class LoadedRun:
 
     def evaluate(self, split: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
         """The metrics `transfer eval RUN_DIR` computes (top-1, top-5, per-class, macro-F1, loss) on `split`
-        (None: the split the run validated on), also written to RUN_DIR/eval/<split>/ as the command writes
+        (None: the split the run validated on), also written to RUN_DIR/eval/<split>/<checkpoint>/ as the command writes
         them. `overrides` are the command's other dataset.*, transforms.* and trainer.* keys."""
         chosen = [] if split in (None, self.config.dataset.val_split) else [f"dataset.val_split={split}"]
         device = [f"trainer.device={self._device_choice}"] if self._device_choice else []

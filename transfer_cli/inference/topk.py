@@ -14,4 +14,5 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...])
 
 
 def topk_for(num_classes: int) -> tuple[int, ...]:
-    return (1, 5) if num_classes >= 5 else (1,)
+    """The k to report: top-5 only with more than 5 classes (with 5 or fewer it is always 1.0, which says nothing)."""
+    return (1, 5) if num_classes > 5 else (1,)

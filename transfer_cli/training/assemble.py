@@ -38,11 +38,10 @@ from transfer_cli.models.runtime import (
 from transfer_cli.parallel import distributed
 from transfer_cli.training.feature_cache import NoIdentity, backbone_is_deterministic, cached_splits
 from transfer_cli.training.feature_cache import default_cache_dir as default_feature_cache
+from transfer_cli.training.freezing import Stage
 from transfer_cli.training.loop import EMA, StepRunner
-from transfer_cli.training.optim import StagedOptimizer
-from transfer_cli.training.stages import FitSetup
+from transfer_cli.training.stages import FitSetup, StagedOptimizer, choose_by_size, plan_stages
 from transfer_cli.training.state import check_monitor
-from transfer_cli.training.strategies import Stage, choose_by_size, plan_stages
 
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from transfer_cli.models.model import HEAD, TransferModel
 from transfer_cli.models.runtime import Precision
 from transfer_cli.runs import checkpoint
 from transfer_cli.runs.frozen import tensors_digest
-from transfer_cli.training.strategies import Stage, frozen_modules
+from transfer_cli.training.freezing import Stage, frozen_modules
 
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def default_cache_dir() -> Path:
 def backbone_is_deterministic(model: TransferModel) -> bool:
     """In a head-only stage, no dropout, drop-path or stochastic depth runs before the head's input.
 
-    Frozen groups run in eval mode (strategies.frozen_modules), so only stochastic modules that
+    Frozen groups run in eval mode (freezing.frozen_modules), so only stochastic modules that
     stay in train mode matter: parameter-free ones feeding the head directly, and timm's
     functional drop_rate.
     """

@@ -30,11 +30,11 @@ from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
 from transfer_cli.runs import checkpoint, runlog
 from transfer_cli.training.epoch_progress import EpochProgress
+from transfer_cli.training.freezing import Stage, hold_frozen_batchnorm
 from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.loop import Accumulation, NonFiniteLoss, Tally, evaluate, train_one_epoch
 from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run, validation_target
 from transfer_cli.training.state import FitResult, Progress, update_early_stopping
-from transfer_cli.training.strategies import Stage, hold_frozen_batchnorm
 
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
     try:
         train = train_one_epoch(run.runner, train_loader, scheduler, tally, start_step=progress.step,
                                 on_step=on_step, check_every=setup.check_every, description=f"epoch {epoch}",
-                                progress=_epoch_progress(setup, run, epoch, progress.step, accumulation),
+                                progress=_epoch_progress(setup, run, epoch, progress, accumulation),
                                 accumulation=accumulation)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} of epoch {epoch}"
@@ -267,12 +267,13 @@ def _kept(setup: FitSetup, where: str) -> str:
     return "no checkpoint was saved before it"
 
 
-def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, start_step: int,
+def _epoch_progress(setup: FitSetup, run: StageRun, epoch: int, progress: Progress,
                     accumulation: Accumulation) -> EpochProgress:
-    """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only)."""
+    """The bar or the log lines of this epoch: `epoch 3/20 [last_block] step 40/120 ...` (rank 0 only), its lr
+    the one the last step ran with (the scheduler has stepped past it: at a OneCycle stage's end, far)."""
     total = _stage_start(setup, len(setup.stages))
-    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", accumulation.batches, start_step,
-                         run.train_loader.batch_size * distributed.world_size(), setup.optimizer.lrs_by_group,
+    return EpochProgress(f"epoch {epoch}/{total} [{run.stage.name}]", accumulation.batches, progress.step,
+                         run.train_loader.batch_size * distributed.world_size(), lambda: progress.step_lrs or {},
                          setup.trainer.log_every, bar=None if distributed.is_main() else False)
 
 

@@ -22,10 +22,10 @@ from transfer_cli.parallel import distributed
 from transfer_cli.runs import loggers, runlog
 from transfer_cli.training.assemble import Prepared, RunnerAdapter, prepare
 from transfer_cli.training.fit import Callback, fit
+from transfer_cli.training.freezing import Stage
 from transfer_cli.training.interrupts import sigterm_stops
 from transfer_cli.training.plan import build_plan, format_plan
 from transfer_cli.training.state import FitResult, Progress, check_history
-from transfer_cli.training.strategies import Stage
 
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig, run_dir: Pa
 
 
 def _held_out(run_dir: Path, splits: list[str]) -> tuple[dict[str, dict[str, Any]], list[loggers.Confusion]]:
-    """best.pt scored on each of `eval_splits` as `transfer eval` scores it (eval/<split>/ written too), and
-    the confusion matrix of each."""
+    """best.pt scored on each of `eval_splits` as `transfer eval` scores it (eval/<split>/best/ written too),
+    and the confusion matrix of each."""
     scores, confusions = {}, []
     for split in splits:
         metrics, out = evaluate_run(run_dir, [f"dataset.val_split={split}"])

@@ -1,11 +1,18 @@
-"""A run's parts (`FitSetup`, assembled once), entering a stage (`enter_stage`: what fit, resume and the
-benchmarks all do at a stage boundary), which returns the `StageRun` its epochs use, and what an epoch
-validates (`validation_target`)."""
+"""A strategy resolved against a model's layer groups, and a stage entered: everything a stage boundary does.
+
+`plan_stages` turns a strategy's YAML stages into `Stage`s (which groups train, at which lr, with
+which BatchNorm policy); `choose_by_size` picks the strategy of a size table (`auto`). The
+`StagedOptimizer` keys its parameter groups by (layer group, kind): a layer group's parameters
+enter the optimizer the first time a stage trains them, so the optimizer never holds a frozen
+parameter, and unfreezing at a stage boundary keeps the head's Adam state; weight decay applies to
+weights only. `enter_stage` (what fit, resume and the benchmarks all do at a boundary) freezes and
+unfreezes (freezing.py), moves the optimizer and returns the `StageRun` its epochs use.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,21 +20,212 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from transfer_cli.config.schema import SchedulerConfig, TrainerConfig
+from transfer_cli.config.loading import load_strategy, strategy_file
+from transfer_cli.config.schema import OptimizerConfig, SchedulerConfig, StageConfig, StrategyConfig, TrainerConfig
+from transfer_cli.config.stage_epochs import scale_epochs
+from transfer_cli.core.errors import TransferError
 from transfer_cli.data.loaders import steps_per_epoch
-from transfer_cli.models.model import TransferModel
+from transfer_cli.models.model import HEAD, TransferModel
 from transfer_cli.models.runtime import Precision
 from transfer_cli.parallel import distributed
 from transfer_cli.runs.frozen import FrozenStore
 from transfer_cli.training.compiled import CompileWatch, compile_for_stage
 from transfer_cli.training.feature_cache import CachedSplits
+from transfer_cli.training.freezing import Stage, apply_stage, frozen_batchnorms, reestimate_batchnorm
 from transfer_cli.training.loop import Accumulation, StepRunner
-from transfer_cli.training.optim import StagedOptimizer, build_scheduler
+from transfer_cli.training.optim import OPTIMIZERS, build_scheduler
 from transfer_cli.training.state import Progress
-from transfer_cli.training.strategies import Stage, apply_stage, reestimate_batchnorm
 
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- a strategy resolved
+
+
+def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: int | None,
+                lr_scale: float = 1.0, pretrained: bool = True) -> list[Stage]:
+    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths.
+
+    BatchNorm's default policy follows the weights: pretrained running statistics are worth keeping
+    (`frozen_stats`, docs/batchnorm.md); a random init's are not, so they train.
+    """
+    default_bn = "frozen_stats" if pretrained else "train"
+    if not strategy.stages:
+        raise TransferError(f"strategy '{strategy.name}' has no stages: give it at least one under strategy.stages")
+    epochs = scale_epochs([stage.epochs for stage in strategy.stages], total_epochs)
+    return [
+        Stage(stage.name, count, {g: lr * lr_scale for g, lr in _stage_lrs(stage, strategy, model).items()},
+              stage.bn or strategy.bn or default_bn)
+        for stage, count in zip(strategy.stages, epochs)
+    ]
+
+
+def choose_by_size(strategy: StrategyConfig, train_size: int, domain: str) -> tuple[StrategyConfig, str]:
+    """Resolve a size-table strategy (`auto`) to the strategy its table picks, and say why."""
+    if not strategy.by_train_size:
+        return strategy, ""
+    rules = strategy.by_train_size
+    row = next((i for i, rule in enumerate(rules) if rule.below is None or train_size < rule.below), len(rules) - 1)
+    reason = f"{train_size} training images: " + (
+        f"fewer than {rules[row].below}" if rules[row].below is not None else "the largest size class")
+    if domain == "far" and row + 1 < len(rules):
+        row += 1
+        reason += "; dataset.domain=far moves one step toward fine-tuning"
+    settings = _settings_to_carry(strategy)
+    chosen = replace(load_strategy(rules[row].strategy), **settings)
+    if settings:
+        reason += "; keeping " + ", ".join(f"strategy.{key}={value}" for key, value in settings.items())
+    return chosen, f"{strategy.name} chose {chosen.name}: {reason}"
+
+
+TABLE_ONLY = {"name", "description", "by_train_size"}
+
+
+def _settings_to_carry(table: StrategyConfig) -> dict[str, Any]:
+    """What the user or an experiment set on a size-table strategy (`strategy.train_bn=true`, say),
+    which the strategy it picks must keep; stages cannot be both given and picked."""
+    if table.stages:
+        raise TransferError(f"strategy={table.name} picks its stages by data size: drop strategy.stages, "
+                            "or choose a strategy (e.g. strategy=gradual) and give it stages")
+    own = load_strategy(table.name) if strategy_file(table.name).is_file() else StrategyConfig(name=table.name)
+    return {spec.name: getattr(table, spec.name) for spec in fields(StrategyConfig)
+            if spec.name not in TABLE_ONLY | {"stages"} and getattr(table, spec.name) != getattr(own, spec.name)}
+
+
+def _selected_groups(selectors: list[str], model: TransferModel) -> list[str]:
+    names = [group.name for group in model.groups]
+    chosen: set[str] = set()
+    for selector in selectors:
+        if selector == "all":
+            chosen.update(names)
+        elif selector.startswith("last:"):
+            count = _parse_count(selector)
+            body = names[:-1]
+            chosen.update(body[len(body) - min(count, len(body)):] + [HEAD])
+        else:
+            chosen.add(model.group(selector).name)
+    return [name for name in names if name in chosen]
+
+
+def _parse_count(selector: str) -> int:
+    try:
+        count = int(selector.split(":", 1)[1])
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise TransferError(f"bad group selector '{selector}': write last:N with N >= 0")
+    return count
+
+
+def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferModel) -> dict[str, float]:
+    if stage.lrs is not None:
+        lrs = {model.group(name).name: float(lr) for name, lr in stage.lrs.items()}
+        order = [group.name for group in model.groups]
+        lrs = {name: lrs[name] for name in order if name in lrs}
+    else:
+        base = stage.lr if stage.lr is not None else strategy.lr
+        trained = _selected_groups(stage.train, model)
+        if stage.lr_decay is None:
+            lrs = {name: float(base) for name in trained}
+        else:
+            depth = len(trained) - 1
+            lrs = {name: float(base) * stage.lr_decay ** (depth - i) for i, name in enumerate(trained)}
+    bad = [f"{name}={lr}" for name, lr in lrs.items() if not lr > 0]
+    if bad:
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' has lr <= 0 ({', '.join(bad)}): use "
+                            "positive rates")
+    if not lrs:
+        raise TransferError(f"stage '{stage.name}' of strategy '{strategy.name}' trains no layer group: name some in "
+                            "its train list")
+    return lrs
+
+
+# --------------------------------------------------------------------------- the optimizer's groups
+
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+KINDS = ("decay", "no_decay", "norm", "bn")
+
+
+
+def _param_kinds(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> 'decay' | 'no_decay' | 'norm' | 'bn' (BatchNorm: what train_bn trains)."""
+    kinds = {}
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{path}.{name}" if path else name
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                kinds[full] = "bn"
+            elif isinstance(module, NORM_TYPES):
+                kinds[full] = "norm"
+            else:
+                kinds[full] = "decay" if param.ndim > 1 else "no_decay"
+    return kinds
+
+
+class StagedOptimizer:
+    """Owns the optimizer and moves it from stage to stage without rebuilding it."""
+
+    def __init__(self, model: TransferModel, cfg: OptimizerConfig, first: Stage, train_bn: bool) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.train_bn = train_bn
+        self._params = dict(model.model.named_parameters())
+        self._kinds = _param_kinds(model.model)
+        self.optimizer = OPTIMIZERS.get(cfg.name)(self._new_groups(self._wanted(first), set()), cfg)
+        self.enter(first)
+
+    def _wanted(self, stage: Stage) -> dict[tuple[str, str], float]:
+        """(layer group, kind) -> lr for everything `stage` trains."""
+        wanted = {(group, kind): lr for group, lr in stage.lrs.items() for kind in KINDS}
+        if self.train_bn:
+            owner = {id(self._params[name]): group.name for group in self.model.groups for name in group.params}
+            top = max(stage.lrs.values())
+            for module in frozen_batchnorms(self.model, stage):
+                for param in module.parameters(recurse=False):
+                    wanted[(owner[id(param)], "bn")] = top
+        return wanted
+
+    def _new_groups(self, wanted: dict[tuple[str, str], float], present: set[tuple[str, str]]) -> list[dict]:
+        groups = []
+        for group in self.model.groups:
+            for kind in KINDS:
+                key = (group.name, kind)
+                if key in present or key not in wanted:
+                    continue
+                params = [self._params[n] for n in group.params if self._kinds[n] == kind]
+                if params:
+                    decay = self.cfg.weight_decay if kind == "decay" else 0.0
+                    groups.append({"params": params, "lr": 0.0, "weight_decay": decay,
+                                   "layer_group": group.name, "kind": kind})
+        return groups
+
+    def enter(self, stage: Stage) -> None:
+        """Add the param groups `stage` unfreezes and set every group's lr for it."""
+        wanted = self._wanted(stage)
+        present = {(group["layer_group"], group["kind"]) for group in self.optimizer.param_groups}
+        for group in self._new_groups(wanted, present):
+            self.optimizer.add_param_group(group)
+        for group in self.optimizer.param_groups:
+            group["lr"] = wanted.get((group["layer_group"], group["kind"]), 0.0)
+            for key in ("initial_lr", "max_lr", "min_lr"):
+                group.pop(key, None)
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups if group["lr"] > 0 for p in group["params"]]
+
+    def lrs_by_group(self) -> dict[str, float]:
+        """Current lr of every layer group in the optimizer (the decay kind's, else any)."""
+        lrs: dict[str, float] = {}
+        for group in self.optimizer.param_groups:
+            if group["kind"] not in ("norm", "bn") or group["layer_group"] not in lrs:
+                lrs[group["layer_group"]] = float(group["lr"])
+        return lrs
+
+
+# --------------------------------------------------------------------------- a stage entered
 
 
 @dataclass
@@ -120,8 +318,8 @@ def prepare_stage(setup: FitSetup, progress: Progress, index: int, fresh: bool) 
     apply_stage(setup.model, stage, setup.train_bn)
     if fresh and stage.bn == "reestimate":
         loader = setup.train_loader
-        count, images = reestimate_batchnorm(setup.model, loader.dataset, loader.batch_size, loader.num_workers,
-                                             setup.runner.precision)
+        count, images = reestimate_batchnorm(setup.model, stage, loader.dataset, loader.batch_size,
+                                             loader.num_workers, setup.runner.precision)
         log.info("stage '%s': re-estimated the running stats of %d BatchNorm layers on %d training images",
                  stage.name, count, images)
     setup.optimizer.enter(stage)

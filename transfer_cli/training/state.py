@@ -68,10 +68,11 @@ def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int
 
 
 def check_monitor(cfg: EarlyStoppingConfig, num_classes: int) -> None:
-    """Before training: an epoch records top-5 accuracy only with 5 classes or more (the schema allows the names)."""
-    if cfg.patience is not None and cfg.monitor == "val/acc5" and num_classes < 5:
+    """Before training: an epoch records top-5 accuracy only with more than 5 classes (the schema allows the
+    names)."""
+    if cfg.patience is not None and cfg.monitor == "val/acc5" and num_classes <= 5:
         raise TransferError(f"trainer.early_stopping.monitor=val/acc5: the data has {num_classes} classes, and top-5 "
-                            "accuracy needs at least 5: monitor val/acc1 or val/loss")
+                            "accuracy is recorded only with more than 5: monitor val/acc1 or val/loss")
 
 
 def update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:
