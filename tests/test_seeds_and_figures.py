@@ -190,6 +190,23 @@ def test_metrics_log_the_lr_of_each_epochs_last_step_and_summary_the_peak(tmp_pa
     (stage,) = summary["stages"]
     assert stage["peak_lrs"] == {"head": pytest.approx(max(expected), rel=1e-12)}
     assert stage["lrs"] == {"head": 1e-3} and max(expected) <= 1e-3
+    assert stage["mean_lrs"] == {"head": pytest.approx(sum(expected) / len(expected), rel=1e-12)}
+
+
+@pytest.mark.parametrize(("scheduler", "between"), [("onecycle", (0.3, 0.7)), ("cosine", (0.3, 0.7)),
+                                                    ("constant", (1.0, 1.0))])
+def test_the_plan_states_each_stages_mean_rate_and_the_run_ran_at_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], scheduler: str, between: tuple[float, float]) -> None:
+    """A stated lr is a stage's peak: the plan says the schedule's mean beside it, and summary.json's mean_lrs
+    (what the steps ran at) equal the plan's."""
+    overrides = [*TINY, "strategy=gradual", "trainer.epochs=6", f"scheduler={scheduler}"]
+    summary = train(compose_train(overrides), tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    for planned, ran in zip(plan["stages"], summary["stages"], strict=True):
+        assert planned["schedule"] == scheduler and between[0] <= planned["mean_lr_factor"] <= between[1]
+        assert ran["mean_lrs"] == {g["name"]: pytest.approx(g["mean_lr"], rel=1e-9) for g in planned["groups"]}
+    train(compose_train([*overrides, "dry_run=true"]), tmp_path / "dry")
+    assert f"(peak lr; {scheduler}: mean " in capsys.readouterr().out
 
 
 @pytest.mark.slow

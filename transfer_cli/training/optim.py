@@ -70,3 +70,17 @@ def _constant(optimizer: Optimizer, total_steps: int, cfg: SchedulerConfig) -> L
 def build_scheduler(optimizer: Optimizer, cfg: SchedulerConfig, total_steps: int) -> LRScheduler:
     """A scheduler covering one stage of `total_steps` optimizer steps."""
     return SCHEDULERS.get(cfg.name)(optimizer, total_steps, cfg)
+
+
+def mean_factor(cfg: SchedulerConfig, total_steps: int) -> float:
+    """The mean, over a stage of `total_steps` steps, of the multiplier `cfg`'s schedule puts on each group's
+    stated lr (its peak): read off the scheduler itself, stepped on a stand-in parameter, so every schedule's
+    warmup and decay count as they run (OneCycle with 10% warmup: about 0.5)."""
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = build_scheduler(stand_in, cfg, total_steps)
+    total = 0.0
+    for _ in range(max(total_steps, 1)):
+        total += stand_in.param_groups[0]["lr"]
+        stand_in.step()
+        scheduler.step()
+    return total / max(total_steps, 1)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.backbones import weights_location
+from transfer_cli.training.optim import mean_factor
 
 
 if TYPE_CHECKING:
@@ -41,11 +42,14 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
     head = model.model.get_submodule(model.head_path)
     total = sum(sizes.values())
     stages = []
+    steps_per_epoch = prepared.setup.accumulation(prepared.setup.train_loader).steps
     for stage in prepared.setup.stages:
         trainable = sum(sizes[g] for g in stage.lrs)
+        mean = mean_factor(cfg.scheduler, stage.epochs * steps_per_epoch)
         stages.append({"name": stage.name, "epochs": stage.epochs, "bn": stage.bn, "trainable_params": trainable,
-                       "frozen_params": total - trainable,
-                       "groups": [{"name": g, "lr": lr, "params": sizes[g]} for g, lr in stage.lrs.items()]})
+                       "frozen_params": total - trainable, "schedule": cfg.scheduler.name, "mean_lr_factor": mean,
+                       "groups": [{"name": g, "lr": lr, "mean_lr": lr * mean, "params": sizes[g]}
+                                  for g, lr in stage.lrs.items()]})
     weights = model.preprocessing
     return {
         "backbone": {"source": cfg.backbone.source, "name": cfg.backbone.name,
@@ -88,7 +92,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     for i, stage in enumerate(plan["stages"], 1):
         groups = ", ".join(f"{g['name']}@{g['lr']:g}" for g in stage["groups"])
-        lines.append(f"stage {i}   {stage['name']}: {stage['epochs']} epochs, trains {groups}; "
+        lines.append(f"stage {i}   {stage['name']}: {stage['epochs']} epochs, trains {groups} (peak lr; "
+                     f"{stage['schedule']}: mean {stage['mean_lr_factor']:.2f}x peak); "
                      f"{stage['trainable_params']:,} trainable / {stage['frozen_params']:,} frozen params; bn "
                      f"{stage['bn']}")
     return "\n".join(lines)

@@ -175,8 +175,9 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
         "skipped_images": len(splits.skipped_images),
         "strategy": prepared.strategy.name,
         "strategy_choice": prepared.strategy_choice or None,
-        "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs, "peak_lrs": _peak_lrs(progress, i, s)}
-                   for i, s in enumerate(setup.stages)],
+        # lrs: each group's stated (peak) rate; peak_lrs and mean_lrs: what its steps ran at, highest and on average
+        "stages": [{"name": s.name, "epochs": s.epochs, "lrs": s.lrs, "peak_lrs": _peak_lrs(progress, i, s),
+                    "mean_lrs": _mean_lrs(progress, i, s)} for i, s in enumerate(setup.stages)],
         "layer_groups": [g.name for g in model.groups],
         "weights": model.weights_source,
         "preprocessing": {**vars(preprocessing), "resize_size": preprocessing.resize_size},
@@ -197,6 +198,12 @@ def _peak_lrs(progress: Progress, index: int, stage: Stage) -> dict[str, float] 
     None for a stage never run."""
     peak = progress.peak_lrs[index] if index < len(progress.peak_lrs) else None
     return {group: peak.get(group, 0.0) for group in stage.lrs} if peak else None
+
+
+def _mean_lrs(progress: Progress, index: int, stage: Stage) -> dict[str, float] | None:
+    """Each group's lr over the steps stage `index` ran, averaged (None for a stage never run)."""
+    mean = progress.mean_lrs(index)
+    return {group: mean.get(group, 0.0) for group in stage.lrs} if mean is not None else None
 
 
 def _mean(values: list[float]) -> float:

@@ -29,8 +29,10 @@ class Progress:
     params_trainable: dict[str, int] = field(default_factory=dict)
     epoch_lrs: dict[str, float] = field(default_factory=dict)  # lrs at the first step of the epoch in progress
     step_lrs: dict[str, float] | None = None  # lrs of the last step completed (None: no step yet)
-    # per stage entered: each group's highest lr at any of its steps
+    # per stage entered: each group's highest lr at any of its steps, the sum of its lrs, and the steps run
     peak_lrs: list[dict[str, float]] = field(default_factory=list)
+    lr_sums: list[dict[str, float]] = field(default_factory=list)
+    stage_steps: list[int] = field(default_factory=list)
 
     @classmethod
     def restored(cls, saved: dict[str, Any], where: Path) -> "Progress":
@@ -42,12 +44,22 @@ class Progress:
         return cls(**saved)
 
     def step_ran(self, lrs: dict[str, float]) -> None:
-        """Note the lrs a step of the current stage ran with: the epoch's last so far, and the stage's peaks."""
+        """Note the lrs a step of the current stage ran with: the epoch's last so far, the stage's peaks and sums."""
         self.step_lrs = lrs
-        self.peak_lrs.extend({} for _ in range(self.stage + 1 - len(self.peak_lrs)))
-        peak = self.peak_lrs[self.stage]
+        for per_stage in (self.peak_lrs, self.lr_sums):
+            per_stage.extend({} for _ in range(self.stage + 1 - len(per_stage)))
+        self.stage_steps.extend(0 for _ in range(self.stage + 1 - len(self.stage_steps)))
+        peak, sums = self.peak_lrs[self.stage], self.lr_sums[self.stage]
         for group, lr in lrs.items():
             peak[group] = max(peak.get(group, lr), lr)
+            sums[group] = sums.get(group, 0.0) + lr
+        self.stage_steps[self.stage] += 1
+
+    def mean_lrs(self, index: int) -> dict[str, float] | None:
+        """Each group's lr averaged over the steps stage `index` ran (None for a stage never run)."""
+        if index >= len(self.stage_steps) or not self.stage_steps[index]:
+            return None
+        return {group: total / self.stage_steps[index] for group, total in self.lr_sums[index].items()}
 
 
 @dataclass
