@@ -46,6 +46,13 @@ def _hydra_schema() -> None:
     register_configs()
 
 
+@pytest.fixture
+def fresh_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty feature cache of the test's own: every feature it uses is computed in the test (modules whose
+    runs must not read what another test cached use it: `pytestmark = pytest.mark.usefixtures(...)`)."""
+    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Feature caches go to a per-session temp dir, never the user's ~/.cache: for every test, every

@@ -27,9 +27,7 @@ from conftest import FAST, compose_train
 from helpers import comparable, group_names, load_scheduler, make_fit_setup, tiny_resnet
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+pytestmark = pytest.mark.usefixtures("fresh_feature_cache")
 
 
 def trained_weights(tmp_path: Path, batch_size: int, accumulate: int, *, train_size: int = 96,

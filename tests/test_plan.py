@@ -27,9 +27,7 @@ from conftest import FAST, REPO, compose_train
 RESNET_GROUPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+pytestmark = pytest.mark.usefixtures("fresh_feature_cache")
 
 
 def stage_lrs(plan: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:

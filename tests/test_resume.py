@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -23,55 +22,15 @@ from transfer_cli.training.assemble import prepare
 from transfer_cli.training.run import train
 
 from conftest import FAST, REPO, compose_train
-from helpers import comparable
+from helpers import Crash, comparable, crash_after, finish, start_train, transfer, transfer_env, wait_for_lines
 
 
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16, ragged batch dropped
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep any cached backbone features out of the user's home."""
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+pytestmark = pytest.mark.usefixtures("fresh_feature_cache")
 
 
-
-
-def transfer_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "HYDRA_FULL_ERROR": "0", "TRANSFER_CACHE": str(tmp_path / "feature-cache")}
-
-
-def transfer(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "transfer_cli", *args], cwd=REPO, env=transfer_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def start_train(tmp_path: Path, run_dir: Path, overrides: list[str]) -> subprocess.Popen:
-    """`transfer train` in the background; its stdout and stderr go to files (a full pipe would stall it)."""
-    out, err = open(tmp_path / "train.stdout", "w"), open(tmp_path / "train.stderr", "w")
-    with out, err:
-        return subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
-                                cwd=REPO, env=transfer_env(tmp_path), stdout=out, stderr=err)
-
-
-def finish(process: subprocess.Popen, tmp_path: Path, timeout: float = 120) -> tuple[str, str]:
-    process.wait(timeout=timeout)
-    return (tmp_path / "train.stdout").read_text(), (tmp_path / "train.stderr").read_text()
-
-
-def wait_for_lines(process: subprocess.Popen, tmp_path: Path, metrics: Path, lines: int, timeout: float = 240) -> None:
-    """Poll metrics.jsonl until it has `lines` epochs (fails if the run ends first)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
-            return
-        if process.poll() is not None:
-            log = tmp_path / "train.stderr"
-            pytest.fail(f"training ended (rc {process.returncode}) before {lines} epochs: "
-                        f"{log.read_text()[-2000:] if log.is_file() else ''}")
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"metrics.jsonl did not reach {lines} lines in {timeout}s")
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, bytes]]:
@@ -94,7 +53,7 @@ def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path: 
     assert process.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
 
-    resumed = transfer(tmp_path, "resume", str(run_dir))
+    resumed = transfer("resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     # it continued from a checkpoint (epoch 2 or 3), it did not start again
     assert "resuming" in resumed.stdout and "from epoch 0" not in resumed.stdout
@@ -107,25 +66,6 @@ def test_sigkilled_run_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path: 
 
 
 # --------------------------------------------------------------------------- mid-epoch checkpoints
-
-
-class Crash(Exception):
-    """Stands for the process dying right after a mid-epoch checkpoint."""
-
-
-def crash_after(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
-    """Make training raise right after step `step` of epoch `epoch` (after its on_step checkpoint)."""
-    real = trainer.train_one_epoch
-
-    def crashing(*args: Any, on_step: Any, description: str, **kwargs: Any) -> Any:
-        def step_then_crash(done: int) -> None:
-            on_step(done)
-            if description == f"epoch {epoch}" and done == step:
-                raise Crash(f"{description} step {done}")
-
-        return real(*args, on_step=step_then_crash, description=description, **kwargs)
-
-    monkeypatch.setattr(trainer, "train_one_epoch", crashing)
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +212,7 @@ def test_resuming_a_missing_or_foreign_directory_is_a_one_line_error(tmp_path: P
 def test_resume_command_on_a_missing_directory_exits_2_before_loading_torch(tmp_path: Path) -> None:
     code = f"import sys; from transfer_cli.cli import main; code = main(['resume', {str(tmp_path / 'nope')!r}]); " \
            "print('torch' in sys.modules); sys.exit(code)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=transfer_env(tmp_path), capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=transfer_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and result.stdout.strip() == "False"
     assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -30,6 +29,7 @@ from transfer_cli.training import fit as trainer
 from transfer_cli.training import run as train_module
 
 from conftest import REPO
+from helpers import hydra_state_restored
 
 
 QUICK = ["experiment=smoke", "strategy=feature_extract", "dataset.train_size=64", "dataset.val_size=32",
@@ -75,17 +75,8 @@ def crash_in_epoch(epoch: int, error: BaseException, monkeypatch: pytest.MonkeyP
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run, trained in this process; Hydra's log handlers go after it (as in hydra_in_process)."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    root, argv = logging.getLogger(), list(sys.argv)
-    handlers, level = list(root.handlers), root.level
-    try:
+    with hydra_state_restored():
         assert train_cli(run_dir) == 0
-    finally:
-        sys.argv[:] = argv
-        for handler in root.handlers:
-            if handler not in handlers:
-                handler.close()
-        root.handlers[:] = handlers
-        root.setLevel(level)
     return run_dir
 
 

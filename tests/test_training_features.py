@@ -27,9 +27,7 @@ from conftest import FAST, compose_train
 STEPS_PER_EPOCH = 96 // 16  # FAST: 96 training images, batch 16
 
 
-@pytest.fixture(autouse=True)
-def _private_feature_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRANSFER_CACHE", str(tmp_path / "feature-cache"))
+pytestmark = pytest.mark.usefixtures("fresh_feature_cache")
 
 
 class Runners(list):
