@@ -89,10 +89,11 @@ def test_no_import_circle() -> None:
 
 
 def test_nothing_imports_a_command() -> None:
-    """Only the entry points (cli.py, and api.py for Python callers) reach the commands."""
+    """Only the command line's entry points (cli.py, __main__.py) reach the commands: the Python API (api.py)
+    calls the layers below them, as the commands do."""
     importers = [f"{name} imports {dep}" for name, deps in internal_graph().items() for dep in deps
                  if dep.startswith("transfer_cli.commands.") and not name.startswith("transfer_cli.commands.")
-                 and name not in TOP]
+                 and name not in {"transfer_cli.cli", "transfer_cli.__main__"}]
     assert not importers, "\n".join(importers)
 
 
