@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -311,6 +312,25 @@ def crash_after(monkeypatch: pytest.MonkeyPatch, epoch: int, step: int) -> None:
         return real(*args, on_step=step_then_crash, description=description, **kwargs)
 
     monkeypatch.setattr(fit, "train_one_epoch", crashing)
+
+
+# --------------------------------------------------------------------------- run directories for tests
+
+
+def trained_in_process(run_dir: Path, cfg: Any) -> Path:
+    """`cfg` trained into the new `run_dir` in this process, its config.yaml saved first as `transfer train`
+    saves it (what an interrupted training left is there too: the exception goes on up)."""
+    from transfer_cli.training.run import train
+
+    run_dir.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    train(cfg, run_dir)
+    return run_dir
+
+
+def fresh_copy(run_dir: Path, tmp_path: Path) -> Path:
+    """A test's own copy of a module's run directory: what the test damages, no other test sees."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 # --------------------------------------------------------------------------- `transfer` in a process of its own

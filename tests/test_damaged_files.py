@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 
 from transfer_cli.cli import main
 from transfer_cli.config.compose import compose_config
-from transfer_cli.training.run import train
 
 from conftest import compose_train
+from helpers import fresh_copy, trained_in_process
 
 
 TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
@@ -30,19 +30,12 @@ TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "data
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run directory laid out as `transfer train` leaves it."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    cfg = compose_train(TINY)
-    run_dir.mkdir()
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    train(cfg, run_dir)
-    return run_dir
+    return trained_in_process(tmp_path_factory.mktemp("trained") / "run", compose_train(TINY))
 
 
 @pytest.fixture
 def run(trained: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+    return fresh_copy(trained, tmp_path)
 
 
 def _truncate(path: Path) -> None:

@@ -16,17 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 import transfer_cli
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import checkpoint
-from transfer_cli.training.run import train
 
 from conftest import REPO, compose_train
-from helpers import assert_same_metrics
+from helpers import assert_same_metrics, fresh_copy, trained_in_process
 
 
 TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.batch_size=32"]
@@ -105,19 +103,13 @@ def test_a_damaged_or_undigested_feature_cache_entry_is_recomputed(tmp_path: Pat
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished fine-tuning run (every tensor inline in best.pt and last.pt), as `transfer train` leaves it."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    cfg = compose_train([*TINY, "strategy=fine_tune", "trainer.epochs=1"])
-    run_dir.mkdir()
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    train(cfg, run_dir)
-    return run_dir
+    return trained_in_process(tmp_path_factory.mktemp("trained") / "run",
+                              compose_train([*TINY, "strategy=fine_tune", "trainer.epochs=1"]))
 
 
 @pytest.fixture
 def run(trained: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
-    return copy
+    return fresh_copy(trained, tmp_path)
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
 
 from transfer_cli.cli import main, one_line_warning
 from transfer_cli.core.errors import failure
@@ -29,7 +28,7 @@ from transfer_cli.training import fit as trainer
 from transfer_cli.training.run import train
 
 from conftest import compose_train
-from helpers import one_error_line, tree_snapshot
+from helpers import fresh_copy, one_error_line, trained_in_process, tree_snapshot
 
 
 TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
@@ -44,9 +43,6 @@ class Crash(Exception):
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run killed during epoch 2: checkpoints of epoch 1, one metrics line, no summary.json."""
     run_dir = tmp_path_factory.mktemp("interrupted") / "run"
-    run_dir.mkdir()
-    cfg = compose_train(TINY)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     real = trainer.train_one_epoch
 
     def crash_in_epoch_2(*args: Any, description: str, **kwargs: Any) -> Any:
@@ -57,15 +53,13 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "train_one_epoch", crash_in_epoch_2)
         with pytest.raises(Crash):
-            train(cfg, run_dir)
+            trained_in_process(run_dir, compose_train(TINY))
     return run_dir
 
 
 @pytest.fixture
 def run(interrupted: Path, tmp_path: Path) -> Path:
-    copy = tmp_path / "run"
-    shutil.copytree(interrupted, copy)
-    return copy
+    return fresh_copy(interrupted, tmp_path)
 
 
 def one_error(capsys: pytest.CaptureFixture[str], code: int, *names: object) -> str:

@@ -25,6 +25,7 @@ from transfer_cli.inference.loaded_run import LoadedRun, load_run
 from transfer_cli.inference.predict import Prediction
 from transfer_cli.runs import runlock
 from transfer_cli.runs.rundir import read_summary
+from transfer_cli.runs.runlog import train_log
 from transfer_cli.training.fit import Callback
 from transfer_cli.training.job import train_in
 
@@ -103,8 +104,7 @@ def _train_log(run_dir: Path) -> Iterator[None]:
     """The run's log lines into RUN_DIR/train.log, as the command writes them, through a handler on the
     package's logger alone (the caller's root logger and its handlers are left as they are)."""
     logger = logging.getLogger("transfer_cli")
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8", delay=True)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler = train_log(run_dir)
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

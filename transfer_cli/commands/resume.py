@@ -12,15 +12,13 @@ from transfer_cli.core.args import CommandParser
 def _log_to(run_dir: Path) -> None:
     """Console and the run's train.log, as Hydra sets up for `transfer train`; train.log is appended to only
     where it is the run's own file, never through a symbolic link (NotOwnFile)."""
-    from transfer_cli.core.files import append_own
+    from transfer_cli.runs.runlog import LOG_FORMAT, train_log
 
-    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    log_file = logging.FileHandler(run_dir / "train.log", delay=True)
-    log_file.stream = append_own(run_dir / "train.log")
-    for handler in (logging.StreamHandler(sys.stdout), log_file):
-        handler.setFormatter(formatter)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    for handler in (console, train_log(run_dir)):
         root.addHandler(handler)
 
 

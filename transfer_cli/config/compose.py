@@ -78,6 +78,16 @@ def _stand_in_for_missing_sweeper(store: Any) -> None:
     })
 
 
+def _loader() -> ConfigLoaderImpl:
+    """A config loader of our own over conf/: composing with it reads and changes no Hydra global."""
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+
+
+def _mistake(error: Exception) -> TransferError:
+    """Hydra's or OmegaConf's report of a composition mistake as one TransferError line."""
+    return TransferError(_one_line(f"{error}\n{error.__cause__ or ''}"))
+
+
 # --------------------------------------------------------------------------- a single run: composed once
 
 
@@ -104,7 +114,7 @@ def compose(overrides: list[str]) -> Composed:
     out of its range, is one TransferError line."""
     register_configs()
     setup_globals()  # Hydra's resolvers (${now:}); registering them again changes nothing
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+    loader = _loader()
     try:
         tree = loader.load_configuration(config_name=CONFIG_NAME, overrides=list(overrides), run_mode=RunMode.RUN)
         run_dir = str(tree.hydra.run.dir)
@@ -116,7 +126,7 @@ def compose(overrides: list[str]) -> Composed:
     except MissingMandatoryValue as error:
         raise TransferError(f"{error.full_key} has no value: give one ({error.full_key}=...)") from error
     except (HydraException, OmegaConfBaseException) as error:
-        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+        raise _mistake(error) from error
     pattern = str(OmegaConf.to_container(tree.hydra.run, resolve=False)["dir"])
     return Composed(config, tree, ran, Path(run_dir).absolute(), "${now:" in pattern)
 
@@ -173,7 +183,7 @@ def run_as_hydra_job(composed: Composed, run_dir: Path, job: Callable[[], Any], 
         with read_write(tree.hydra), open_dict(tree.hydra):
             tree.hydra.output_subdir = None
             tree.hydra.job_logging = CONSOLE_ONLY_LOGGING
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+    loader = _loader()
     callbacks = Callbacks(tree)
     callbacks.on_run_start(config=tree, config_name=CONFIG_NAME)
     ended = run_job(task_function=lambda _: job(), config=tree, job_dir_key="hydra.run.dir", job_subdir_key=None,
@@ -213,7 +223,7 @@ def composition_error(argv: list[str]) -> str | None:
         for run in value_by_value(overrides):
             compose(run)
     except HydraException as error:  # a sweep override Hydra cannot parse
-        return _one_line(f"{error}\n{error.__cause__ or ''}")
+        return str(_mistake(error))
     except TransferError as error:
         return str(error)
     return None
@@ -257,13 +267,13 @@ def sweep_dir(overrides: list[str]) -> tuple[Path, bool]:
     from the clock (`${now:...}`)."""
     register_configs()
     setup_globals()
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(config_dir())))
+    loader = _loader()
     try:
         tree = loader.load_configuration(config_name=CONFIG_NAME, overrides=value_by_value(overrides)[0],
                                          run_mode=RunMode.MULTIRUN)
         planned = str(tree.hydra.sweep.dir)
     except (HydraException, OmegaConfBaseException) as error:
-        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+        raise _mistake(error) from error
     if not planned.strip():  # Hydra would sweep into the current directory, whatever it holds
         raise TransferError("hydra.sweep.dir is empty: give a directory, or leave it out (each sweep then gets its "
                             "own under outputs/)")
@@ -293,7 +303,7 @@ def sweep_jobs(overrides: list[str]) -> list[HydraJob] | None:
             batches = BasicSweeper.split_arguments(task, None)
             return [_sweep_job(num, [*on_hydra, *job]) for num, job in enumerate(batches[0])]
     except (HydraException, OmegaConfBaseException) as error:
-        raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+        raise _mistake(error) from error
 
 
 def _sweep_job(num: int, overrides: list[str]) -> HydraJob:
@@ -320,7 +330,7 @@ class HydraJob:
         try:
             return OmegaConf.to_object(_as_run(_task(self.composed)))
         except (HydraException, OmegaConfBaseException) as error:
-            raise TransferError(_one_line(f"{error}\n{error.__cause__ or ''}")) from error
+            raise _mistake(error) from error
 
     def save_config(self) -> None:
         save_config(_as_run(_task(self.composed)), self.run_dir)

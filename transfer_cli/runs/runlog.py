@@ -21,7 +21,16 @@ from transfer_cli.core.plotting import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
-# The temp files the writers below leave behind when killed between writing and renaming.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job logging, as `transfer train`'s
+
+
+def train_log(run_dir: Path) -> logging.Handler:
+    """A handler appending to RUN_DIR/train.log in `transfer train`'s format, never through a symbolic link
+    (NotOwnFile): for runs whose logging Hydra does not set up (`transfer resume`, the Python API)."""
+    handler = logging.FileHandler(run_dir / "train.log", delay=True)
+    handler.stream = append_own(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
 
 
 def _dumps(payload: Any, path: Path, **options: Any) -> str:
