@@ -21,12 +21,15 @@ from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import build_model
 from transfer_cli.runs import runlock
 from transfer_cli.runs.report_runs import find_run_dirs, is_run_dir
-from transfer_cli.training.lr_find import RangeTest, find_lr
+from transfer_cli.training.lr_find import LrCurve, RangeTest, find_lr, suggest
+from transfer_cli.training.lr_find_job import first_stage_overrides
+from transfer_cli.training.stages import choose_by_size, plan_stages
 
 from helpers import (
     hydra_state_restored,
     one_error_line,
     params_of,
+    strategy_names,
     transfer,
     tree_snapshot,
     write_run,
@@ -123,6 +126,24 @@ def test_the_printed_override_sets_that_lr_when_transfer_train_takes_it(
         assert planned[group] == pytest.approx(suggested * lr / LESSON_LRS["head"], rel=0.05)
 
 
+@pytest.mark.parametrize("name", strategy_names())
+def test_the_override_scales_the_first_stage_of_every_strategy_when_added_to_the_same_overrides(name: str) -> None:
+    """Whatever form a strategy's first stage states its lrs in (a strategy lr, a stage lr, lr_decay, a per-group
+    map, a stage picked by auto), the printed overrides appended to the user's make each of its lrs 3x."""
+    overrides = [*SMALL, f"strategy={name}"]
+
+    def first_stage(cfg):
+        strategy, choice = choose_by_size(cfg.strategy, cfg.dataset.train_size, cfg.dataset.domain)
+        model = build_model(cfg.backbone, cfg.head, 3, pretrained=False)
+        return strategy, choice, plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale)[0].lrs
+
+    strategy, choice, before = first_stage(compose(overrides).config)
+    printed = first_stage_overrides(strategy, bool(choice), 3.0)
+    assert bool(choice) == (name == "auto") == printed[0].startswith("strategy=")
+    _, _, after = first_stage(compose([*overrides, *printed]).config)
+    assert after == pytest.approx({group: 3.0 * lr for group, lr in before.items()}, rel=0.05)
+
+
 def test_the_directory_holds_no_run_for_report_resume_or_train(
         discriminative: tuple[Path, str], tmp_path: Path) -> None:
     run_dir, _ = discriminative
@@ -189,6 +210,20 @@ def test_divergence_before_ten_points_is_one_line_and_leaves_nothing(tmp_path: P
     assert not run_dir.exists()
 
 
+def test_a_loss_that_never_falls_suggests_nothing() -> None:
+    test = RangeTest(1e-5, 1e-1, 30)
+    curve = LrCurve("head", {"head": 1e-3}, test, compose(SMALL).config.strategy)
+    for step in range(test.steps):
+        curve.record({"head": test.lr_at(step)}, 1.0 + 0.01 * step)
+    with pytest.raises(TransferError, match="never falls"):
+        suggest(curve)
+    falling = LrCurve("head", {"head": 1e-3}, test, curve.strategy)
+    for step in range(test.steps):  # the raw loss drops fastest at step 20: its smoothed curve, a little later
+        falling.record({"head": test.lr_at(step)}, 2.0 - math.tanh(step - 20))
+    found = suggest(falling)
+    assert 20 < found.index <= 28 and found.lr == pytest.approx(test.lr_at(found.index), rel=1e-12)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--start-lr", "1e-2", "--end-lr", "1e-2"], "must be above --start-lr"),
     (["--start-lr", "1", "--end-lr", "0.1"], "must be above --start-lr"),
@@ -204,6 +239,7 @@ def test_bad_options_are_one_line_errors_that_write_nothing(tmp_path: Path, args
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_installed_command_refuses_a_sweep_in_one_line(tmp_path: Path) -> None:
     done = transfer("lr-find", "-m", *SMALL, f"hydra.run.dir={tmp_path / 'run'}")
     one_error_line(done.returncode, done.stderr, "drop -m", out=done.stdout)
@@ -218,6 +254,7 @@ def test_a_second_process_on_the_directory_is_refused(tmp_path: Path) -> None:
         assert tree_snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_curve_and_another_seed_another(tmp_path: Path) -> None:
     curves = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
