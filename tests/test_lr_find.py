@@ -224,6 +224,19 @@ def test_a_loss_that_never_falls_suggests_nothing() -> None:
     assert 20 < found.index <= 28 and found.lr == pytest.approx(test.lr_at(found.index), rel=1e-12)
 
 
+def test_the_python_api_runs_the_command_and_returns_its_result(tmp_path: Path) -> None:
+    import transfer_cli
+
+    result = transfer_cli.lr_find(SMALL, run_dir=tmp_path / "api", start_lr=1e-4, end_lr=1.0, steps=10)
+    assert result["run_dir"] == str(tmp_path / "api")
+    written = json.loads((tmp_path / "api" / "lr_find.json").read_text())
+    assert {key: result[key] for key in written} == written
+    assert result["line"].startswith(f"suggested lr {written['suggested_lr']:.1e} (steepest descent); set ")
+    with pytest.raises(TransferError, match="drop -m"):
+        transfer_cli.lr_find(["-m", *SMALL], run_dir=tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
 @pytest.mark.parametrize("args, says", [
     (["--start-lr", "1e-2", "--end-lr", "1e-2"], "must be above --start-lr"),
     (["--start-lr", "1", "--end-lr", "0.1"], "must be above --start-lr"),
