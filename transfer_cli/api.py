@@ -29,6 +29,9 @@ from transfer_cli.runs.rundir import read_summary
 from transfer_cli.runs.runlog import train_log
 from transfer_cli.training.fit import Callback
 from transfer_cli.training.job import train_in
+from transfer_cli.training.lr_find import RangeTest
+from transfer_cli.training.lr_find_job import SWEEP_HINT as LR_FIND_SWEEP_HINT
+from transfer_cli.training.lr_find_job import lr_find as range_test
 
 
 __all__ = ["Callback", "LoadedRun", "Prediction", "RunSummary", "load_run", "lr_find", "train"]
@@ -101,10 +104,6 @@ def lr_find(overrides: Sequence[str] = (), run_dir: str | Path | None = None, *,
     `train(overrides)` would train (docs/lr-find.md), its files written into `run_dir` (None: a clock-made one).
     Returns lr_find.json as a dict, with `run_dir` and `line` (the result the command prints); a mistake, or a
     test too short for a suggestion, raises TransferError with nothing written."""
-    from transfer_cli.training.lr_find import RangeTest
-    from transfer_cli.training.lr_find_job import SWEEP_HINT as LR_FIND_SWEEP_HINT
-    from transfer_cli.training.lr_find_job import lr_find as range_test
-
     given = _overrides(overrides, run_dir, "lr_find", LR_FIND_SWEEP_HINT)
     return range_test(given, RangeTest(start_lr, end_lr, steps), "transfer_cli.lr_find")
 
