@@ -140,3 +140,12 @@ def test_the_plan_counts_images_per_class_and_warns_of_a_nine_to_one_set(skewed:
     assert main(["train", "experiment=smoke", "dry_run=true", f"hydra.run.dir={tmp_path / 'b'}"]) == 0
     out = capsys.readouterr().out
     assert "per class train class_0 96, class_1 96, class_2 96, class_3 96;" in out and "warning" not in out
+
+
+def test_the_plan_sums_up_many_classes_by_their_range(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      hydra_in_process: None) -> None:
+    """384 images over 13 classes: 7 classes of 30, 6 of 29 (the synthetic set deals labels in turn)."""
+    assert main(["train", "experiment=smoke", "dataset.num_classes=13", "dry_run=true",
+                 f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "per class train 29 (class_7) to 30 (class_0) images over 13 classes;" in out and "warning" not in out

@@ -192,3 +192,25 @@ def test_resume_refuses_a_relabelled_row(images: Path, tmp_path: Path, capsys: p
     capsys.readouterr()
     line = one_error_line(main(["resume", str(tmp_path / "run")]), capsys.readouterr().err, "changed since the run")
     assert "restore the data as it was, or start a new run" in line
+
+
+@pytest.mark.slow
+def test_a_relabelled_row_is_never_served_cached_features(images: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    rows = [[f"{name}/{i}.png", name, "train" if i < 4 else "val"] for name in ("ants", "bees") for i in range(6)]
+    labels = write_csv(tmp_path / "labels.csv", rows, ("path", "label", "split"))
+    overrides = ["experiment=smoke", "dataset=csv", f"dataset.csv={labels}", f"dataset.root={images}",
+                 "strategy=feature_extract", "augment=none", "trainer.epochs=1", "trainer.batch_size=4",
+                 "dataset.cache_images=false"]
+    train(compose_train(overrides), tmp_path / "fill")
+    assert len(list((tmp_path / "feature-cache").glob("*.pt"))) == 2, "train and val features cached"
+    with caplog.at_level("INFO", logger="transfer_cli.training.feature_cache"):
+        train(compose_train(overrides), tmp_path / "again")
+    assert "feature cache hit for train split" in caplog.text, "the same rows are served from the cache"
+    caplog.clear()
+    rows[0][1] = "bees"  # a train row relabelled: the val rows stay as they were
+    write_csv(labels, rows, ("path", "label", "split"))
+    with caplog.at_level("INFO", logger="transfer_cli.training.feature_cache"):
+        train(compose_train(overrides), tmp_path / "relabelled")
+    assert "feature cache hit for train split" not in caplog.text
+    assert "feature cache hit for val split" in caplog.text

@@ -26,14 +26,15 @@ def per_class(labels: Sequence[int], classes: Sequence[str]) -> dict[str, int]:
 
 
 def imbalance(counts: dict[str, int]) -> dict[str, object] | None:
-    """The largest and smallest class and their ratio where it exceeds IMBALANCE_RATIO, else None."""
+    """The largest and smallest class and their ratio where it exceeds IMBALANCE_RATIO, else None (ratio None:
+    the smallest class has no images)."""
     if not counts:
         return None
     largest = max(counts, key=counts.__getitem__)
     smallest = min(counts, key=counts.__getitem__)
     if counts[largest] <= IMBALANCE_RATIO * counts[smallest]:
         return None
-    ratio = counts[largest] / counts[smallest] if counts[smallest] else float("inf")
+    ratio = counts[largest] / counts[smallest] if counts[smallest] else None
     return {"largest": largest, "smallest": smallest, "ratio": ratio}
 
 

@@ -92,8 +92,13 @@ def _data_lines(d: dict[str, Any]) -> list[str]:
         counts = d["train_per_class"]
         fix = (f"dataset.balance={d['balance']} evens them out" if d["balance"] != "none"
                else "dataset.balance=sampler draws every class equally often")
-        lines.append(f"warning   imbalanced classes: {skew['largest']!r} has {skew['ratio']:.1f}x the train images of "
-                     f"{skew['smallest']!r} ({counts[skew['largest']]} vs {counts[skew['smallest']]}): {fix}")
+        largest, smallest = skew["largest"], skew["smallest"]
+        if skew["ratio"] is None:
+            lines.append(f"warning   class {smallest!r} has no train images ({largest!r} has {counts[largest]}): "
+                         "add some, or drop the class")
+        else:
+            lines.append(f"warning   imbalanced classes: {largest!r} has {skew['ratio']:.1f}x the train images of "
+                         f"{smallest!r} ({counts[largest]} vs {counts[smallest]}): {fix}")
     return lines
 
 
