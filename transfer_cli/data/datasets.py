@@ -40,7 +40,7 @@ class RawSplits:
     val_labels: list[int]
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
     unsupported_files: list[str] = field(default_factory=list)  # folder files left out by their extension
-    not_downloaded: str | None = None  # a dry run's placeholder for a set not downloaded yet: what would be
+    not_downloaded: str | None = None  # a dry run on a set not downloaded yet: what would be downloaded where
     identity: dict[str, Any] = field(default_factory=dict)  # which images each split holds (split_identity)
 
 
