@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 
 from transfer_cli.config.schema import MLflowLoggerConfig
-from transfer_cli.runs import loggers
+from transfer_cli.runs import checkpoint, loggers
 from transfer_cli.runs.runlog import read_metrics
 from transfer_cli.training.fit import Callback
 from transfer_cli.training.run import train
 
 from conftest import FAST, compose_train
+from helpers import Crash, crash_after
 
 
 class FakeLogger:
@@ -96,6 +97,29 @@ def test_a_logger_gets_the_loops_running_loss_and_lr_every_log_every_steps(
     # the epochs' records still reach the logger as they are, at their epochs
     assert [(step, record["val/acc1"]) for step, record in fake.epochs if "val/acc1" in record] == [
         (r["epoch"], r["val/acc1"]) for r in records]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_the_steps_and_values_of_an_uninterrupted_one(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed after step 3 of epoch 2 (the run's step 7) and resumed from that step's checkpoint: the steps go on
+    counting from 7 and the running mean from the epoch's first batch, as if nothing had happened."""
+    overrides = FAST + ["strategy=feature_extract", "dataset.train_size=32", "dataset.val_size=8",
+                        "trainer.batch_size=8", "trainer.log_every=2", "trainer.checkpoint_every_steps=1"]
+    whole, parts = FakeLogger(), FakeLogger()
+    with monkeypatch.context() as patch:
+        patch.setattr(loggers, "build", lambda cfg, run_dir: loggers.Loggers([whole]))
+        train(compose_train(overrides), tmp_path / "whole")
+    monkeypatch.setattr(loggers, "build", lambda cfg, run_dir: loggers.Loggers([parts]))
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        crash_after(patch, epoch=2, step=3)
+        with pytest.raises(Crash):
+            train(compose_train(overrides), crashed)
+    assert [step for step, _ in parts.steps] == [2, 4, 6]
+    train(compose_train(overrides), crashed, resume=checkpoint.load(crashed / "checkpoints" / "last.pt"))
+    assert [step for step, _ in parts.steps] == [step for step, _ in whole.steps] == [2, 4, 6, 8, 10, 12]
+    assert [values for _, values in parts.steps] == [pytest.approx(values) for _, values in whole.steps]
 
 
 def test_no_logger_gets_no_step_values_and_an_empty_fan_out_is_false() -> None:
