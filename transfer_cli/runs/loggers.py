@@ -3,12 +3,12 @@
 A logger has six methods: `log_params(config)` once at the start (the resolved config as
 nested dicts), `log_metrics(record, step)` after every epoch (the metrics.jsonl record;
 numbers only, nested keys joined with '/', e.g. `lr/head`), `log_step(values, step)` every
-`trainer.log_every` optimizer steps (`train_step/loss`, `train_step/acc1`: the epoch's running mean so far,
-what the progress line shows; `train_step/lr/<group>`: the lr the step ran with; `step`: the run's
-optimizer steps so far), `log_image(name, path)` for the
-run's figures (curves.png), `log_confusion(confusion)` when training ends (the val split's
-confusion matrix after the last epoch, each `eval_splits` split's of best.pt) and `close(status)`
-at the end. Only rank 0 of a DDP run logs.
+`trainer.log_every` optimizer steps (`train_step/loss`, `train_step/acc1`: the epoch's running
+mean so far, what the progress line shows; `train_step/lr/<group>`: the lr the step ran with;
+`step`: the run's optimizer steps so far), `log_image(name, path)` for the run's figures
+(curves.png), `log_confusion(confusion)` when training ends (the val split's confusion matrix
+after the last epoch, each `eval_splits` split's of best.pt) and `close(status)` at the end.
+Only rank 0 of a DDP run logs.
 `logger=tensorboard`, `logger=mlflow`, `logger=wandb` or a list (`logger=[tensorboard,mlflow,wandb]`)
 choose them; the packages come with `pip install -e ".[tensorboard]"`, `".[mlflow]"`, `".[wandb]"`.
 """
