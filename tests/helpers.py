@@ -268,8 +268,10 @@ def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None,
 
 
 def parse_markdown(table: str) -> list[dict[str, str]]:
-    """The rows of a markdown table (`transfer report`'s output), keyed by its header."""
-    header, _, *lines = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()]
+    """The rows of a markdown table (`transfer report`'s output), keyed by its header; lines around the table
+    (the report's "Shared:" line) are not rows."""
+    header, _, *lines = [[cell.strip() for cell in line.strip("|").split(" | ")] for line in table.splitlines()
+                         if line.startswith("|")]
     return [dict(zip(header, line)) for line in lines]
 
 

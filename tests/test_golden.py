@@ -134,9 +134,11 @@ def run_outputs(run_dir: Path) -> dict[str, Any]:
 
 
 def drop_markdown_column(table: str, title: str) -> str:
-    rows = [line.split(" | ") for line in table.splitlines()]
-    column = rows[0].index(title)
-    return "\n".join(" | ".join(cells[:column] + cells[column + 1:]) for cells in rows) + "\n"
+    """The table without the column `title`; lines around it (the "Shared:" line) as they are."""
+    lines = [line.split(" | ") if line.startswith("|") else line for line in table.splitlines()]
+    column = next(cells for cells in lines if isinstance(cells, list)).index(title)
+    return "\n".join(" | ".join(cells[:column] + cells[column + 1:]) if isinstance(cells, list) else cells
+                     for cells in lines) + "\n"
 
 
 def drop_csv_columns(text: str, prefix: str) -> str:

@@ -56,12 +56,16 @@ def test_tensorboard_gets_every_epoch(tmp_path: Path) -> None:
     needs("tensorboard", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(compose_train(QUICK + ["logger=tensorboard"]), tmp_path)
+    train(compose_train(QUICK + ["logger=tensorboard", "trainer.log_every=3"]), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     metrics = read_metrics(tmp_path)
     assert [(e.step, e.value) for e in events.Scalars("val/acc1")] == [
         (r["epoch"], pytest.approx(r["val/acc1"])) for r in metrics]
+    # step values on their own tags, at the run's optimizer steps (6 an epoch): an epoch's last is its train loss
+    steps = [(e.step, e.value) for e in events.Scalars("train_step/loss")]
+    assert [step for step, _ in steps] == [3, 6, 9, 12]
+    assert [value for step, value in steps if step % 6 == 0] == [pytest.approx(r["train/loss"]) for r in metrics]
     assert {"train/loss", "val/loss", "lr/head", "summary/best_val_acc"} <= set(events.Tags()["scalars"])
     assert (tmp_path / "summary.json").is_file() and len(metrics) == 2
 
@@ -128,6 +132,8 @@ class FakeWandb(types.ModuleType):
         run.config = SimpleNamespace(values=values, update=lambda new, allow_val_change: values.update(new))
         run.log = lambda row, step=None: run.rows.append((step, row))
         run.finish = lambda exit_code=0: setattr(run, "exit_code", exit_code)
+        run.axes = {}
+        run.define_metric = lambda name, step_metric=None: run.axes.__setitem__(name, step_metric)
         self.runs.append(run)
         return run
 
@@ -139,18 +145,25 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr(loggers, "check_available", lambda cfg: None)
     run_dir = tmp_path / "run"
-    train(compose_train(QUICK + ["logger=wandb", "logger.wandb.project=lesson", "logger.wandb.mode=offline"]),
-          run_dir)
+    train(compose_train(QUICK + ["logger=wandb", "logger.wandb.project=lesson", "logger.wandb.mode=offline",
+                                 "trainer.log_every=2"]), run_dir)
     (init,), (run,) = fake.inits, fake.runs
     assert (init["project"], init["name"], init["mode"], init["dir"]) == ("lesson", "run", "offline", str(run_dir))
     assert init["id"] == (run_dir / loggers.WANDB_RUN_ID_FILE).read_text().strip() and init["resume"] == "allow"
     assert run.config.values["strategy"]["name"] == "feature_extract"
-    epochs = [(step, row) for step, row in run.rows if step is not None and "val/acc1" in row]
-    assert [(step, row["val/acc1"]) for step, row in epochs] == [
+    # W&B's one step counter only grows: each row carries its x-axis (epoch, or the step values' own)
+    assert all(step is None for step, _ in run.rows)
+    epochs = [row for _, row in run.rows if "val/acc1" in row]
+    assert [(row["epoch"], row["val/acc1"]) for row in epochs] == [
         (r["epoch"], pytest.approx(r["val/acc1"])) for r in read_metrics(run_dir)]
+    assert run.axes["epoch"] is None and run.axes["val/acc1"] == run.axes["lr/head"] == "epoch"
+    assert run.axes["train_step/*"] == "train_step/step"
+    steps = [row for _, row in run.rows if "train_step/step" in row]
+    assert steps and all("train_step/loss" in row and not row.keys() & run.axes.keys() - {"train_step/step"}
+                         for row in steps)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (2, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"]}) \
-        in run.rows
+    assert (None, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"],
+                   "epoch": 2}) in run.rows
     assert run.rows[-1] == (None, {"curves": ("image", "curves.png")}) and run.exit_code == 0
     # the val split's confusion matrix after the last epoch, as W&B's confusion-matrix chart
     (chart,) = [row["confusion/val_last_epoch"] for step, row in run.rows if "confusion/val_last_epoch" in row]

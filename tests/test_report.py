@@ -52,18 +52,22 @@ def test_rows_show_differing_keys_grouped_seeds_and_every_status(sweep: Path, ca
     assert code == 0
     rows = parse_markdown(out.strip())
     assert [row["run"] for row in rows] == ["0, 1", "2, 3", "4", "5"]
-    # only keys that differ; strategy.lr follows from the strategy choice, so it is not a column
-    assert list(rows[0])[:3] == ["strategy.name", "trainer.seed", "n"]
+    # what every row shares is one line above the table; the columns are the keys that differ (strategy.lr follows
+    # from the strategy choice) and each row's stages
+    assert out.splitlines()[:2] == ["Shared: backbone.name=test_resnet, dataset.name=synthetic, trainer.epochs=3", ""]
+    assert list(rows[0])[:4] == ["strategy.name", "trainer.seed", "stages", "n"]
     fe, ft, unfinished, failed = rows
-    assert fe == {"strategy.name": "feature_extract", "trainer.seed": "0, 1", "n": "2",
+    assert fe == {"strategy.name": "feature_extract", "trainer.seed": "0, 1", "stages": "head 2", "n": "2",
                   "best val acc": "0.6500 ± 0.0707", "final val acc": "0.6250 ± 0.0354", "epochs": "2",
                   "wall time (s)": "20.5 ± 0.7", "trainable params": "100", "status": "finished", "run": "0, 1"}
     assert ft["best val acc"] == "0.8500 ± 0.0707" and ft["final val acc"] == "0.8250 ± 0.0354"
     assert ft["trainable params"] == "5,000"  # the largest per-stage count
-    assert unfinished == {"strategy.name": "fine_tune", "trainer.seed": "2", "n": "1", "best val acc": "0.4000",
+    assert ft["stages"] == "head 2 → all 1"
+    assert unfinished == {"strategy.name": "fine_tune", "trainer.seed": "2", "stages": "head 2", "n": "1",
+                          "best val acc": "0.4000",
                           "final val acc": "0.4000", "epochs": "2", "wall time (s)": "-",
                           "trainable params": "-", "status": "unfinished", "run": "4"}
-    assert failed["status"] == "failed" and failed["best val acc"] == failed["epochs"] == "-"
+    assert failed["status"] == "failed" and failed["best val acc"] == failed["epochs"] == failed["stages"] == "-"
     assert (sweep / "results.md").read_text().strip() == out.strip()
 
 
@@ -79,27 +83,6 @@ def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsy
     assert float(ft["wall_time_s"]) == pytest.approx(30.5)
     assert "dataset.root" not in rows[0]  # identical in every run
     assert rows[2]["best_val_acc_std"] == "" and rows[3]["best_val_acc"] == ""
-
-
-def test_plot_has_one_line_per_run_with_its_stage_boundaries(sweep: Path, capsys, monkeypatch) -> None:
-    from matplotlib.figure import Figure
-
-    saved: list[Figure] = []
-    original = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
-    run_report(capsys, str(sweep))
-    assert (sweep / "val_acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    lines = saved[0].axes[0].get_lines()
-    labelled = [line for line in lines if not line.get_label().startswith("_")]
-    assert [line.get_label() for line in labelled] == [
-        "strategy.name=feature_extract trainer.seed=0 (finished)",
-        "strategy.name=feature_extract trainer.seed=1 (finished)",
-        "strategy.name=fine_tune trainer.seed=0 (finished)", "strategy.name=fine_tune trainer.seed=1 (finished)",
-        "strategy.name=fine_tune trainer.seed=2 (unfinished)"]  # the failed run has no epochs to draw
-    assert list(labelled[2].get_ydata()) == [0.6, 0.8, 0.8]
-    boundaries = [line for line in lines if line.get_label().startswith("_")]
-    assert [list(b.get_xdata()) for b in boundaries] == [[2.5, 2.5], [2.5, 2.5]]  # fine_tune's head -> all
-    assert boundaries[0].get_color() == labelled[2].get_color()
 
 
 def test_out_option_and_nested_or_repeated_dirs(sweep: Path, tmp_path: Path, capsys) -> None:
@@ -227,27 +210,6 @@ def test_curves_label_each_stage_span_and_tick_whole_epochs(tmp_path: Path, monk
         assert figure_text == ["head", "last_block", "all"]
         ticks = [tick for tick in axis.get_xticks() if 1 <= tick <= 5]
         assert ticks and all(float(tick).is_integer() for tick in ticks)
-
-
-def test_the_legend_of_val_acc_never_covers_or_leaves_the_plot(tmp_path: Path, monkeypatch) -> None:
-    from transfer_cli.runs import report
-
-    root = tmp_path / "sweep"
-    for index in range(8):  # many runs with long labels: the legend is tall and wide
-        write_run(root / str(index), "fine_tune", index, [0.9, 0.95, 0.99], finished=True,
-                  lr=10.0 ** -(index + 1))
-    drawn = []
-    monkeypatch.setattr(report, "save_figure", lambda figure, path: drawn.append(figure))
-    report.build_report([root], tmp_path / "out")
-    (figure,) = drawn
-    figure.canvas.draw()
-    renderer = figure.canvas.get_renderer()
-    axis = figure.axes[0]
-    legend = axis.get_legend().get_window_extent(renderer)
-    plot = axis.get_window_extent(renderer)
-    whole = figure.bbox
-    assert legend.x0 >= plot.x1, "beside the plot, not over its lines"
-    assert whole.x0 <= legend.x0 and legend.x1 <= whole.x1 and whole.y0 <= legend.y0 and legend.y1 <= whole.y1
 
 
 def test_machinery_is_what_the_schema_marks() -> None:

@@ -1,11 +1,14 @@
 """Metric sinks besides metrics.jsonl and summary.json: TensorBoard, MLflow and W&B (optional extras).
 
-A logger has five methods: `log_params(config)` once at the start (the resolved config as
+A logger has six methods: `log_params(config)` once at the start (the resolved config as
 nested dicts), `log_metrics(record, step)` after every epoch (the metrics.jsonl record;
-numbers only, nested keys joined with '/', e.g. `lr/head`), `log_image(name, path)` for the
-run's figures (curves.png), `log_confusion(confusion)` when training ends (the val split's
-confusion matrix after the last epoch, each `eval_splits` split's of best.pt) and `close(status)`
-at the end. Only rank 0 of a DDP run logs.
+numbers only, nested keys joined with '/', e.g. `lr/head`), `log_step(values, step)` every
+`trainer.log_every` optimizer steps (`train_step/loss`, `train_step/acc1`: the epoch's running
+mean so far, what the progress line shows; `train_step/lr/<group>`: the lr the step ran with;
+`step`: the run's optimizer steps so far), `log_image(name, path)` for the run's figures
+(curves.png), `log_confusion(confusion)` when training ends (the val split's confusion matrix
+after the last epoch, each `eval_splits` split's of best.pt) and `close(status)` at the end.
+Only rank 0 of a DDP run logs.
 `logger=tensorboard`, `logger=mlflow`, `logger=wandb` or a list (`logger=[tensorboard,mlflow,wandb]`)
 choose them; the packages come with `pip install -e ".[tensorboard]"`, `".[mlflow]"`, `".[wandb]"`.
 """
@@ -50,6 +53,8 @@ class Logger(Protocol):
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None: ...
 
+    def log_step(self, values: dict[str, Any], step: int) -> None: ...
+
     def log_image(self, name: str, path: Path) -> None: ...
 
     def log_confusion(self, confusion: Confusion) -> None: ...
@@ -83,6 +88,10 @@ class Loggers:
     def __init__(self, loggers: list[Logger]) -> None:
         self.loggers = loggers
 
+    def __bool__(self) -> bool:
+        """Whether any logger listens: without one, nothing is read from the device for it."""
+        return bool(self.loggers)
+
     def log_params(self, config: dict[str, Any]) -> None:
         for logger in self.loggers:
             logger.log_params(config)
@@ -90,6 +99,10 @@ class Loggers:
     def log_metrics(self, record: dict[str, Any], step: int) -> None:
         for logger in self.loggers:
             logger.log_metrics(record, step)
+
+    def log_step(self, values: dict[str, Any], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_step(values, step)
 
     def log_image(self, name: str, path: Path) -> None:
         for logger in self.loggers:
@@ -135,7 +148,8 @@ def build(cfg: LoggerConfig, run_dir: Path) -> Loggers:
 
 
 class TensorBoardLogger:
-    """Scalars per epoch (`train/loss`, `val/acc1`, `lr/head`, ...) and the config as text."""
+    """Scalars per epoch (`train/loss`, `val/acc1`, `lr/head`, ...) and per `log_every` steps (`train_step/...`,
+    their own tags, so each keeps its own x-axis), and the config as text."""
 
     def __init__(self, cfg: TensorBoardLoggerConfig, run_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -150,6 +164,8 @@ class TensorBoardLogger:
         for key, value in scalars(record).items():
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
+
+    log_step = log_metrics  # distinct tags: a step's value never lands on an epoch's series
 
     def log_image(self, name: str, path: Path) -> None:
         import numpy as np
@@ -166,7 +182,7 @@ class TensorBoardLogger:
 
 
 class MLflowLogger:
-    """One MLflow run per run directory; a resumed run continues the same MLflow run.
+    """One MLflow run per run directory, named after it; a resumed run continues the same MLflow run.
 
     Uses MlflowClient (no global active run), so sweeps in one process never mix runs.
     """
@@ -188,7 +204,7 @@ class MLflowLogger:
         if self.run_id is None:
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.experiment)
-            run = self.client.create_run(experiment_id, run_name=cfg.run_name or str(run_dir),
+            run = self.client.create_run(experiment_id, run_name=cfg.run_name or run_dir.resolve().name,
                                          tags={"run_dir": str(run_dir.resolve())})
             self.run_id = run.info.run_id
             id_file.write_text(self.run_id + "\n", encoding="utf-8")
@@ -218,6 +234,8 @@ class MLflowLogger:
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
+    log_step = log_metrics  # distinct keys: each metric's history has its own steps
+
     def log_image(self, name: str, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
@@ -236,7 +254,11 @@ class MLflowLogger:
 
 class WandbLogger:
     """One W&B run per run directory (its id kept in `wandb_run_id`, so a resumed run continues it), its
-    files under <run dir>/wandb; `log_metrics` steps are epochs, the summary holds the last values."""
+    files under <run dir>/wandb; the summary holds the last values.
+
+    W&B keeps one step counter that only grows, so epochs and optimizer steps cannot both be it: each row
+    carries its own x-axis instead (`epoch`, or `train_step/step` for the step values), declared with
+    `define_metric`, and W&B counts its rows."""
 
     def __init__(self, cfg: WandbLoggerConfig, run_dir: Path) -> None:
         import wandb
@@ -247,12 +269,22 @@ class WandbLogger:
                               resume="allow", dir=str(run_dir), mode=cfg.mode,
                               settings=wandb.Settings(silent=True, console="off"))
         id_file.write_text(run_id + "\n", encoding="utf-8")
+        self.run.define_metric("epoch")
+        self.run.define_metric("train_step/*", step_metric="train_step/step")
+        self.per_epoch: set[str] = set()  # the keys already declared to plot against `epoch`
 
     def log_params(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
 
     def log_metrics(self, record: dict[str, Any], step: int) -> None:
-        self.run.log(scalars(record), step=step)
+        row = scalars(record)
+        for key in sorted(row.keys() - self.per_epoch):
+            self.run.define_metric(key, step_metric="epoch")
+        self.per_epoch |= row.keys()
+        self.run.log({**row, "epoch": step})
+
+    def log_step(self, values: dict[str, Any], step: int) -> None:
+        self.run.log({**scalars(values), "train_step/step": step})
 
     def log_image(self, name: str, path: Path) -> None:
         import wandb

@@ -1,7 +1,9 @@
 """`transfer report DIR...`: one table and one plot comparing the runs found below DIRs (report_runs.py).
 
-It reads only the files `transfer train` leaves behind, so it imports neither torch nor
-Hydra; matplotlib is imported only to draw val_acc.png. A value that is not a finite number
+Above the table, one "Shared:" line names what every row has in common, so the columns show only what
+differs; each row names its stages with the epochs it ran in each (report_figure.py draws the rows).
+It reads only the files `transfer train` leaves behind, so it imports neither torch nor Hydra;
+matplotlib is imported only to draw val_acc.png. A value that is not a finite number
 is shown as `n/a (non-finite)` or unknown and left out of the means; CSV cells that start
 like a spreadsheet formula are escaped (core/files.py: csv_cell).
 """
@@ -9,10 +11,8 @@ like a spreadsheet formula are escaped (core/files.py: csv_cell).
 from __future__ import annotations
 
 import csv
-import math
 import os
 import statistics
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +20,16 @@ from transfer_cli.config.checks import machinery_keys
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import atomic_file, csv_cell, write_text
-from transfer_cli.core.plotting import pyplot, save_figure
 from transfer_cli.core.tables import markdown
-from transfer_cli.runs import runlog
+from transfer_cli.runs.report_figure import curve, plot_val_acc
 from transfer_cli.runs.report_runs import NON_FINITE, Run, find_run_dirs, load_runs
 
 
 SEED = "trainer.seed"
 # Keys that name a config group's choice: their siblings follow from the choice.
 IDENTITY_LEAVES = ("name", "kind")
+# Named on the "Shared:" line whenever every row has the same value, besides group choices and overridden keys.
+HEADLINE = ("trainer.epochs", "transforms.image_size", "trainer.batch_size", SEED)
 # metric -> (markdown header, number format)
 METRICS = {
     "best_val_acc": ("best val acc", ".4f"),
@@ -65,6 +66,39 @@ class Row:
     def names(self) -> str:
         return ", ".join(run.name for run in self.runs)
 
+    @property
+    def stages(self) -> str:
+        """Each distinct stage sequence of the row's runs (seeds stopped early at different epochs differ)."""
+        return ", ".join(dict.fromkeys(stage_changes(run) for run in self.runs))
+
+    def label(self, keys: list[str]) -> str:
+        """The row in the figure's legend: its differing values, keyed by their last name (`strategy=fine_tune`)."""
+        return ", ".join(f"{_short(key)}={self.key_value(key)}" for key in keys if key != SEED) or self.names
+
+    def note(self, keys: list[str]) -> str:
+        """What the legend adds to a row's label: its seeds and, for a run that did not finish, its status."""
+        seeds = [f"n={len(self.runs)}"] if len(self.runs) > 1 else [f"seed {self.key_value(SEED)}"] * (SEED in keys)
+        return ", ".join(seeds + [self.status] * (self.status != "finished"))
+
+
+def _short(key: str) -> str:
+    """strategy.name -> strategy, strategy.lr -> lr: a legend names the choice, the table the full key."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] in IDENTITY_LEAVES and len(parts) > 1 else parts[-1]
+
+
+def stage_changes(run: Run) -> str:
+    """The stages a run went through with the epochs it ran in each, from its metrics: `head 3 → all 5`;
+    '-' without epochs or stage names."""
+    spans: list[list] = []
+    for record in run.records:
+        if record["stage"] is None:
+            return "-"
+        if not spans or spans[-1][0] != record["stage"]:
+            spans.append([record["stage"], 0])
+        spans[-1][1] += 1
+    return " → ".join(f"{name} {epochs}" for name, epochs in spans) or "-"
+
 
 # how a run was carried out, not what it is (the schema's fields marked MACHINERY): never a difference between
 # experiments
@@ -83,9 +117,14 @@ def differing_keys(runs: list[Run]) -> list[str]:
     return [key for key in keys if len({config.get(key) for config in configs}) > 1]
 
 
+def overridden_keys(runs: list[Run]) -> set[str]:
+    """The config keys any run's command line set (Hydra's overrides.yaml)."""
+    return {o.split("=", 1)[0].lstrip("+~") for run in runs for o in run.overrides}
+
+
 def shown_keys(runs: list[Run], keys: list[str]) -> list[str]:
     """Drop keys implied by a group choice (strategy.lr when strategy.name differs) unless overridden."""
-    overridden = {o.split("=", 1)[0].lstrip("+~") for run in runs for o in run.overrides}
+    overridden = overridden_keys(runs)
     identities = {key.rsplit(".", 1)[0] for key in keys if key.rsplit(".", 1)[-1] in IDENTITY_LEAVES}
 
     def implied(key: str) -> bool:
@@ -93,6 +132,31 @@ def shown_keys(runs: list[Run], keys: list[str]) -> list[str]:
         return any(p in identities for p in parents) and key.rsplit(".", 1)[-1] not in IDENTITY_LEAVES
 
     return [key for key in keys if key in overridden or not implied(key)]
+
+
+def shared_keys(runs: list[Run]) -> dict[str, str]:
+    """What every run that has a config holds with one value, as far as it says what the experiment is: group
+    choices (backbone.name, dataset.name, ...), keys a command line set, and HEADLINE (epochs, image size, ...);
+    the machinery left out."""
+    configs = [run.config for run in runs if run.config]
+    overridden = overridden_keys(runs)
+    return {key: value for key, value in (configs[0] if configs else {}).items()
+            if not is_machinery(key) and all(config.get(key) == value for config in configs)
+            and (key in HEADLINE or key in overridden or ("." in key and key.rsplit(".", 1)[1] in IDENTITY_LEAVES))}
+
+
+def common_stages(rows: list[Row]) -> str | None:
+    """The stages every row ran (None where rows differ), which then leave the table for the "Shared:" line."""
+    stages = {row.stages for row in rows}
+    return stages.pop() if len(stages) == 1 else None
+
+
+def shared_line(runs: list[Run], stages: str | None) -> str:
+    """`Shared: backbone.name=..., dataset.name=..., stages=head 3 → all 5`: what the table leaves out because
+    every row has it ('' when nothing is shared)."""
+    shared = [f"{key}={value}" for key, value in shared_keys(runs).items()]
+    shared += [f"stages={stages}"] * (stages not in (None, "-"))
+    return f"Shared: {', '.join(shared)}" if shared else ""
 
 
 def group_rows(runs: list[Run], keys: list[str]) -> list[Row]:
@@ -140,10 +204,11 @@ def _format(row: Row, metric: str, spec: str) -> str:
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
-def markdown_table(rows: list[Row], keys: list[str]) -> str:
-    """The table for people: formatted numbers, only the keys that tell the rows apart."""
-    header = [*keys, "n", *(title for title, _ in METRICS.values()), "status", "run"]
-    return markdown(header, [[*(row.key_value(k) for k in keys), str(len(row.runs)),
+def markdown_table(rows: list[Row], keys: list[str], stages: bool = True) -> str:
+    """The table for people: formatted numbers, only the keys that tell the rows apart (and the stages, unless
+    every row ran the same)."""
+    header = [*keys, *["stages"] * stages, "n", *(title for title, _ in METRICS.values()), "status", "run"]
+    return markdown(header, [[*(row.key_value(k) for k in keys), *[row.stages] * stages, str(len(row.runs)),
                               *(_format(row, m, spec) for m, (_, spec) in METRICS.items()),
                               row.status, row.names] for row in rows])
 
@@ -154,42 +219,18 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
     with atomic_file(path) as file:
         writer = csv.writer(file)
-        writer.writerow([*keys, "n", *stats, "status", "runs"])
+        writer.writerow([*keys, "stages", "n", *stats, "status", "runs"])
         for row in rows:
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
-            writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), len(row.runs),
+            writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), csv_cell(row.stages), len(row.runs),
                              *("" if v is None else v for v in numbers),
                              csv_cell(row.status), csv_cell(row.names)])
 
 
-def plot_val_acc(path: Path, runs: list[Run], keys: list[str]) -> None:
-    """Val accuracy per epoch, one line per run; its stage boundaries dotted in the line's colour."""
-    plt = pyplot()
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axis = plt.subplots(figsize=(9, 5), layout="constrained")  # room for the legend beside the plot
-    for run in runs:
-        points = [(r["epoch"], r["val/acc1"]) for r in run.records if math.isfinite(r.get("val/acc1", math.nan))]
-        if not points:
-            continue
-        label = " ".join(f"{key}={run.config.get(key, '-')}" for key in keys) or run.name
-        (line,) = axis.plot(*zip(*points), "-o", markersize=3, label=f"{label} ({run.status})")
-        for boundary in runlog.stage_boundaries(run.records):
-            axis.axvline(boundary, color=line.get_color(), linestyle=":", linewidth=1)
-    axis.set(xlabel="epoch", ylabel="val top-1 accuracy", ylim=(0, 1), title="val accuracy (dotted: stage changes)")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.grid(alpha=0.3)
-    if axis.lines:  # beside the plot, never over its lines; long labels wrap instead of clipping
-        handles, labels = axis.get_legend_handles_labels()
-        axis.legend(handles, [textwrap.fill(label, 40) for label in labels], fontsize="small", loc="upper left",
-                    bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-    save_figure(figure, path)
-
-
 def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the
-    table and the notes under it in results.md: how repeated runs are shown, the values not shown as read,
-    then the unreadable runs."""
+    table with its "Shared:" line and the notes under it in results.md: how repeated runs are shown, the values
+    not shown as read, then the unreadable runs."""
     runs, unreadable = load_runs(find_run_dirs(paths))
     keys = differing_keys(runs)
     shown = shown_keys(runs, keys)
@@ -197,7 +238,9 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     base = Path(os.path.commonpath([run.path.resolve().parent for run in runs]))
     for run in runs:
         run.name = run.path.resolve().relative_to(base).as_posix()
-    table = markdown_table(rows, shown)
+    stages = common_stages(rows)
+    shared = shared_line(runs, stages)
+    table = (f"{shared}\n\n" if shared else "") + markdown_table(rows, shown, stages=stages is None)
     repeats = repeat_note(rows)
     warnings = [note for run in runs for note in run.figures.notes]
     try:
@@ -208,7 +251,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
                    + (f"\nValues not shown as read:{odd}\n" if odd else "")
                    + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""))
         write_csv(out / "results.csv", rows, keys)
-        plot_val_acc(out / "val_acc.png", runs, shown)
+        plot_val_acc(out / "val_acc.png", [curve(row.runs, row.label(shown), row.note(shown)) for row in rows])
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error
     return table, ([f"note: {repeats}"] * bool(repeats) + [f"warning: {line}" for line in warnings]

@@ -144,8 +144,9 @@ def _rng_of_this_rank(state: dict[str, Any]) -> dict[str, Any]:
 def fit(setup: FitSetup, resume: dict[str, Any] | None = None, history: list[dict[str, Any]] | None = None,
         logger: Any = None, callbacks: Sequence[Callback] = ()) -> FitResult:
     """Train every stage in order (from `resume`'s position if given), checkpointing as it goes; `logger`
-    (TensorBoard, MLflow: rank 0) gets each epoch's record, which metrics.jsonl keeps regardless; `callbacks`
-    see each epoch start, each optimizer step and each epoch's record."""
+    (TensorBoard, MLflow: rank 0) gets each epoch's record, which metrics.jsonl keeps regardless, and every
+    trainer.log_every optimizer steps of the run the epoch's running train loss and accuracy and the step's lrs
+    (what the progress line shows); `callbacks` see each epoch start, each optimizer step and each epoch's record."""
     records = list(history or [])
     progress, run, tally = restore(setup, resume) if resume else (Progress(), None, None)
     if distributed.is_main():
@@ -210,6 +211,8 @@ def _epoch(setup: FitSetup, run: StageRun, progress: Progress, tally: Tally | No
         progress.step = step
         progress.step_ran(upcoming["lrs"])
         upcoming["lrs"] = setup.optimizer.lrs_by_group()
+        if logger and (done := sum(progress.stage_steps)) % setup.trainer.log_every == 0:  # the run's optimizer steps
+            logger.log_step({**tally.result("train_step"), "train_step/lr": progress.step_lrs}, done)
         every = setup.trainer.checkpoint_every_steps
         # DDP: every rank must stop (and checkpoint) at the same step, so ranks agree every check_every steps
         agreed = not distributed.active() or accumulation.reaches(step, setup.check_every)
