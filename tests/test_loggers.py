@@ -62,7 +62,7 @@ def test_tensorboard_gets_every_epoch(tmp_path: Path) -> None:
     metrics = read_metrics(tmp_path)
     assert [(e.step, e.value) for e in events.Scalars("val/acc1")] == [
         (r["epoch"], pytest.approx(r["val/acc1"])) for r in metrics]
-    assert {"train/loss", "val/loss", "lr/head", "summary/best_val_acc"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "lr/head", "summary/reported_val_acc"} <= set(events.Tags()["scalars"])
     assert (tmp_path / "summary.json").is_file() and len(metrics) == 2
 
 
@@ -149,7 +149,7 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     assert [(step, row["val/acc1"]) for step, row in epochs] == [
         (r["epoch"], pytest.approx(r["val/acc1"])) for r in read_metrics(run_dir)]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (2, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"]}) \
+    assert (2, {f"summary/{key}": summary[key] for key in ("reported_val_acc", "selected_acc", "final_val_acc")}) \
         in run.rows
     assert run.rows[-1] == (None, {"curves": ("image", "curves.png")}) and run.exit_code == 0
     # the val split's confusion matrix after the last epoch, as W&B's confusion-matrix chart

@@ -74,11 +74,11 @@ def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsy
     assert [row["status"] for row in rows] == ["finished", "finished", "unfinished", "failed"]
     ft = rows[1]
     assert ft["strategy.lr"] == "1e-05" and ft["n"] == "2" and ft["runs"] == "2, 3"
-    assert float(ft["best_val_acc"]) == pytest.approx(0.85)
-    assert float(ft["best_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
+    assert float(ft["reported_val_acc"]) == pytest.approx(0.85)
+    assert float(ft["reported_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
     assert float(ft["wall_time_s"]) == pytest.approx(30.5)
     assert "dataset.root" not in rows[0]  # identical in every run
-    assert rows[2]["best_val_acc_std"] == "" and rows[3]["best_val_acc"] == ""
+    assert rows[2]["reported_val_acc_std"] == "" and rows[3]["reported_val_acc"] == ""
 
 
 def test_plot_has_one_line_per_run_with_its_stage_boundaries(sweep: Path, capsys, monkeypatch) -> None:
@@ -145,7 +145,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys, case: str) ->
         (tmp_path / "taken").write_text("x")
         args = ["--out", str(tmp_path / "taken")] if case == "out_is_file" else []
         if case == "bad_json":
-            (path / "0" / "summary.json").write_text('{"best_val_acc": 0.')
+            (path / "0" / "summary.json").write_text('{"reported_val_acc": 0.')
     code, out, err = run_report(capsys, str(path), *args)
     assert code == 2 and out == ""
     assert err.startswith("transfer: error: ") and ERRORS[case] in err
@@ -192,7 +192,8 @@ def test_report_on_a_real_sweep(tmp_path: Path, hydra_in_process: None) -> None:
     assert [(r["strategy.name"], r["trainer.seed"], r["n"], r["status"]) for r in rows] == [
         ("feature_extract", "1, 2", "2", "finished"), ("fine_tune", "1, 2", "2", "finished")]
     summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
-    assert rows[0]["best val acc"].split(" ± ")[0] == f"{statistics.mean(s['best_val_acc'] for s in summaries):.4f}"
+    mean = statistics.mean(s["reported_val_acc"] for s in summaries)
+    assert rows[0]["val acc (best.pt)"].split(" ± ")[0] == f"{mean:.4f}"
     assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "val_acc.png"))
 
 

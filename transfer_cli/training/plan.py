@@ -57,7 +57,8 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "strategy": {"name": prepared.strategy.name, "choice": prepared.strategy_choice or None},
         "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
                  "head_outputs": _out_features(head),
-                 "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val)},
+                 "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val),
+                 "select_images": len(prepared.splits.select) if prepared.splits.select is not None else 0},
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
                           "weights_std": list(weights.std),
                           "matches_weights": pre.mean == weights.mean and pre.std == weights.std},
@@ -82,7 +83,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
         f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
-        f"{d['train_images']} train / {d['val_images']} val images",
+        f"{d['train_images']} train / {d['val_images']} val images; "
+        + (f"best.pt chosen on {d['select_images']} selection images held out of train (dataset.select_fraction)"
+           if d["select_images"] else "best.pt chosen on val (dataset.select_fraction=0: its number is optimistic)"),
         f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
         f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
         f"mean {n['mean']} std {n['std']} ({verdict})",
