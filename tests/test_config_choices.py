@@ -115,7 +115,8 @@ def test_every_choice_field_takes_the_names_of_a_schema_constant() -> None:
 TYPOS = {"backbone.source": "hf", "head.kind": "conv", "dataset.name": "mnist", "optimizer.name": "adamax",
          "scheduler.name": "step", "transforms.interpolation": "lanczos", "augment.policy": "cutout",
          "transforms.crop_mode": "crop", "dataset.on_bad_image": "ignore", "dataset.domain": "mid",
-         "trainer.early_stopping.monitor": "val/acc3", "trainer.amp": "maybe", "logger.wandb.mode": "later"}
+         "trainer.early_stopping.monitor": "val/acc3", "trainer.amp": "maybe", "logger.wandb.mode": "later",
+         "dataset.balance": "oversample"}
 
 
 @pytest.mark.parametrize(("key", "typo"), list(TYPOS.items()))

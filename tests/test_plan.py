@@ -68,8 +68,10 @@ def test_dry_run_returns_the_plan_and_trains_nothing(tmp_path: Path, capsys: pyt
     assert plan["stages"][0]["trainable_params"] == plan["layer_groups"]["head"] == 4 * 96 + 4  # 96 features
     assert plan["stages"][-1]["frozen_params"] == 0
     assert plan["backbone"] == {"source": "timm", "name": "test_resnet", "weights": {"from": "random init"}}
+    per_class = {f"class_{label}": 24 for label in range(4)}
     assert plan["data"] == {"dataset": "synthetic", "classes": 4, "head_outputs": 4, "train_images": 96,
-                            "val_images": 48}
+                            "val_images": 48, "train_per_class": per_class,
+                            "val_per_class": {name: 12 for name in per_class}, "imbalance": None, "balance": "none"}
     assert plan["normalization"]["matches_weights"] is True
     assert plan["input"]["image_size"] == 32
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # The Python API (transfer_cli/api.py), loaded on first use: `import transfer_cli` imports neither torch
 # nor Hydra, so `transfer --help` stays fast.
-_API = ("train", "load_run", "Callback")
+_API = ("train", "load_run", "lr_find", "Callback")
 __all__ = ["__version__", *_API]
 
 

@@ -1,4 +1,5 @@
-"""The Python API: `transfer_cli.train(overrides)` and `transfer_cli.load_run(run_dir)`, for notebooks and scripts.
+"""The Python API: `transfer_cli.train(overrides)`, `transfer_cli.lr_find(overrides)` and
+`transfer_cli.load_run(run_dir)`, for notebooks and scripts.
 
 `train` is `transfer train` run in this process: the same composition and validation, the same
 run directory (clock-made under outputs/runs/, made unique, or the one given, refused when it
@@ -28,9 +29,12 @@ from transfer_cli.runs.rundir import read_summary
 from transfer_cli.runs.runlog import train_log
 from transfer_cli.training.fit import Callback
 from transfer_cli.training.job import train_in
+from transfer_cli.training.lr_find import RangeTest
+from transfer_cli.training.lr_find_job import SWEEP_HINT as LR_FIND_SWEEP_HINT
+from transfer_cli.training.lr_find_job import lr_find as range_test
 
 
-__all__ = ["Callback", "LoadedRun", "Prediction", "RunSummary", "load_run", "train"]
+__all__ = ["Callback", "LoadedRun", "Prediction", "RunSummary", "load_run", "lr_find", "train"]
 
 SWEEP_HINT = "train() runs a single run: for a sweep use the command, `transfer train -m key=a,b ...`"
 
@@ -75,22 +79,33 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
     return RunSummary(read_summary(where / "summary.json"), where)
 
 
-def _overrides(overrides: Sequence[str], run_dir: str | Path | None) -> list[str]:
+def _overrides(overrides: Sequence[str], run_dir: str | Path | None, caller: str = "train",
+               sweep_hint: str = SWEEP_HINT) -> list[str]:
     """The overrides `transfer train` would get; flags (-m, --cfg, ...) are the command's alone."""
     if isinstance(overrides, (str, bytes)):
-        raise TransferError(f"train() takes a list of key=value overrides, not one string: [{overrides!r}]")
+        raise TransferError(f"{caller}() takes a list of key=value overrides, not one string: [{overrides!r}]")
     given = [str(arg) for arg in overrides]
     for arg in given:
         if arg in {"-m", "--multirun"}:
-            raise TransferError(SWEEP_HINT)
+            raise TransferError(sweep_hint)
         if arg.startswith("-"):
-            raise TransferError(f"train() takes key=value overrides; '{arg}' is a flag of the command "
+            raise TransferError(f"{caller}() takes key=value overrides; '{arg}' is a flag of the command "
                                 f"`transfer train {arg}`: run that instead")
     if run_dir is not None:
         if any(arg.lstrip("+~").startswith("hydra.run.dir=") for arg in given):
             raise TransferError("give the run directory once: run_dir=... or a hydra.run.dir override, not both")
         given.append(f"hydra.run.dir={quoted(str(Path(run_dir).expanduser()))}")
     return given
+
+
+def lr_find(overrides: Sequence[str] = (), run_dir: str | Path | None = None, *, start_lr: float = 1e-7,
+            end_lr: float = 10.0, steps: int = 100) -> dict[str, Any]:
+    """`transfer lr-find <overrides>` in this process: the learning-rate range test on the first stage of the run
+    `train(overrides)` would train (docs/lr-find.md), its files written into `run_dir` (None: a clock-made one).
+    Returns lr_find.json as a dict, with `run_dir` and `line` (the result the command prints); a mistake, or a
+    test too short for a suggestion, raises TransferError with nothing written."""
+    given = _overrides(overrides, run_dir, "lr_find", LR_FIND_SWEEP_HINT)
+    return range_test(given, RangeTest(start_lr, end_lr, steps), "transfer_cli.lr_find")
 
 
 def _record(composed: Composed, run_dir: Path) -> None:

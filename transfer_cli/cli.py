@@ -24,6 +24,8 @@ commands:
             (`transfer train --help` lists the config groups and their options;
              `transfer train -m strategy=a,b` sweeps)
   resume    continue an interrupted run in its own directory (`transfer resume RUN_DIR`)
+  lr-find   the learning-rate range test on a run's first stage: the suggested lr, a curve, no training
+            (`transfer lr-find [--steps N] [key=value ...]`)
   report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
   eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
   predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
@@ -41,7 +43,7 @@ examples:
 
 # each command is transfer_cli.commands.<module>.main(argv) -> exit code, imported only when it runs
 COMMANDS = {"train": "train", "report": "report", "resume": "resume", "eval": "eval", "predict": "predict",
-            "export": "export", "exercise": "exercise", "bench": "bench"}
+            "export": "export", "exercise": "exercise", "bench": "bench", "lr-find": "lr_find"}
 
 
 def _completion_query(argv: list[str]) -> list[str]:

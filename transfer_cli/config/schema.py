@@ -43,7 +43,7 @@ from transfer_cli.config.checks import (
 # tests/test_config_choices.py proves that every choice has its builder and every builder its choice.
 BACKBONE_SOURCE_NAMES = ("timm", "torchvision")
 HEAD_KINDS = ("linear", "mlp")
-DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic")
+DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic", "csv")
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 SCHEDULER_NAMES = ("onecycle", "cosine", "constant")
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
@@ -52,6 +52,7 @@ AUGMENT_POLICIES = ("randaugment", "trivialaugment", "autoaugment")
 BN_POLICIES = ("frozen_stats", "reestimate", "train")
 DOMAINS = ("near", "far")
 BAD_IMAGE_CHOICES = ("skip", "error")
+BALANCE_CHOICES = ("none", "sampler", "loss")  # DatasetConfig.balance
 # what every epoch records of validation: the selection split's (dataset.select_fraction > 0) and val's
 MONITORS = ("select/loss", "select/acc1", "select/acc5", "val/loss", "val/acc1", "val/acc5")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -146,6 +147,7 @@ class DatasetConfig:
 
     name: str = field(default=MISSING, metadata=rule(one_of(*DATASET_NAMES)))
     root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
+    csv: Optional[str] = None  # csv: the labels file (path,label[,split]), paths relative to root
     download: bool = field(default=True, metadata=MACHINERY)
     train_split: str = "train"
     val_split: str = "val"
@@ -153,6 +155,8 @@ class DatasetConfig:
     val_fraction: float = field(default=0.2, metadata=rule(between(0, 1, low_open=True)))
     # skip (warn, count in summary.json) | error
     on_bad_image: str = field(default="skip", metadata=rule(one_of(*BAD_IMAGE_CHOICES)))
+    # unequal classes: none | sampler (draw each class equally often) | loss (weight each class's loss)
+    balance: str = field(default="none", metadata=rule(one_of(*BALANCE_CHOICES)))
     # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
     # from trainer.seed, so a seed sweep varies training alone
     split_seed: int = field(default=42, metadata=SEED)

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset, Subset
 from transfer_cli.config.schema import DATASET_NAMES, DatasetConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.registry import Registry
-from transfer_cli.data.folder import ImageFolderDataset, class_folders, folder_layout
+from transfer_cli.data.csv_labels import read_labels
+from transfer_cli.data.folder import ImageFolderDataset, class_folders, folder_layout, listed_names
 from transfer_cli.data.splits import stratified_split, stratified_subset
 from transfer_cli.data.synthetic import SyntheticImages
 
@@ -38,6 +39,8 @@ class RawSplits:
     train_labels: list[int]
     val_labels: list[int]
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
+    unsupported_files: list[str] = field(default_factory=list)  # folder files left out by their extension
+    not_downloaded: str | None = None  # a dry run on a set not downloaded yet: what would be downloaded where
     # held out of train to choose the best epoch on (dataset.select_fraction), so val reports unchosen; or None
     select: Dataset | None = None
     select_labels: list[int] = field(default_factory=list)
@@ -197,16 +200,42 @@ def _folder(cfg: DatasetConfig, seed: int) -> RawSplits:
             )
         train = ImageFolderDataset(layout.train, classes, cfg.on_bad_image)
         val = ImageFolderDataset(layout.val, classes, cfg.on_bad_image)
-        return RawSplits(train, val, classes, train.targets, val.targets, _paths(train.skipped + val.skipped))
+        unsupported = _unsupported(train.unsupported + val.unsupported)
+        return RawSplits(train, val, classes, train.targets, val.targets, _paths(train.skipped + val.skipped),
+                         unsupported)
     if layout.train != Path(cfg.root).expanduser():
         log.info("%s has no val folder: holding out dataset.val_fraction=%g of each class of %s/",
                  cfg.root, cfg.val_fraction, layout.train.name)
     everything = ImageFolderDataset(layout.train, classes, cfg.on_bad_image)
     _check_enough_to_hold_out(everything, cfg)
+    return _held_out(everything, cfg, seed, _unsupported(everything.unsupported))
+
+
+@DATASETS.register("csv")
+def _csv(cfg: DatasetConfig, seed: int) -> RawSplits:
+    """Images listed with their labels in dataset.csv (data/csv_labels.py), read as a folder's are."""
+    labels = read_labels(cfg)
+    train = ImageFolderDataset(labels.root, labels.classes, cfg.on_bad_image, listed=labels.train)
+    if labels.val is None:
+        return _held_out(train, cfg, seed, [])
+    val = ImageFolderDataset(labels.root, labels.classes, cfg.on_bad_image, listed=labels.val)
+    return RawSplits(train, val, labels.classes, train.targets, val.targets, _paths(train.skipped + val.skipped))
+
+
+def _held_out(everything: ImageFolderDataset, cfg: DatasetConfig, seed: int, unsupported: list[str]) -> RawSplits:
+    """dataset.val_fraction of each class held out of `everything`, stratified and seeded."""
     train_idx, val_idx = stratified_split(everything.targets, cfg.val_fraction, seed)
     train, train_labels = _subset(everything, everything.targets, train_idx)
     val, val_labels = _subset(everything, everything.targets, val_idx)
-    return RawSplits(train, val, classes, train_labels, val_labels, _paths(everything.skipped))
+    return RawSplits(train, val, everything.classes, train_labels, val_labels, _paths(everything.skipped),
+                     unsupported)
+
+
+def _unsupported(paths: list[Path]) -> list[str]:
+    """Files of the class folders that are not images by their extension: named once, in one warning."""
+    if paths:
+        log.warning("skipped %d files that are not supported images: %s", len(paths), listed_names(paths, 5))
+    return _paths(paths)
 
 
 def _check_enough_to_hold_out(images: ImageFolderDataset, cfg: DatasetConfig) -> None:
@@ -241,7 +270,13 @@ def _torchvision_split(factory: Callable[..., Dataset], split_arg: Callable[[str
         ) from exc
 
 
+# name -> (torchvision.datasets class name, its split arguments for a split name)
+TORCHVISION_SETS: dict[str, tuple[str, Callable[[str], dict]]] = {}
+
+
 def _register_torchvision(name: str, factory_name: str, split_arg: Callable[[str], dict]) -> None:
+    TORCHVISION_SETS[name] = (factory_name, split_arg)
+
     def build(cfg: DatasetConfig, seed: int) -> RawSplits:
         import torchvision.datasets
 

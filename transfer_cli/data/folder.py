@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -23,6 +24,9 @@ from transfer_cli.core.errors import TransferError
 
 
 log = logging.getLogger(__name__)
+
+# torchvision's image extensions, and GIF: PIL decodes its first frame (palette, transparency and all: to_rgb)
+IMAGE_EXTENSIONS = (*IMG_EXTENSIONS, ".gif")
 
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 # What PIL and its format plugins raise on a corrupt, truncated or oversized file.
@@ -79,15 +83,30 @@ def decode_problem(path: Path) -> str | None:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files at any depth under `folder`, sorted. Hidden entries (a name starting with '.') are left out
-    at every depth: `.thumbs/` folders, `.DS_Store`, and the AppleDouble `._x.jpg` files macOS writes beside
-    `x.jpg`, which are not images. Symlinks to folders are not followed."""
-    found = []
+    """Image files at any depth under `folder`, sorted (folder_files)."""
+    return folder_files(folder).images
+
+
+class FolderFiles(NamedTuple):
+    """The files under a folder: images by their extension, and the rest, each sorted."""
+
+    images: list[Path]
+    unsupported: list[Path]
+
+
+def folder_files(folder: Path) -> FolderFiles:
+    """Files at any depth under `folder`, split by extension (IMAGE_EXTENSIONS). Hidden entries (a name starting
+    with '.') are left out silently at every depth: `.thumbs/` folders, `.DS_Store`, and the AppleDouble `._x.jpg`
+    files macOS writes beside `x.jpg`, which are not images. Symlinks to folders are not followed."""
+    images, unsupported = [], []
     for parent, folders, files in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]  # os.walk does not enter them
-        found.extend(Path(parent, name) for name in files
-                     if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS)
-    return sorted(path for path in found if path.is_file())
+        for name in files:
+            if not name.startswith("."):
+                supported = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                (images if supported else unsupported).append(Path(parent, name))
+    return FolderFiles(sorted(path for path in images if path.is_file()),
+                       sorted(path for path in unsupported if path.is_file()))
 
 
 class FileImages(Dataset):
@@ -108,19 +127,31 @@ class ImageFolderDataset(FileImages):
     `on_bad_image="error"`, stop the scan with a TransferError naming the file.
     """
 
-    def __init__(self, root: Path, classes: list[str], on_bad_image: str = "skip") -> None:
+    def __init__(self, root: Path, classes: list[str], on_bad_image: str = "skip",
+                 listed: Sequence[tuple[Path, int]] | None = None) -> None:
+        """`listed`: the (file under `root`, label) pairs to hold, as a labels file gives them, instead of the
+        files under `root/<class>/`; either way each class's files in sorted order, classes in label order."""
         self.root = root
         self.classes = classes
         self.on_bad_image = on_bad_image
         self.samples: list[tuple[Path, int]] = []
         self.skipped: list[Path] = []
+        self.unsupported: list[Path] = []  # files under the class folders left out by their extension
         for label, name in enumerate(classes):
-            self.samples.extend((path, label) for path in self._scan_class(root / name))
+            if listed is None:
+                found = folder_files(root / name)
+                self.unsupported.extend(found.unsupported)
+                files, where = found.images, f"class folder {root / name}"
+            else:
+                files, where = sorted(path for path, of in listed if of == label), f"class {name!r}"
+                if not files:  # a split that lists no image of this class
+                    continue
+            self.samples.extend((path, label) for path in self._readable(files, where))
         self.targets = [label for _, label in self.samples]
 
-    def _scan_class(self, folder: Path) -> list[Path]:
+    def _readable(self, files: list[Path], where: str) -> list[Path]:
         readable, skipped = [], []
-        for path in image_files(folder):
+        for path in files:
             problem = decode_problem(path)
             if problem is None:
                 readable.append(path)
@@ -132,8 +163,8 @@ class ImageFolderDataset(FileImages):
                 skipped.append(path)
         self.skipped.extend(skipped)
         if not readable:
-            unreadable = f"; {len(skipped)} unreadable skipped: {_names(skipped)}" if skipped else ""
-            raise TransferError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}{unreadable}): "
+            unreadable = f"; {len(skipped)} unreadable skipped: {listed_names(skipped)}" if skipped else ""
+            raise TransferError(f"{where} holds no images ({', '.join(IMAGE_EXTENSIONS)}{unreadable}): "
                                 "add images or remove it")
         return readable
 
@@ -157,7 +188,8 @@ def fetch(dataset: Dataset, index: int, plan: ReducedDecode | None) -> tuple[Any
     return dataset[index]
 
 
-def _names(paths: list[Path] | list[str], shown: int = 3) -> str:
+def listed_names(paths: list[Path] | list[str], shown: int = 3) -> str:
+    """The first `shown` names of `paths`, and how many more."""
     names = ", ".join(getattr(path, "name", path) for path in paths[:shown])
     return names + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
@@ -200,7 +232,7 @@ def folder_layout(root: Path, train_split: str, val_split: str) -> FolderLayout:
         return FolderLayout(root, None)
     if names - splits:
         raise TransferError(f"{root} mixes split folders ({', '.join(sorted(splits))}) with other folders "
-                            f"({_names(sorted(names - splits))}): put the class folders inside {train_split}/ "
+                            f"({listed_names(sorted(names - splits))}): put the class folders inside {train_split}/ "
                             f"and {val_split}/, or rename a class folder named like a split")
     if train_split not in names:
         raise TransferError(f"{root} has split folders ({', '.join(sorted(splits))}) but no {train_split}/: "

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import random
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -88,9 +88,15 @@ class EpochSampler(Sampler[int | SampleKey]):
     is dropped to a multiple of N and rank r takes positions r, r+N, ...: step i of the N
     ranks together covers the samples of step i of one process with an N times larger batch.
     With `keyed` it yields `SampleKey`s (for a TransformedDataset to seed augmentation), else ints.
+    With `weights` (one per sample: dataset.balance=sampler) an epoch is `size` draws with replacement,
+    each index with probability proportional to its weight, from the same (seed, epoch) stream.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, keyed: bool = False) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, keyed: bool = False,
+                 weights: Sequence[float] | None = None) -> None:
+        if weights is not None and len(weights) != size:
+            raise ValueError(f"{len(weights)} sample weights for {size} samples")
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
         self.size = size
         self.seed = seed
         self.rank = rank
@@ -110,7 +116,10 @@ class EpochSampler(Sampler[int | SampleKey]):
 
     def __iter__(self) -> Iterator[int | SampleKey]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
         if self.world_size > 1:
             order = order[: self.num_samples * self.world_size][self.rank :: self.world_size]
         indices = order[self.skip:].tolist()
@@ -179,7 +188,7 @@ class DeviceDecodingLoader(DataLoader):
 
 def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: int | str, seed: int,
                 pin_memory: bool, rank: int = 0, world_size: int = 1,
-                decode_on: torch.device | None = None) -> DataLoader:
+                decode_on: torch.device | None = None, weights: Sequence[float] | None = None) -> DataLoader:
     """Train loaders shuffle with an EpochSampler and drop a ragged last batch.
 
     With `world_size` > 1 the loader yields this rank's share (`batch_size` is per process).
@@ -187,12 +196,14 @@ def make_loader(dataset: Dataset, batch_size: int, *, train: bool, num_workers: 
     The loader's own generator supplies the base seed DataLoader draws for each new iterator: from
     the global RNG (dropout, MixUp) that draw would come once per epoch without workers but once per
     run with persistent ones, so a resumed run's global stream would drift from an uninterrupted run's.
-    With `decode_on`, `dataset` is an EncodedImages and its batches are decoded on that device.
+    With `decode_on`, `dataset` is an EncodedImages and its batches are decoded on that device. `weights` (train
+    only: one per sample) make the sampler draw with replacement by weight (dataset.balance=sampler).
     """
     num_workers = resolve_workers(num_workers)
     if train:
         keyed = isinstance(dataset, TransformedDataset)
-        sampler: EpochSampler | ShardSampler | None = EpochSampler(len(dataset), seed, rank, world_size, keyed)
+        sampler: EpochSampler | ShardSampler | None = EpochSampler(len(dataset), seed, rank, world_size, keyed,
+                                                                    weights)
         drop_last = sampler.num_samples > batch_size
     else:
         sampler = ShardSampler(len(dataset), rank, world_size) if world_size > 1 else None

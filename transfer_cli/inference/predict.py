@@ -16,12 +16,18 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import csv_cell, write_text
 from transfer_cli.core.tables import aligned
-from transfer_cli.data.folder import FileImages, ReducedDecode, decode_problem, image_files, load_rgb
+from transfer_cli.data.folder import (
+    IMAGE_EXTENSIONS,
+    FileImages,
+    ReducedDecode,
+    decode_problem,
+    image_files,
+    load_rgb,
+)
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
 from transfer_cli.data.transforms import eval_transform
 from transfer_cli.inference.load import load_trained_model, preprocessing_of
@@ -58,13 +64,13 @@ def find_images(paths: list[Path]) -> list[Path]:
         if path.is_dir():
             found.extend(image_files(path))
         elif path.is_file():
-            if path.suffix.lower() not in IMG_EXTENSIONS:
-                raise TransferError(f"{path} is not an image file (extensions: {' '.join(IMG_EXTENSIONS)})")
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise TransferError(f"{path} is not an image file (extensions: {' '.join(IMAGE_EXTENSIONS)})")
             found.append(path)
         else:
             raise TransferError(f"{path} does not exist")
     if not found:
-        raise TransferError(f"no images ({' '.join(IMG_EXTENSIONS)}) in {', '.join(map(str, paths))}")
+        raise TransferError(f"no images ({' '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, paths))}")
     return list(dict.fromkeys(found))
 
 

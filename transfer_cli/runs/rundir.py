@@ -10,6 +10,7 @@ from typing import Any
 from transfer_cli.config.loading import load_run_config
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError, first_line, torch_file_problem
+from transfer_cli.runs.lr_find_files import holds_lr_find
 
 
 def require_run_dir(path: str | Path) -> Path:
@@ -20,6 +21,9 @@ def require_run_dir(path: str | Path) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise TransferError(f"'{path}' is not a run directory (no config.yaml): give the directory `transfer train` "
                             "printed")
+    if holds_lr_find(run_dir):  # its config.yaml is what the range test ran: nothing was trained
+        raise TransferError(f"'{path}' holds an lr range test (`transfer lr-find`), not a trained run: give the "
+                            "directory `transfer train` printed")
     return run_dir
 
 

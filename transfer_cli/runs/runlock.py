@@ -37,13 +37,14 @@ from typing import Any
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import NotOwnFile, link_problem, open_own
 from transfer_cli.parallel import distributed
+from transfer_cli.runs.lr_find_files import LR_FIND_FILES, holds_lr_find
 
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "checkpoints")  # any of them: the directory holds a run
 # every entry a run writes at the top of its directory but the lock; Hydra writes the first two before the run starts
 RUN_WRITES = ("train.log", ".hydra", *RUN_FILES, "plan.json", "curves.png", "eval", "error.log", "tensorboard", "wandb",
-              "mlflow_run_id", "wandb_run_id")
+              "mlflow_run_id", "wandb_run_id", *LR_FIND_FILES)
 OWN_FOLDERS = (".hydra", "checkpoints", "eval")  # folders whose entries are checked for links too
 MAX_SUFFIX = 10_000
 
@@ -147,6 +148,8 @@ def refuse_if_run(run_dir: Path) -> None:
     busy = holder(run_dir)
     if busy:
         raise RunDirBusy(f"{run_dir} is being written by {busy}: give another directory")
+    if holds_lr_find(run_dir):
+        raise TransferError(f"{run_dir} holds an lr range test (`transfer lr-find`): give a new hydra.run.dir")
     if (run_dir / "summary.json").is_file():
         raise TransferError(f"{run_dir} already holds a finished run: give a new hydra.run.dir "
                             "(or none: each run gets its own under outputs/runs/)")

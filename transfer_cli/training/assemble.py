@@ -14,8 +14,10 @@ from torch import nn
 from transfer_cli.config.checks import is_auto, resolve_toggle
 from transfer_cli.config.schema import StrategyConfig, TrainConfig, to_plain
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.balance import loss_weights, sample_weights
 from transfer_cli.data.datasets import RawSplits, load_splits
 from transfer_cli.data.device_decode import EncodedImages
+from transfer_cli.data.downloads import planned_splits
 from transfer_cli.data.image_cache import maybe_cache
 from transfer_cli.data.loaders import TransformedDataset, make_loader
 from transfer_cli.data.mixing import batch_mixer
@@ -63,10 +65,13 @@ RunnerAdapter = Callable[[StepRunner], StepRunner]  # the runner built from the 
 
 
 def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, precision: Precision,
-            scaler: torch.amp.GradScaler | None, num_classes: int) -> StepRunner:
+            scaler: torch.amp.GradScaler | None, splits: RawSplits) -> StepRunner:
     # the plain network: torch.compile comes at each stage's start (stages.stage_run), after its freezing
     ema = EMA(model.model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay is not None else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
+    # dataset.balance=loss weights the training loss alone: validation scores every image alike (fit.py)
+    weight = loss_weights(splits.train_labels, splits.classes) if cfg.dataset.balance == "loss" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.trainer.label_smoothing).to(precision.device)
+    num_classes = len(splits.classes)
     return StepRunner(model.model, optimizer.optimizer, loss_fn, precision, scaler, cfg.trainer.grad_clip, ema,
                       model.model if ema is not None else None, batch_mixer(cfg.augment, num_classes))
 
@@ -82,7 +87,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
     batch_size = distributed.per_process_batch(cfg.trainer.batch_size)  # DDP: batch_size is the global batch
     eval_batch_size = max(1, (cfg.trainer.eval_batch_size or cfg.trainer.batch_size) // distributed.world_size())
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
-        splits = load_splits(cfg.dataset)
+        splits = planned_splits(cfg.dataset) if cfg.dry_run else load_splits(cfg.dataset)  # a dry run downloads nothing
         num_classes = len(splits.classes)
         check_monitor(cfg.trainer.early_stopping, num_classes, selecting=splits.select is not None)
         strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
@@ -104,7 +109,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
     tf = {"draft": cfg.transforms.draft_decode and decode_on is None, "normalize": precision.normalize is None}
     train_loader = make_loader(images(splits.train, train_transform(preprocessing, cfg.augment, **tf)),
                                batch_size, train=True, num_workers=cfg.trainer.num_workers, decode_on=decode_on,
-                               seed=cfg.trainer.seed, pin_memory=pin, **shard)
+                               seed=cfg.trainer.seed, pin_memory=pin, weights=_sampling(cfg, splits), **shard)
     val_loader = make_loader(images(splits.val, eval_transform(preprocessing, **tf)), eval_batch_size, train=False,
                              num_workers=cfg.trainer.num_workers, decode_on=decode_on, seed=cfg.trainer.seed,
                              pin_memory=pin, **shard)
@@ -112,7 +117,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
         images(splits.select, eval_transform(preprocessing, **tf)), eval_batch_size, train=False,
         num_workers=cfg.trainer.num_workers, decode_on=decode_on, seed=cfg.trainer.seed, pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
-    runner = _runner(cfg, model, optimizer, precision, scaler, num_classes)
+    runner = _runner(cfg, model, optimizer, precision, scaler, splits)
     if adapt_runner is not None:
         runner = adapt_runner(runner)
     obstacles = _cache_obstacles(cfg, model, runner, strategy)
@@ -130,6 +135,11 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
     if distributed.active():  # distinct dropout and MixUp streams per rank (augmentation is per sample)
         seed_everything(cfg.trainer.seed + 1_000_003 * distributed.rank())
     return Prepared(splits, preprocessing, setup, strategy, choice)
+
+
+def _sampling(cfg: TrainConfig, splits: RawSplits) -> list[float] | None:
+    """Each training image's draw weight where dataset.balance=sampler (images and cached features alike)."""
+    return sample_weights(splits.train_labels, splits.classes) if cfg.dataset.balance == "sampler" else None
 
 
 def _normalizing(cfg: TrainConfig, precision: Precision, preprocessing: Preprocessing) -> Precision:
@@ -211,6 +221,7 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
             # DDP: every rank computes all features; each trains and validates on its share
             return cached_splits(
                 model, {name: (TransformedDataset(data, eval_tf), labels) for name, (data, labels) in parts}, make,
+                train_weights=_sampling(cfg, splits),
                 batch_size=batch,
                 eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
                 cache_dir=cache_dir, memo=memo, shard=(distributed.rank(), distributed.world_size()))

@@ -222,6 +222,7 @@ class CachedSplits:
 
 def cached_splits(model: TransferModel, splits: dict[str, tuple[Dataset, list[int]]], make: Any, *,
                   batch_size: int, eval_batch_size: int,
+                  train_weights: list[float] | None = None,
                   seed: int, precision: Precision, key_extra: str, cache_dir: Path,
                   memo: dict[tuple[str, ...], CachedSplits] | None = None,
                   shard: tuple[int, int] = (0, 1)) -> CachedSplits:
@@ -230,7 +231,8 @@ def cached_splits(model: TransferModel, splits: dict[str, tuple[Dataset, list[in
 
     `make(dataset, batch_size, train)` builds the image loaders used to compute features;
     the train loader over features shuffles with the same EpochSampler as the image path,
-    so both see samples in the same order; under DDP (`shard`: rank, world size) the loaders
+    so both see samples in the same order (drawn by `train_weights` where dataset.balance=sampler gives them);
+    under DDP (`shard`: rank, world size) the loaders
     serve this rank's share. An entry is keyed by the split, the backbone's
     current weights, `key_extra` (preprocessing, precision) and the data's content identity
     (in `memo` too: a later head-only stage after one that trained the backbone gets fresh
@@ -251,7 +253,7 @@ def cached_splits(model: TransferModel, splits: dict[str, tuple[Dataset, list[in
             stored = {"key": keys[split], "features": features, "labels": computed}
             _store(stored, path, split, unchanged=_identity_or_none(data) == identities[split])
         tensors[split] = (stored["features"], stored["labels"])
-    served = _serve(model, tensors, batch_size, eval_batch_size, seed, precision, shard)
+    served = _serve(model, tensors, batch_size, eval_batch_size, seed, precision, shard, train_weights)
     if memo is not None:  # the latest only: features of a backbone that has since changed are not asked for again
         memo.clear()
         memo[tuple(keys.values())] = served
@@ -259,7 +261,8 @@ def cached_splits(model: TransferModel, splits: dict[str, tuple[Dataset, list[in
 
 
 def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int,
-           eval_batch_size: int, seed: int, precision: Precision, shard: tuple[int, int]) -> CachedSplits:
+           eval_batch_size: int, seed: int, precision: Precision, shard: tuple[int, int],
+           train_weights: list[float] | None) -> CachedSplits:
     """Head-only loaders over the features: on CUDA they stay in device memory where they fit (feature_home),
     else the loaders pin their batches."""
     home = feature_home(sum(t.numel() * t.element_size() for pair in tensors.values() for t in pair),
@@ -269,7 +272,7 @@ def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Te
     if precision.device.type == "cuda":
         log.info("the head trains on cached features in %s memory", "GPU" if home.type == "cuda" else "pinned host")
     where = {"num_workers": 0, "seed": seed, "pin_memory": pin, "rank": shard[0], "world_size": shard[1]}
-    train_loader = make_loader(served["train"], batch_size, train=True, **where)
+    train_loader = make_loader(served["train"], batch_size, train=True, weights=train_weights, **where)
     val_loader, select_loader = (make_loader(served[split], eval_batch_size, train=False, **where)
                                  if split in served else None for split in ("val", "select"))
     return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader, select_loader)

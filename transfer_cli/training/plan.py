@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.data.balance import imbalance, per_class
+from transfer_cli.data.datasets import RawSplits
 from transfer_cli.models.backbones import weights_location
 from transfer_cli.training.optim import mean_factor
 
@@ -58,7 +60,8 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
                  "head_outputs": _out_features(head),
                  "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val),
-                 "select_images": len(prepared.splits.select) if prepared.splits.select is not None else 0},
+                 "select_images": len(prepared.splits.select) if prepared.splits.select is not None else 0,
+                 **_class_counts(prepared.splits), "balance": cfg.dataset.balance},
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
                           "weights_std": list(weights.std),
                           "matches_weights": pre.mean == weights.mean and pre.std == weights.std},
@@ -68,7 +71,53 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "stages": stages,
         # dataset.split_seed picks the images (split, subsets), trainer.seed the training (init, order, augmentation)
         "seeds": {"split": cfg.dataset.split_seed, "training": cfg.trainer.seed},
+        "select_fraction": cfg.dataset.select_fraction,
     }
+
+
+def _class_counts(splits: RawSplits) -> dict[str, Any]:
+    """Images per class of each split, and the training split's imbalance; unknown for data not downloaded yet."""
+    if splits.not_downloaded:
+        return {"not_downloaded": splits.not_downloaded}
+    train = per_class(splits.train_labels, splits.classes)
+    return {"train_per_class": train, "val_per_class": per_class(splits.val_labels, splits.classes),
+            "imbalance": imbalance(train)}
+
+
+def _data_lines(d: dict[str, Any]) -> list[str]:
+    """Where the images are (or would be downloaded), how many per class, and a warning for unequal classes."""
+    if "not_downloaded" in d:
+        return [f"dataset   {d['dataset']}: {d['not_downloaded']}"]
+    lines = [f"per class train {_counts(d['train_per_class'])}; val {_counts(d['val_per_class'])}"]
+    skew = d["imbalance"]
+    if skew is not None:
+        counts = d["train_per_class"]
+        fix = (f"dataset.balance={d['balance']} evens them out" if d["balance"] != "none"
+               else "dataset.balance=sampler draws every class equally often")
+        largest, smallest = skew["largest"], skew["smallest"]
+        if skew["ratio"] is None:
+            lines.append(f"warning   class {smallest!r} has no train images ({largest!r} has {counts[largest]}): "
+                         "add some, or drop the class")
+        else:
+            lines.append(f"warning   imbalanced classes: {largest!r} has {skew['ratio']:.1f}x the train images of "
+                         f"{smallest!r} ({counts[largest]} vs {counts[smallest]}): {fix}")
+    return lines
+
+
+def _selection(d: dict[str, Any], fraction: float) -> str:
+    """Which split chooses best.pt (runs/selection.py)."""
+    if not fraction:
+        return "best.pt chosen on val (dataset.select_fraction=0): the val number it reports is optimistic"
+    held = f"{d['select_images']} images" if d["select_images"] else f"{fraction:g} of each class"
+    return f"best.pt chosen on {held} held out of train (dataset.select_fraction); val only reports it"
+
+
+def _counts(counts: dict[str, int], listed: int = 12) -> str:
+    """Each class's count, or for many classes their range and the classes at its ends."""
+    if len(counts) <= listed:
+        return ", ".join(f"{name} {count}" for name, count in counts.items())
+    fewest, most = min(counts, key=counts.__getitem__), max(counts, key=counts.__getitem__)
+    return f"{counts[fewest]} ({fewest}) to {counts[most]} ({most}) images over {len(counts)} classes"
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -83,9 +132,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         + (f" ({plan['strategy']['choice']})" if plan["strategy"]["choice"] else ""),
         f"backbone  {plan['backbone']['source']} {plan['backbone']['name']}; weights: {where}",
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
-        f"{d['train_images']} train / {d['val_images']} val images; "
-        + (f"best.pt chosen on {d['select_images']} selection images held out of train (dataset.select_fraction)"
-           if d["select_images"] else "best.pt chosen on val (dataset.select_fraction=0: its number is optimistic)"),
+        f"{d['train_images']} train / {d['val_images']} val images",
+        *_data_lines(d),
+        "select    " + _selection(d, plan["select_fraction"]),
         f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
         f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
         f"mean {n['mean']} std {n['std']} ({verdict})",

@@ -16,6 +16,7 @@ import torch
 
 from transfer_cli.config.schema import TrainConfig, to_plain
 from transfer_cli.core.errors import Interrupted, TransferError
+from transfer_cli.data.balance import per_class
 from transfer_cli.data.datasets import check_classes, check_same_splits
 from transfer_cli.inference.evaluate import check_split, count_predictions, evaluate_run, plot_confusion
 from transfer_cli.parallel import distributed
@@ -181,6 +182,9 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
         "params_total": sum(p.numel() for p in model.model.parameters()),
         "params_trainable": progress.params_trainable,
         "skipped_images": len(splits.skipped_images),
+        "unsupported_files": splits.unsupported_files,  # folder files left out by their extension
+        "balance": cfg.dataset.balance,
+        "train_per_class": per_class(splits.train_labels, splits.classes),
         "strategy": prepared.strategy.name,
         "strategy_choice": prepared.strategy_choice or None,
         # lrs: each group's stated (peak) rate; peak_lrs and mean_lrs: what its steps ran at, highest and on average

@@ -1,0 +1,58 @@
+"""`transfer lr-find [--start-lr A] [--end-lr B] [--steps N] [key=value ...]`: the learning-rate range test on the
+first stage of the run `transfer train key=value ...` would train, and the lr it suggests (docs/lr-find.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from transfer_cli.core.args import CommandParser
+from transfer_cli.core.errors import TransferError
+
+
+@contextlib.contextmanager
+def _console_log() -> Iterator[None]:
+    """The package's log lines (the stage, the feature cache) on stdout while the test runs, as `transfer train`
+    logs; stderr keeps the one line of a mistake."""
+    logger, handler = logging.getLogger("transfer_cli"), logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] - %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: list[str]) -> int:
+    parser = CommandParser(
+        prog="transfer lr-find",
+        description="The learning-rate range test (Smith 2017) on the first stage of the run `transfer train` "
+                    "would train with the same overrides: the stage's lrs ramp up exponentially, keeping their "
+                    "ratios, while each step's loss is recorded. Writes lr_find.csv, lr_find.json, lr_find.png and "
+                    "config.yaml into the run directory and prints the suggested lr (the steepest descent of the "
+                    "smoothed loss) as the override that sets it. Trains nothing else, saves no checkpoint.")
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="the stage's top lr at the first step (1e-7)")
+    parser.add_argument("--end-lr", type=float, default=10.0, help="the stage's top lr at the last step (10)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps, at least 10 (100)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="what `transfer train` takes: experiment=smoke strategy=fine_tune hydra.run.dir=DIR ...")
+    if any(arg in {"-m", "--multirun"} for arg in argv):
+        from transfer_cli.training.lr_find_job import SWEEP_HINT
+        raise TransferError(SWEEP_HINT)
+    args = parser.parse_intermixed_args(argv)
+
+    from transfer_cli.training.lr_find import RangeTest  # torch: loaded once the arguments are known
+    from transfer_cli.training.lr_find_job import lr_find
+
+    with _console_log():
+        result = lr_find(args.overrides, RangeTest(args.start_lr, args.end_lr, args.steps))
+    print(f"lr-find dir: {result['run_dir']}")
+    print(result["line"])
+    print(f"second opinion: {result['second_opinion_lr']:.1e} (the minimum-loss lr / 10); {result['steps_run']} "
+          f"steps, {result['stop_reason']}")
+    return 0
