@@ -137,13 +137,13 @@ def test_a_sweep_rerun_over_a_damaged_job_is_one_line(
     job, argv = _sweep_job(tmp_path, seed=3)
     file = job / damaged
     file.parent.mkdir(exist_ok=True)
-    file.write_text('{"best_val_acc": 0.' if damaged == "summary.json" else "garbage: [")
+    file.write_text('{"reported_val_acc": 0.' if damaged == "summary.json" else "garbage: [")
     assert_one_line_naming(capsys, main(argv), file)
     assert not (job / "metrics.jsonl").exists()  # nothing trained
 
 
 def _damage_summary(run_dir: Path) -> None:
-    (run_dir / "summary.json").write_text('{"best_val_acc": 0.9, "final_')
+    (run_dir / "summary.json").write_text('{"reported_val_acc": 0.9, "final_')
 
 
 def _damage_config(run_dir: Path) -> None:

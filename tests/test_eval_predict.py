@@ -74,7 +74,7 @@ def test_eval_top1_equals_the_runs_own_val_accuracy(run: Path) -> None:
     assert metrics["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
     best, _ = evaluate_run(run, [])
     assert best["checkpoint"] == "best"
-    assert best["acc1"] == json.loads((run / "summary.json").read_text())["best_val_acc"]
+    assert best["acc1"] == json.loads((run / "summary.json").read_text())["reported_val_acc"]
 
 
 def test_confusion_matrix_agrees_with_per_class_accuracy_and_macro_f1(run: Path) -> None:

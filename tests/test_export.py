@@ -201,7 +201,7 @@ def test_model_json_describes_the_run(run: Path, exports: dict[str, Path], fmt: 
     assert (meta["interpolation"], meta["crop_pct"]) == (pre.interpolation, pre.crop_pct) == ("bilinear", 1.0)
     assert meta["backbone"]["source"] == "timm" and meta["backbone"]["name"] == "test_resnet"
     assert meta["backbone"]["weights"] == summary["weights"] == "random init"
-    for key in ("best_val_acc", "best_epoch", "final_val_acc", "epochs_run"):
+    for key in ("reported_val_acc", "best_epoch", "final_val_acc", "epochs_run"):
         assert meta["metrics"][key] == summary[key]
     assert 0 <= meta["verified"]["max_abs_diff"] <= meta["verified"]["tolerance"]
 

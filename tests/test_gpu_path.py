@@ -302,7 +302,7 @@ def test_cached_features_too_large_for_the_gpu_are_served_from_pinned_memory(
     def make(dataset: Any, size: int, train: bool) -> DataLoader:
         return make_loader(dataset, size, train=train, num_workers=0, seed=0, pin_memory=False)
 
-    cached = cached_splits(model, data, data, make, train_labels=labels, val_labels=labels, batch_size=8,
+    cached = cached_splits(model, {"train": (data, labels), "val": (data, labels)}, make, batch_size=8,
                            eval_batch_size=8, seed=0, precision=Precision(CUDA), key_extra="test",
                            cache_dir=tmp_path)
     assert cached.train_loader.pin_memory and cached.val_loader.pin_memory
@@ -388,7 +388,7 @@ def test_gpu_cached_head_trains_from_device_memory_without_syncs(tmp_path: Path)
     def make(dataset: Any, size: int, train: bool) -> DataLoader:
         return make_loader(dataset, size, train=train, num_workers=0, seed=0, pin_memory=True)
 
-    cached = cached_splits(model, data, data, make, train_labels=labels, val_labels=labels, batch_size=8,
+    cached = cached_splits(model, {"train": (data, labels), "val": (data, labels)}, make, batch_size=8,
                            eval_batch_size=8, seed=0, precision=precision, key_extra="gpu-test", cache_dir=tmp_path)
     assert cached.train_loader.dataset.tensors[0].device.type == "cuda"
     head = cached.head

@@ -66,7 +66,7 @@ def test_tensorboard_gets_every_epoch(tmp_path: Path) -> None:
     steps = [(e.step, e.value) for e in events.Scalars("train_step/loss")]
     assert [step for step, _ in steps] == [3, 6, 9, 12]
     assert [value for step, value in steps if step % 6 == 0] == [pytest.approx(r["train/loss"]) for r in metrics]
-    assert {"train/loss", "val/loss", "lr/head", "summary/best_val_acc"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "lr/head", "summary/reported_val_acc"} <= set(events.Tags()["scalars"])
     assert (tmp_path / "summary.json").is_file() and len(metrics) == 2
 
 
@@ -162,7 +162,7 @@ def test_wandb_gets_config_every_epoch_the_summary_and_curves(tmp_path: Path,
     assert steps and all("train_step/loss" in row and not row.keys() & run.axes.keys() - {"train_step/step"}
                          for row in steps)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (None, {"summary/best_val_acc": summary["best_val_acc"], "summary/final_val_acc": summary["final_val_acc"],
+    assert (None, {**{f"summary/{key}": summary[key] for key in ("reported_val_acc", "selected_acc", "final_val_acc")},
                    "epoch": 2}) in run.rows
     assert run.rows[-1] == (None, {"curves": ("image", "curves.png")}) and run.exit_code == 0
     # the val split's confusion matrix after the last epoch, as W&B's confusion-matrix chart

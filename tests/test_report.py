@@ -58,16 +58,16 @@ def test_rows_show_differing_keys_grouped_seeds_and_every_status(sweep: Path, ca
     assert list(rows[0])[:4] == ["strategy.name", "trainer.seed", "stages", "n"]
     fe, ft, unfinished, failed = rows
     assert fe == {"strategy.name": "feature_extract", "trainer.seed": "0, 1", "stages": "head 2", "n": "2",
-                  "best val acc": "0.6500 ± 0.0707", "final val acc": "0.6250 ± 0.0354", "epochs": "2",
+                  "val acc (best.pt)": "0.6500 ± 0.0707", "final val acc": "0.6250 ± 0.0354", "epochs": "2",
                   "wall time (s)": "20.5 ± 0.7", "trainable params": "100", "status": "finished", "run": "0, 1"}
-    assert ft["best val acc"] == "0.8500 ± 0.0707" and ft["final val acc"] == "0.8250 ± 0.0354"
+    assert ft["val acc (best.pt)"] == "0.8500 ± 0.0707" and ft["final val acc"] == "0.8250 ± 0.0354"
     assert ft["trainable params"] == "5,000"  # the largest per-stage count
     assert ft["stages"] == "head 2 → all 1"
     assert unfinished == {"strategy.name": "fine_tune", "trainer.seed": "2", "stages": "head 2", "n": "1",
-                          "best val acc": "0.4000",
+                          "val acc (best.pt)": "0.4000",
                           "final val acc": "0.4000", "epochs": "2", "wall time (s)": "-",
                           "trainable params": "-", "status": "unfinished", "run": "4"}
-    assert failed["status"] == "failed" and failed["best val acc"] == failed["epochs"] == failed["stages"] == "-"
+    assert failed["status"] == "failed" and failed["val acc (best.pt)"] == failed["epochs"] == failed["stages"] == "-"
     assert (sweep / "results.md").read_text().strip() == out.strip()
 
 
@@ -78,11 +78,11 @@ def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsy
     assert [row["status"] for row in rows] == ["finished", "finished", "unfinished", "failed"]
     ft = rows[1]
     assert ft["strategy.lr"] == "1e-05" and ft["n"] == "2" and ft["runs"] == "2, 3"
-    assert float(ft["best_val_acc"]) == pytest.approx(0.85)
-    assert float(ft["best_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
+    assert float(ft["reported_val_acc"]) == pytest.approx(0.85)
+    assert float(ft["reported_val_acc_std"]) == pytest.approx(statistics.stdev([0.8, 0.9]))
     assert float(ft["wall_time_s"]) == pytest.approx(30.5)
     assert "dataset.root" not in rows[0]  # identical in every run
-    assert rows[2]["best_val_acc_std"] == "" and rows[3]["best_val_acc"] == ""
+    assert rows[2]["reported_val_acc_std"] == "" and rows[3]["reported_val_acc"] == ""
 
 
 def test_out_option_and_nested_or_repeated_dirs(sweep: Path, tmp_path: Path, capsys) -> None:
@@ -98,7 +98,7 @@ def test_single_run_is_named_by_its_dir(tmp_path: Path, capsys) -> None:
     write_run(tmp_path / "runs" / "2024-01-01_10-00-00", "fine_tune", 0, [0.5], True)
     code, out, _ = run_report(capsys, str(tmp_path / "runs"))
     (row,) = parse_markdown(out.strip())
-    assert code == 0 and row["run"] == "2024-01-01_10-00-00" and row["best val acc"] == "0.5000"
+    assert code == 0 and row["run"] == "2024-01-01_10-00-00" and row["val acc (best.pt)"] == "0.5000"
 
 
 def test_runs_are_found_in_natural_order_and_overridden_subkeys_are_shown(tmp_path: Path) -> None:
@@ -128,7 +128,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, capsys, case: str) ->
         (tmp_path / "taken").write_text("x")
         args = ["--out", str(tmp_path / "taken")] if case == "out_is_file" else []
         if case == "bad_json":
-            (path / "0" / "summary.json").write_text('{"best_val_acc": 0.')
+            (path / "0" / "summary.json").write_text('{"reported_val_acc": 0.')
     code, out, err = run_report(capsys, str(path), *args)
     assert code == 2 and out == ""
     assert err.startswith("transfer: error: ") and ERRORS[case] in err
@@ -175,7 +175,8 @@ def test_report_on_a_real_sweep(tmp_path: Path, hydra_in_process: None) -> None:
     assert [(r["strategy.name"], r["trainer.seed"], r["n"], r["status"]) for r in rows] == [
         ("feature_extract", "1, 2", "2", "finished"), ("fine_tune", "1, 2", "2", "finished")]
     summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
-    assert rows[0]["best val acc"].split(" ± ")[0] == f"{statistics.mean(s['best_val_acc'] for s in summaries):.4f}"
+    mean = statistics.mean(s["reported_val_acc"] for s in summaries)
+    assert rows[0]["val acc (best.pt)"].split(" ± ")[0] == f"{mean:.4f}"
     assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "val_acc.png"))
 
 

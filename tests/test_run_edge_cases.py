@@ -241,18 +241,18 @@ def test_export_refuses_an_export_folder_that_links_to_the_users_folder(
 # --------------------------------------------------------------------------- numbers past what a float holds
 
 
-def test_report_shows_a_best_val_acc_past_a_float_as_unknown_with_a_warning(
+def test_report_shows_a_reported_val_acc_past_a_float_as_unknown_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "runs" / "huge"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("strategy:\n  name: huge\ntrainer:\n  seed: 0\n")
-    (run_dir / "summary.json").write_text('{"status": "finished", "best_val_acc": 1' + "0" * 400
+    (run_dir / "summary.json").write_text('{"status": "finished", "reported_val_acc": 1' + "0" * 400
                                           + ', "final_val_acc": 0.5, "epochs_run": 1}')
     assert main(["report", str(tmp_path / "runs")]) == 0
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     warnings = [line for line in err.splitlines() if line.startswith("transfer: warning: ")]
-    named = [line for line in warnings if str(run_dir / "summary.json") in line and "best_val_acc" in line]
+    named = [line for line in warnings if str(run_dir / "summary.json") in line and "reported_val_acc" in line]
     assert len(named) == 1 and "unknown" in named[0], err
     row = next(line for line in out.splitlines() if "huge" in line)
     assert "0000000000" not in row and "inf" not in row.lower(), row
@@ -275,14 +275,14 @@ def test_resume_refuses_a_val_loss_past_a_float_before_training(
 
 
 @pytest.mark.slow
-def test_export_writes_null_for_a_nan_best_val_acc(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_writes_null_for_a_nan_reported_val_acc(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     summary = run / "summary.json"
-    text, count = re.subn(r'"best_val_acc": [^,}\n]+', '"best_val_acc": NaN', summary.read_text())
+    text, count = re.subn(r'"reported_val_acc": [^,}\n]+', '"reported_val_acc": NaN', summary.read_text())
     assert count == 1
     summary.write_text(text)
     assert main(["export", str(run)]) == 0, capsys.readouterr().err
     model_json = run / "export" / "torchscript" / "model.json"
-    assert json.loads(model_json.read_text())["metrics"]["best_val_acc"] is None
+    assert json.loads(model_json.read_text())["metrics"]["reported_val_acc"] is None
     assert "NaN" not in model_json.read_text()
 
 

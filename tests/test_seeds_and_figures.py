@@ -66,7 +66,7 @@ def test_an_ema_on_cached_features_matches_the_uncached_run(tmp_path: Path, monk
     assert on_features == [True, False, False]
     plain = train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
     assert_same_metrics(tmp_path / "cached", tmp_path / "plain")
-    assert cached["best_val_acc"] == plain["best_val_acc"] and cached["ema"] is True
+    assert cached["reported_val_acc"] == plain["reported_val_acc"] and cached["ema"] is True
 
 
 # --------------------------------------------------------------------------- dataset.split_seed
@@ -142,10 +142,10 @@ def test_report_counts_distinct_seeds_and_shows_repeats_apart(tmp_path: Path,
     rows = {row["run"]: row for row in parse_markdown(captured.out.strip())}
     assert set(rows) == {"0, 2", "1", "3, 4"}
     assert rows["0, 2"]["n"] == "2" and rows["0, 2"]["status"] == "finished"
-    assert rows["0, 2"]["best val acc"] == "0.6000 ± 0.0000"  # seeds that agree exactly say so
+    assert rows["0, 2"]["val acc (best.pt)"] == "0.6000 ± 0.0000"  # seeds that agree exactly say so
     assert rows["0, 2"]["final val acc"] == "0.6000 ± 0.0000"
-    assert rows["1"]["n"] == "1" and rows["1"]["status"] == "repeat of 0" and rows["1"]["best val acc"] == "0.7000"
-    assert rows["3, 4"]["best val acc"] == "0.9000 ± 0.0000" and rows["3, 4"]["final val acc"] == "0.9000 ± 0.0000"
+    assert rows["1"]["n"] == "1" and rows["1"]["status"] == "repeat of 0" and rows["1"]["val acc (best.pt)"] == "0.7000"
+    assert rows["3, 4"]["val acc (best.pt)"] == "0.9000 ± 0.0000" and rows["3, 4"]["final val acc"] == "0.9000 ± 0.0000"
     note = "1 run(s) repeat the config and trainer.seed of an earlier run"
     assert note in captured.err and note in (root / "results.md").read_text()
     with open(root / "results.csv", newline="", encoding="utf-8") as file:

@@ -105,7 +105,7 @@ def finished_job(sweep_dir: Path, *overrides: str) -> Path:
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (job.run_dir / ".hydra" / name).write_text(f"{name} as Hydra wrote it\n")
     (job.run_dir / "train.log").write_text("the job's log\n")
-    (job.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "best_val_acc": 0.5}))
+    (job.run_dir / "summary.json").write_text(json.dumps({"status": "finished", "reported_val_acc": 0.5}))
     return job.run_dir
 
 
@@ -235,18 +235,20 @@ def write_run(run_dir: Path, summary: dict[str, Any] | None, records: list[str],
 def test_report_shows_each_runs_own_status_flags_non_finite_values_and_never_crashes(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     epoch = '{{"epoch": {}, "stage": "head", "val/acc1": {}}}'
-    write_run(tmp_path / "0", {"status": "failed", "stop_reason": "loss is not finite", "best_val_acc": 0.5,
+    write_run(tmp_path / "0", {"status": "failed", "stop_reason": "loss is not finite", "reported_val_acc": 0.5,
                                "final_val_acc": 0.4, "epochs_run": 2}, [epoch.format(1, 0.5), epoch.format(2, 0.4)],
               "failed_one")
     (tmp_path / "1" / ".hydra").mkdir(parents=True)  # NaN and Infinity: Python's JSON reads them
     (tmp_path / "1" / "config.yaml").write_text("strategy:\n  name: nonfinite\n")
     (tmp_path / "1" / "summary.json").write_text(
-        '{"status": "finished", "best_val_acc": NaN, "final_val_acc": Infinity, "epochs_run": 2}')
-    write_run(tmp_path / "2", {"best_val_acc": "high", "final_val_acc": [0.4], "epochs_run": True, "wall_time_s": None,
+        '{"status": "finished", "reported_val_acc": NaN, "final_val_acc": Infinity, "epochs_run": 2}')
+    write_run(tmp_path / "2", {"reported_val_acc": "high", "final_val_acc": [0.4], "epochs_run": True,
+                               "wall_time_s": None,
                                "params_trainable": 12, "status": 3}, [], "wrong_types")
     write_run(tmp_path / "3", None, ['{"epoch": 1, "val/acc1": "x"}', '{"epoch": 2, "stage": 7, "val/acc1": 1e999}'],
               "missing_keys")
-    write_run(tmp_path / "4", {"status": "finished", "best_val_acc": 0.9, "final_val_acc": 0.9, "epochs_run": 1}, [],
+    write_run(tmp_path / "4", {"status": "finished", "reported_val_acc": 0.9, "final_val_acc": 0.9,
+                               "epochs_run": 1}, [],
               "=HYPERLINK(1)")
     assert main(["report", str(tmp_path)]) == 0
     captured = capsys.readouterr()
@@ -257,8 +259,8 @@ def test_report_shows_each_runs_own_status_flags_non_finite_values_and_never_cra
     assert "| unknown |" in rows["wrong_types"] and "high" not in rows["wrong_types"]
     assert "| unfinished |" in rows["missing_keys"] and "n/a (non-finite)" in rows["missing_keys"]
     warnings = [line for line in captured.err.splitlines() if line.startswith("transfer: warning: ")]
-    expected = [f"{tmp_path / '1' / 'summary.json'}: best_val_acc is nan: shown as n/a (non-finite)",
-                f"{tmp_path / '2' / 'summary.json'}: best_val_acc is 'high' (a str), not a number",
+    expected = [f"{tmp_path / '1' / 'summary.json'}: reported_val_acc is nan: shown as n/a (non-finite)",
+                f"{tmp_path / '2' / 'summary.json'}: reported_val_acc is 'high' (a str), not a number",
                 f"{tmp_path / '2' / 'summary.json'}: epochs_run is True (a bool), not a number",
                 f"{tmp_path / '2' / 'summary.json'}: params_trainable is 12 (a int), not counts per stage",
                 f"{tmp_path / '2' / 'summary.json'}: status is 3 (a int), not a run status",

@@ -58,7 +58,7 @@ def load_run_config(run_dir: Path) -> TrainConfig:
         raise TransferError(f"{file} is nested too deeply to be a run's config: {DAMAGED}") from error
     if not isinstance(tree, DictConfig):
         raise TransferError(f"{file} is damaged: it holds a list, not a config mapping")
-    _require_split_seed(tree, file)
+    _require_split_keys(tree, file)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), tree))
     except OmegaConfBaseException as error:
@@ -105,15 +105,21 @@ def _expanded_size(node: Any, sizes: dict[int, int], open_: set[int]) -> int:
     return sizes[key]
 
 
-def _require_split_seed(tree: Any, file: Path) -> None:
-    """A saved config names the seed its data was split with: the schema's default in its place would evaluate or
-    resume the run on other images, a silent wrong number."""
+# what a saved config must name for its splits to be told: the schema's default in its place would evaluate or
+# resume the run on other images, a silent wrong number
+SPLIT_KEYS = {"split_seed": "the seed it split with (dataset.split_seed: N)",
+              "select_fraction": "the share it held out to select on (dataset.select_fraction: F, 0 for none)"}
+
+
+def _require_split_keys(tree: Any, file: Path) -> None:
+    """A saved config names how its data was split (SPLIT_KEYS)."""
     from omegaconf import DictConfig
 
     dataset = tree.get("dataset")
-    if isinstance(dataset, DictConfig) and "split_seed" not in dataset:
-        raise TransferError(f"{file} names no dataset.split_seed, so the images the run held out cannot be told: "
-                            "add the seed it split with (dataset.split_seed: N), or train a new run")
+    for key, what in SPLIT_KEYS.items():
+        if isinstance(dataset, DictConfig) and key not in dataset:
+            raise TransferError(f"{file} names no dataset.{key}, so the images the run held out cannot be told: "
+                                f"add {what}, or train a new run")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

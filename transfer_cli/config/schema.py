@@ -53,7 +53,8 @@ BN_POLICIES = ("frozen_stats", "reestimate", "train")
 DOMAINS = ("near", "far")
 BAD_IMAGE_CHOICES = ("skip", "error")
 BALANCE_CHOICES = ("none", "sampler", "loss")  # DatasetConfig.balance
-MONITORS = ("val/loss", "val/acc1", "val/acc5")  # what every epoch records of validation
+# what every epoch records of validation: the selection split's (dataset.select_fraction > 0) and val's
+MONITORS = ("select/loss", "select/acc1", "select/acc5", "val/loss", "val/acc1", "val/acc5")
 WANDB_MODES = ("online", "offline", "disabled")
 
 TOGGLE = rule(toggle())  # auto | true | false: a Toggle field, read by resolve_toggle (checks.py)
@@ -159,7 +160,10 @@ class DatasetConfig:
     # seeds which images the val_fraction split holds out, the subsets and the synthetic images; fixed apart
     # from trainer.seed, so a seed sweep varies training alone
     split_seed: int = field(default=42, metadata=SEED)
-    # stratified, seeded subset of the training split
+    # share of each class of train held out to choose the best epoch (best.pt, early stopping) on, so val
+    # reports a checkpoint it did not choose; 0: choose on val (that number is then optimistic)
+    select_fraction: float = field(default=0.1, metadata=rule(between(0, 1, high_open=True)))
+    # stratified, seeded subset of the training split (the selection split is carved from it)
     train_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     val_subset: Optional[int] = field(default=None, metadata=POSITIVE)
     # keep decoded, resized images in memory: auto (if within budget) | true | false
@@ -236,9 +240,9 @@ class SchedulerConfig:
 class EarlyStoppingConfig:
     # epochs without improvement before stopping; null: never stop early
     patience: Optional[int] = field(default=None, metadata=POSITIVE)
-    # val/loss (minimized), val/acc1 or val/acc5 (maximized; top-5 needs more than 5 classes, checked once the
-    # data is known)
-    monitor: str = field(default="val/acc1", metadata=rule(one_of(*MONITORS)))
+    # <split>/loss (minimized), <split>/acc1 or <split>/acc5 (maximized; top-5 needs more than 5 classes, checked
+    # once the data is known); null: the split best.pt is chosen on (select/acc1, or val/acc1 without one)
+    monitor: Optional[str] = field(default=None, metadata=rule(one_of(*MONITORS)))
     min_delta: float = field(default=0.0, metadata=NON_NEGATIVE)
 
 

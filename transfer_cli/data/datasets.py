@@ -41,6 +41,9 @@ class RawSplits:
     skipped_images: list[str] = field(default_factory=list)  # unreadable files left out (folder only)
     unsupported_files: list[str] = field(default_factory=list)  # folder files left out by their extension
     not_downloaded: str | None = None  # a dry run on a set not downloaded yet: what would be downloaded where
+    # held out of train to choose the best epoch on (dataset.select_fraction), so val reports unchosen; or None
+    select: Dataset | None = None
+    select_labels: list[int] = field(default_factory=list)
     identity: dict[str, Any] = field(default_factory=dict)  # which images each split holds (split_identity)
 
 
@@ -88,7 +91,20 @@ def load_splits(cfg: DatasetConfig) -> RawSplits:
         indices = stratified_subset(splits.val_labels, cfg.val_subset, seed, option="dataset.val_subset")
         val, val_labels = _subset(splits.val, splits.val_labels, indices)
         splits = replace(splits, val=val, val_labels=val_labels)
+    if cfg.select_fraction > 0:
+        splits = _carve_select(splits, cfg.select_fraction, seed + 1)
     return replace(splits, identity=split_identity(splits, str(Path(cfg.root).expanduser()) if cfg.root else cfg.name))
+
+
+def _carve_select(splits: RawSplits, fraction: float, seed: int) -> RawSplits:
+    """Hold `fraction` of each class of train out as the selection split: the epoch kept as best.pt is chosen on
+    it, so the val number reported for that checkpoint was not also used to pick it."""
+    kept, held = stratified_split(splits.train_labels, fraction, seed, option="dataset.select_fraction",
+                                  names=splits.classes, fix=", or set dataset.select_fraction=0 to choose the best "
+                                                            "epoch on val (its number is then optimistic)")
+    train, train_labels = _subset(splits.train, splits.train_labels, kept)
+    select, select_labels = _subset(splits.train, splits.train_labels, held)
+    return replace(splits, train=train, train_labels=train_labels, select=select, select_labels=select_labels)
 
 
 def split_identity(splits: RawSplits, source: str) -> dict[str, Any]:
@@ -97,8 +113,11 @@ def split_identity(splits: RawSplits, source: str) -> dict[str, Any]:
     one's file (relative to its dataset's root) and label; items not read from files (synthetic, CIFAR) by their
     labels alone. It pins down which files each split holds and their labels, not their pixels: a file edited in
     place keeps its record."""
-    return {"source": source, "train": _split_record(splits.train, splits.train_labels, splits.classes),
-            "val": _split_record(splits.val, splits.val_labels, splits.classes)}
+    identity = {"source": source, "train": _split_record(splits.train, splits.train_labels, splits.classes),
+                "val": _split_record(splits.val, splits.val_labels, splits.classes)}
+    if splits.select is not None:
+        identity["select"] = _split_record(splits.select, splits.select_labels, splits.classes)
+    return identity
 
 
 def _split_record(dataset: Dataset, labels: list[int], classes: list[str]) -> dict[str, Any]:
@@ -135,13 +154,14 @@ def check_same_splits(data: dict[str, Any], run: dict[str, Any] | None) -> None:
         raise TransferError(f"the checkpoint holds no record of the images the run trained on, so resuming cannot "
                             f"prove that {data.get('source')} still holds them: restore checkpoints/last.pt from a "
                             "copy, or train a new run")
-    changed = [split for split in ("train", "val") if data.get(split) != run.get(split)]
+    changed = [split for split in ("train", "val", "select") if data.get(split) != run.get(split)]
     if not changed:
         return
     what = " and ".join(changed) + (" splits" if len(changed) > 1 else " split")
     details = "; ".join(f"{split} {_change(run.get(split) or {}, data.get(split) or {})}" for split in changed)
-    consequence = "score the remaining epochs on another val split" if "val" in changed else \
-        "train the remaining epochs on other images"
+    consequence = ("score the remaining epochs on another val split" if "val" in changed else
+                   "choose the best epoch on other images" if changed == ["select"] else
+                   "train the remaining epochs on other images")
     raise TransferError(f"the {what} of {data.get('source')} changed since the run started ({details}): resume "
                         f"would {consequence}; restore the data as it was, or start a new run")
 

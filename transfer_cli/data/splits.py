@@ -37,16 +37,20 @@ def stratified_subset(labels: Sequence[int], size: int, seed: int, option: str =
     return sorted(chosen)
 
 
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split indices into train and val, holding out `val_fraction` of every class."""
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int, option: str = "dataset.val_fraction",
+                     names: Sequence[str] | None = None, fix: str = "") -> tuple[list[int], list[int]]:
+    """Split indices into kept and held out, holding out `val_fraction` of every class (at least one image, and
+    never a class's last one). `option`, the class `names` and `fix` (another way out) word the errors."""
     if not 0.0 < val_fraction < 1.0:
-        raise TransferError(f"dataset.val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.2)")
+        raise TransferError(f"{option}={val_fraction} must be between 0 and 1 (e.g. 0.2)")
     generator = torch.Generator().manual_seed(seed)
     train: list[int] = []
     val: list[int] = []
     for label, indices in _by_class(labels).items():
         if len(indices) < 2:
-            raise TransferError(f"class {label} has {len(indices)} image: a train/val split needs at least 2 per class")
+            name = f"'{names[label]}'" if names is not None else str(label)
+            raise TransferError(f"class {name} has {len(indices)} image: {option} holds out a share of each class, "
+                                f"which needs at least 2 images per class; add images{fix}")
         shuffled = _shuffled(indices, generator)
         held_out = min(len(indices) - 1, max(1, round(len(indices) * val_fraction)))
         val.extend(shuffled[:held_out])

@@ -37,7 +37,8 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # the largest |exported - eager| logit difference accepted, per unit of the logits' scale
 TOLERANCE = {"torchscript": 1e-5, "onnx": 1e-4, "safetensors": 1e-5}
-SUMMARY_KEYS = ("best_val_acc", "best_epoch", "final_val_acc", "epochs_run", "status", "stop_reason")
+SUMMARY_KEYS = ("reported_val_acc", "selected_on", "selected_acc", "best_epoch", "final_val_acc", "epochs_run",
+                "status", "stop_reason")
 
 
 @dataclass(frozen=True)

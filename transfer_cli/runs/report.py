@@ -32,7 +32,8 @@ IDENTITY_LEAVES = ("name", "kind")
 HEADLINE = ("trainer.epochs", "transforms.image_size", "trainer.batch_size", SEED)
 # metric -> (markdown header, number format)
 METRICS = {
-    "best_val_acc": ("best val acc", ".4f"),
+    "reported_val_acc": ("val acc (best.pt)", ".4f"),
+    "selected_acc": ("chosen on (acc)", ".4f"),
     "final_val_acc": ("final val acc", ".4f"),
     "epochs": ("epochs", "g"),
     "wall_time_s": ("wall time (s)", ".1f"),
@@ -61,6 +62,11 @@ class Row:
 
     def nonfinite(self, metric: str) -> bool:
         return any(metric in run.figures.nonfinite for run in self.runs)
+
+    @property
+    def selected_on(self) -> str:
+        """Where the row's best.pt were chosen (runs/selection.py), "?" for a run that does not say."""
+        return ", ".join(dict.fromkeys(run.selected_on or "?" for run in self.runs))
 
     @property
     def names(self) -> str:
@@ -200,8 +206,14 @@ def _format(row: Row, metric: str, spec: str) -> str:
     if mean is None:
         return NON_FINITE if row.nonfinite(metric) else "-"
     if std is None or (metric in COUNTS and std == 0):
-        return f"{mean:{spec}}"
-    return f"{mean:{spec}} ± {std:{spec}}"
+        text = f"{mean:{spec}}"
+    else:
+        text = f"{mean:{spec}} ± {std:{spec}}"
+    if metric == "selected_acc":
+        return f"{row.selected_on}: {text}"
+    if metric == "reported_val_acc" and "val" in row.selected_on.split(", "):
+        return f"{text} (selected on val)"
+    return text
 
 
 def markdown_table(rows: list[Row], keys: list[str], stages: bool = True) -> str:
@@ -219,11 +231,11 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
     with atomic_file(path) as file:
         writer = csv.writer(file)
-        writer.writerow([*keys, "stages", "n", *stats, "status", "runs"])
+        writer.writerow([*keys, "stages", "n", *stats, "selected_on", "status", "runs"])
         for row in rows:
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
             writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), csv_cell(row.stages), len(row.runs),
-                             *("" if v is None else v for v in numbers),
+                             *("" if v is None else v for v in numbers), row.selected_on,
                              csv_cell(row.status), csv_cell(row.names)])
 
 

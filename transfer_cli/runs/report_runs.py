@@ -25,10 +25,14 @@ from transfer_cli.core.errors import TransferError
 from transfer_cli.runs import runlog
 from transfer_cli.runs.loggers import flatten
 from transfer_cli.runs.rundir import read_summary
+from transfer_cli.runs.selection import best_record, selected_on
 
 
-SUMMARY_KEYS = {"best_val_acc": "best_val_acc", "final_val_acc": "final_val_acc", "epochs": "epochs_run",
-                "wall_time_s": "wall_time_s"}  # metric -> its summary.json key (params_trainable: per stage)
+# metric -> its summary.json key (params_trainable: per stage)
+SUMMARY_KEYS = {"reported_val_acc": "reported_val_acc", "selected_acc": "selected_acc",
+                "final_val_acc": "final_val_acc", "epochs": "epochs_run", "wall_time_s": "wall_time_s"}
+SELECTED_ON = ("select", "val")
+READ = ("val/acc1", "val/loss", "select/acc1", "select/loss")  # what the report reads of an epoch record
 NON_FINITE = "n/a (non-finite)"
 STATUS = re.compile(r"[\w-]+( [\w-]+){0,3}")  # a run status is a word or a few
 
@@ -65,6 +69,7 @@ class Run:
     records: list[dict[str, Any]]  # epoch, stage (None: unknown) and, where it has one, val/acc1 of each epoch
     status: str  # the run's own: summary.json's (finished, failed), or unfinished/failed without one
     figures: Figures
+    selected_on: str | None = None  # the split best.pt was chosen on (runs/selection.py); None: unknown
     name: str = ""  # its path relative to the folder all reported runs share
     repeat_of: "Run | None" = None  # an earlier run with the same config and seed: not another seed
 
@@ -133,14 +138,14 @@ def load_run(path: Path) -> Run:
     figures = Figures()
     records = _checked_records(metrics_path, raw, figures.notes)
     if summary is None:
-        _figures_of_epochs(records, figures)
+        selected = _figures_of_epochs(records, figures)
         status = "unfinished" if records else "failed"
     else:
-        _figures_of_summary(summary, summary_path, figures)
+        selected = _figures_of_summary(summary, summary_path, figures)
         status = _status(summary, summary_path, figures.notes)
     flat = {key: value if isinstance(value, str) else json.dumps(value, default=str)
             for key, value in flatten(config, sep=".").items()}  # comparable strings
-    return Run(path, flat, [str(o) for o in overrides], records, status, figures)
+    return Run(path, flat, [str(o) for o in overrides], records, status, figures, selected)
 
 
 def _is_number(value: Any) -> bool:
@@ -166,8 +171,9 @@ def _status(summary: dict[str, Any], file: Path, notes: list[str]) -> str:
     return "unknown"
 
 
-def _figures_of_summary(summary: dict[str, Any], file: Path, figures: Figures) -> None:
-    """The figures summary.json holds (params_trainable: the largest per-stage count)."""
+def _figures_of_summary(summary: dict[str, Any], file: Path, figures: Figures) -> str | None:
+    """The figures summary.json holds (params_trainable: the largest per-stage count); returns the split its best
+    epoch was chosen on."""
     for metric, key in SUMMARY_KEYS.items():
         figures.values[metric] = figures.number(summary.get(key), f"{file}: {key}", metric)
     trainable = summary.get("params_trainable") or {}
@@ -177,20 +183,32 @@ def _figures_of_summary(summary: dict[str, Any], file: Path, figures: Figures) -
     counts = [figures.number(count, f"{file}: params_trainable/{stage}", "params_trainable")
               for stage, count in trainable.items()]
     figures.values["params_trainable"] = max((count for count in counts if count is not None), default=None)
+    selected = summary.get("selected_on")
+    if selected not in SELECTED_ON:
+        figures.notes.append(f"{file}: selected_on is {_shown(selected)}, not one of {', '.join(SELECTED_ON)}: "
+                             "where best.pt was chosen is shown as unknown")
+        return None
+    return selected
 
 
-def _figures_of_epochs(records: list[dict[str, Any]], figures: Figures) -> None:
-    """What an unfinished run's epochs reached (their notes come from `_checked_records`)."""
+def _figures_of_epochs(records: list[dict[str, Any]], figures: Figures) -> str | None:
+    """What an unfinished run's epochs reached: val at the epoch `fit` keeps as best.pt so far and its figure on
+    the split it was chosen on (their notes come from `_checked_records`); returns that split."""
     accs = [record["val/acc1"] for record in records if "val/acc1" in record]
-    finite = [acc for acc in accs if math.isfinite(acc)]
     final = accs[-1] if accs else None
     if final is not None and not math.isfinite(final):
         figures.nonfinite.add("final_val_acc")
         final = None
-    if accs and not finite:
-        figures.nonfinite.add("best_val_acc")
-    figures.values.update({"best_val_acc": max(finite, default=None), "final_val_acc": final,
-                           "epochs": len(records) or None, "wall_time_s": None, "params_trainable": None})
+    best = best_record(records)
+    if accs and best is None:
+        figures.nonfinite.update({"reported_val_acc", "selected_acc"})
+    split = selected_on(best) if best is not None else None
+    reported = best.get("val/acc1") if best is not None else None
+    figures.values.update({"reported_val_acc": reported if reported is not None and math.isfinite(reported) else None,
+                           "selected_acc": best[f"{split}/acc1"] if best is not None else None,
+                           "final_val_acc": final, "epochs": len(records) or None, "wall_time_s": None,
+                           "params_trainable": None})
+    return split
 
 
 def _checked_records(file: Path, records: list[dict[str, Any]], notes: list[str]) -> list[dict[str, Any]]:
@@ -211,7 +229,7 @@ def _checked_records(file: Path, records: list[dict[str, Any]], notes: list[str]
             notes.append(f"{file}: epoch {epochs[0]}{more} {what}")
     staged = not any(not isinstance(r.get("stage"), str) for r in records)
     return [{"epoch": r["epoch"], "stage": r["stage"] if staged else None,
-             **({"val/acc1": float(r["val/acc1"])} if _is_number(r.get("val/acc1")) else {})} for r in records]
+             **{key: float(r[key]) for key in READ if _is_number(r.get(key))}} for r in records]
 
 
 def _load_yaml(path: Path, kind: type) -> Any:

@@ -107,10 +107,17 @@ def read_checkpoint_file(file: Path) -> dict[str, Any]:
     return payload
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def format_result(summary: dict) -> str:
     """The final figures `transfer train` and `transfer resume` print."""
-    text = (f"best val acc {summary['best_val_acc']:.4f} (epoch {summary['best_epoch']}), "
-            f"final val acc {summary['final_val_acc']:.4f}, {summary['epochs_run']} epochs, "
+    reported, selected = summary["reported_val_acc"], summary["selected_acc"]
+    chosen = (f"chosen on the selection split at {selected:.4f}" if summary["selected_on"] == "select" else
+              "selected on val: optimistic") if selected is not None else ""
+    text = (f"val acc {_number(reported)} (best.pt, epoch {summary['best_epoch']}, {chosen}), "
+            f"final val acc {_number(summary['final_val_acc'])}, {summary['epochs_run']} epochs, "
             f"{summary['wall_time_s']:.1f}s")
     if summary.get("stop_reason") not in (None, "completed all stages"):
         text += f"; stopped: {summary['stop_reason']}"

@@ -89,7 +89,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
     with distributed.main_first():  # DDP: rank 0 downloads data and weights, the others read its copies
         splits = planned_splits(cfg.dataset) if cfg.dry_run else load_splits(cfg.dataset)  # a dry run downloads nothing
         num_classes = len(splits.classes)
-        check_monitor(cfg.trainer.early_stopping, num_classes)
+        check_monitor(cfg.trainer.early_stopping, num_classes, selecting=splits.select is not None)
         strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
         if choice:
             log.info("%s", choice)
@@ -113,6 +113,9 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
     val_loader = make_loader(images(splits.val, eval_transform(preprocessing, **tf)), eval_batch_size, train=False,
                              num_workers=cfg.trainer.num_workers, decode_on=decode_on, seed=cfg.trainer.seed,
                              pin_memory=pin, **shard)
+    select_loader = None if splits.select is None else make_loader(
+        images(splits.select, eval_transform(preprocessing, **tf)), eval_batch_size, train=False,
+        num_workers=cfg.trainer.num_workers, decode_on=decode_on, seed=cfg.trainer.seed, pin_memory=pin, **shard)
     optimizer = StagedOptimizer(model, cfg.optimizer, stages[0], strategy.train_bn)
     runner = _runner(cfg, model, optimizer, precision, scaler, splits)
     if adapt_runner is not None:
@@ -124,8 +127,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
                                        (batch_size, eval_batch_size))
     setup = FitSetup(
         model=model, stages=stages, optimizer=optimizer, scheduler_cfg=cfg.scheduler, runner=runner,
-        train_loader=train_loader, val_loader=val_loader, num_classes=num_classes, run_dir=run_dir,
-        train_bn=strategy.train_bn, trainer=cfg.trainer,
+        train_loader=train_loader, val_loader=val_loader, select_loader=select_loader, num_classes=num_classes,
+        run_dir=run_dir, train_bn=strategy.train_bn, trainer=cfg.trainer,
         checkpoint_extra={"config": to_plain(cfg), "classes": splits.classes, "splits": splits.identity},
         stage_data=stage_data,
     )
@@ -166,7 +169,8 @@ def _decoded_once(splits: RawSplits, cfg: TrainConfig, preprocessing: Preprocess
                            preprocessing.resize_size, split, workers=max(1, min(4, os.cpu_count() or 1)),
                            draft=cfg.transforms.draft_decode)
 
-    return replace(splits, train=kept(splits.train, "train"), val=kept(splits.val, "val"))
+    select = None if splits.select is None else kept(splits.select, "select")
+    return replace(splits, train=kept(splits.train, "train"), val=kept(splits.val, "val"), select=select)
 
 
 def _cache_obstacles(cfg: TrainConfig, model: TransferModel, runner: StepRunner, strategy: StrategyConfig) -> list[str]:
@@ -206,6 +210,9 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
     key_extra = (f"{cfg.backbone.source}:{cfg.backbone.name}|{preprocessing}|{precision.device.type}|"
                  f"{precision.amp_dtype}|channels_last={precision.channels_last}")
     unidentified: list[str] = []  # why the data has no content identity: then no stage caches, said once
+    parts = [("train", (splits.train, splits.train_labels)), ("val", (splits.val, splits.val_labels))]
+    if splits.select is not None:
+        parts.append(("select", (splits.select, splits.select_labels)))
 
     def for_stage(stage: Stage) -> Any:
         if set(stage.lrs) != {HEAD} or unidentified:
@@ -213,8 +220,8 @@ def _feature_cache_source(cfg: TrainConfig, model: TransferModel, splits: RawSpl
         try:
             # DDP: every rank computes all features; each trains and validates on its share
             return cached_splits(
-                model, TransformedDataset(splits.train, eval_tf), TransformedDataset(splits.val, eval_tf), make,
-                train_labels=splits.train_labels, val_labels=splits.val_labels, train_weights=_sampling(cfg, splits),
+                model, {name: (TransformedDataset(data, eval_tf), labels) for name, (data, labels) in parts}, make,
+                train_weights=_sampling(cfg, splits),
                 batch_size=batch,
                 eval_batch_size=eval_batch, seed=cfg.trainer.seed, precision=precision, key_extra=key_extra,
                 cache_dir=cache_dir, memo=memo, shard=(distributed.rank(), distributed.world_size()))

@@ -217,15 +217,17 @@ class CachedSplits:
     head: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
+    select_loader: DataLoader | None = None  # where the run has a selection split
 
 
-def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, make: Any, *,
-                  train_labels: list[int], val_labels: list[int], batch_size: int, eval_batch_size: int,
+def cached_splits(model: TransferModel, splits: dict[str, tuple[Dataset, list[int]]], make: Any, *,
+                  batch_size: int, eval_batch_size: int,
                   train_weights: list[float] | None = None,
                   seed: int, precision: Precision, key_extra: str, cache_dir: Path,
                   memo: dict[tuple[str, ...], CachedSplits] | None = None,
                   shard: tuple[int, int] = (0, 1)) -> CachedSplits:
-    """Features for both splits (from `memo` or the cache dir when already computed) as head-only loaders.
+    """Features for each of `splits` (name -> images and labels: train, val and maybe select), from `memo` or the
+    cache dir when already computed, as head-only loaders.
 
     `make(dataset, batch_size, train)` builds the image loaders used to compute features;
     the train loader over features shuffles with the same EpochSampler as the image path,
@@ -237,7 +239,6 @@ def cached_splits(model: TransferModel, train_data: Dataset, val_data: Dataset, 
     features), and is served only if it holds the run's labels. Raises NoIdentity, before any
     work, when a split's content cannot be pinned down.
     """
-    splits = {"train": (train_data, train_labels), "val": (val_data, val_labels)}
     identities = {split: dataset_identity(data) for split, (data, _) in splits.items()}
     weights = weights_digest(model)
     keys = {split: _digest(split, weights, key_extra, identities[split]) for split in splits}
@@ -272,8 +273,9 @@ def _serve(model: TransferModel, tensors: dict[str, tuple[torch.Tensor, torch.Te
         log.info("the head trains on cached features in %s memory", "GPU" if home.type == "cuda" else "pinned host")
     where = {"num_workers": 0, "seed": seed, "pin_memory": pin, "rank": shard[0], "world_size": shard[1]}
     train_loader = make_loader(served["train"], batch_size, train=True, weights=train_weights, **where)
-    val_loader = make_loader(served["val"], eval_batch_size, train=False, **where)
-    return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader)
+    val_loader, select_loader = (make_loader(served[split], eval_batch_size, train=False, **where)
+                                 if split in served else None for split in ("val", "select"))
+    return CachedSplits(model.model.get_submodule(model.head_path), train_loader, val_loader, select_loader)
 
 
 def _own_entry(path: Path, key: str, labels: list[int], split: str) -> dict[str, Any] | None:

@@ -34,7 +34,7 @@ from transfer_cli.training.freezing import Stage, hold_frozen_batchnorm
 from transfer_cli.training.interrupts import InterruptFlag
 from transfer_cli.training.loop import Accumulation, NonFiniteLoss, Tally, evaluate, train_one_epoch
 from transfer_cli.training.stages import FitSetup, StageRun, enter_stage, prepare_stage, stage_run, validation_target
-from transfer_cli.training.state import FitResult, Progress, update_early_stopping
+from transfer_cli.training.state import FitResult, Progress, improves, keep_best, update_early_stopping
 
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def _save(setup: FitSetup, scheduler: Any, progress: Progress, tally: Tally | No
         "scheduler": scheduler.state_dict(),
         "scaler": setup.runner.scaler.state_dict() if setup.runner.scaler is not None else None,
         "ema": setup.runner.ema.state_dict() if setup.runner.ema is not None else None,
-        "progress": asdict(progress),
+        # elapsed_s: this process's seconds so far added, so a resume counts them
+        "progress": {**asdict(progress), "elapsed_s": progress.elapsed_s + time.perf_counter() - setup.started},
         "stage": progress.stage,
         "stage_name": setup.stages[progress.stage].name,
         "epoch": progress.epoch,
@@ -252,15 +253,18 @@ def _settle_epoch(setup: FitSetup, scheduler: Any, progress: Progress, record: d
         runlog.append_metrics(setup.run_dir, record)
         if logger is not None:
             logger.log_metrics(record, epoch)
-    improved = record["val/acc1"] > progress.best_val_acc
+    improved = improves(progress, record)
     if improved:
-        progress.best_val_acc, progress.best_epoch = record["val/acc1"], epoch
+        keep_best(progress, record)
     update_early_stopping(setup.trainer.early_stopping, progress, record)
     _save(setup, scheduler, progress, None, "last.pt")
     if improved:
         _save(setup, scheduler, progress, None, "best.pt")
-    log.info("epoch %d [%s] train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1fs", epoch, record["stage"],
-             record["train/loss"], record["train/acc1"], record["val/loss"], record["val/acc1"], record["seconds"])
+    select = (f" | select loss {record['select/loss']:.4f} acc {record['select/acc1']:.3f}"
+              if "select/acc1" in record else "")
+    log.info("epoch %d [%s] train loss %.4f acc %.3f%s | val loss %.4f acc %.3f | %.1fs%s", epoch, record["stage"],
+             record["train/loss"], record["train/acc1"], select, record["val/loss"], record["val/acc1"],
+             record["seconds"], " (best)" if improved else "")
 
 
 def _kept(setup: FitSetup, where: str) -> str:
@@ -300,12 +304,13 @@ def _lr_record(setup: FitSetup, progress: Progress) -> dict[str, dict[str, float
             "lr_start": {g.name: start.get(g.name, 0.0) for g in setup.model.groups}}
 
 
-def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: DataLoader, precision: Precision,
-              interrupt: InterruptFlag, stop: Callable[[], NoReturn], kept: str) -> dict[str, float]:
-    """The epoch's val pass. A stop request before or during it checkpoints the trained steps, so a long
-    pass never delays a preempted job (resume re-runs only the pass); under DDP the ranks' val shards
-    differ in length, so there they agree on stopping before the pass only. A non-finite val loss stops
-    the run like a non-finite train loss, before this epoch is recorded or checkpointed."""
+def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loaders: dict[str, DataLoader],
+              precision: Precision, interrupt: InterruptFlag, stop: Callable[[], NoReturn],
+              kept: str) -> dict[str, float]:
+    """The epoch's evaluation passes (the selection split's, then val's). A stop request before or during them
+    checkpoints the trained steps, so a long pass never delays a preempted job (resume re-runs only the passes);
+    under DDP the ranks' shards differ in length, so there they agree on stopping before the passes only. A
+    non-finite loss stops the run like a non-finite train loss, before this epoch is recorded or checkpointed."""
     distributed.sync_buffers(model)  # DDP: rank 0's BatchNorm statistics, validated and saved by all
     if _stop_requested(setup, interrupt):
         stop()
@@ -316,12 +321,13 @@ def _validate(setup: FitSetup, progress: Progress, model: nn.Module, loader: Dat
             stop()
 
     epoch = progress.epoch + 1
+    metrics: dict[str, float] = {}
     try:
-        return evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, on_batch=on_batch,
-                        max_batches=setup.trainer.limit_val_batches)
+        for split, loader in loaders.items():
+            metrics |= evaluate(model, loader, nn.CrossEntropyLoss(), precision, setup.num_classes, prefix=split,
+                                on_batch=on_batch, max_batches=setup.trainer.limit_val_batches)
     except NonFiniteLoss as error:
         progress.stop_reason = f"{error} after epoch {epoch}"
         raise NonFiniteLoss(f"{error} after epoch {epoch}: training stopped; {_kept(setup, kept)}. Lower the lr, set "
                             "trainer.grad_clip, or check the data") from None
-
-
+    return metrics

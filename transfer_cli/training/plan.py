@@ -60,6 +60,7 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "data": {"dataset": cfg.dataset.name, "classes": len(prepared.splits.classes),
                  "head_outputs": _out_features(head),
                  "train_images": len(prepared.splits.train), "val_images": len(prepared.splits.val),
+                 "select_images": len(prepared.splits.select) if prepared.splits.select is not None else 0,
                  **_class_counts(prepared.splits), "balance": cfg.dataset.balance},
         "normalization": {"mean": list(pre.mean), "std": list(pre.std), "weights_mean": list(weights.mean),
                           "weights_std": list(weights.std),
@@ -70,6 +71,7 @@ def build_plan(cfg: TrainConfig, prepared: "Prepared") -> dict[str, Any]:
         "stages": stages,
         # dataset.split_seed picks the images (split, subsets), trainer.seed the training (init, order, augmentation)
         "seeds": {"split": cfg.dataset.split_seed, "training": cfg.trainer.seed},
+        "select_fraction": cfg.dataset.select_fraction,
     }
 
 
@@ -102,6 +104,14 @@ def _data_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _selection(d: dict[str, Any], fraction: float) -> str:
+    """Which split chooses best.pt (runs/selection.py)."""
+    if not fraction:
+        return "best.pt chosen on val (dataset.select_fraction=0): the val number it reports is optimistic"
+    held = f"{d['select_images']} images" if d["select_images"] else f"{fraction:g} of each class"
+    return f"best.pt chosen on {held} held out of train (dataset.select_fraction); val only reports it"
+
+
 def _counts(counts: dict[str, int], listed: int = 12) -> str:
     """Each class's count, or for many classes their range and the classes at its ends."""
     if len(counts) <= listed:
@@ -124,6 +134,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"data      {d['dataset']}: {d['classes']} classes, head outputs {d['head_outputs']}; "
         f"{d['train_images']} train / {d['val_images']} val images",
         *_data_lines(d),
+        "select    " + _selection(d, plan["select_fraction"]),
         f"input     {_pixels(plan['input']['image_size'])} ({plan['input']['crop_mode']}, resize "
         f"{_pixels(plan['input']['resize_size'])}, {plan['input']['interpolation']}); "
         f"mean {n['mean']} std {n['std']} ({verdict})",

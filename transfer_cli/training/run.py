@@ -51,6 +51,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     with sigterm_stops("before training started"):
         prepared = prepare(cfg, run_dir, adapt_runner)
+    prepared.setup.started = started
     if resume is not None:
         check_classes(prepared.splits.classes, resume["classes"],
                       "restore the dataset's class folders as they were, or train a new run")
@@ -98,13 +99,15 @@ def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig, run_dir: Pa
     if main and cfg.eval_splits and not result.error:
         summary["eval"], held_out = _held_out(run_dir, cfg.eval_splits)
         confusions += held_out
-    summary["wall_time_s"] = time.perf_counter() - started
+    # a resumed run's earlier processes up to their last checkpoint, and this one
+    summary["wall_time_s"] = result.progress.elapsed_s + time.perf_counter() - started
     if main:
         runlog.write_json(run_dir / "summary.json", summary)
         if result.records:
             runlog.plot_curves(result.records, run_dir / "curves.png",
                                title=f"{cfg.backbone.name} / {prepared.strategy.name} / {cfg.dataset.name}")
-    sinks.log_metrics({f"summary/{key}": summary[key] for key in ("best_val_acc", "final_val_acc")},
+    sinks.log_metrics({f"summary/{key}": summary[key] for key in ("reported_val_acc", "selected_acc", "final_val_acc")
+                       if summary[key] is not None},
                       summary["epochs_run"])
     with tempfile.TemporaryDirectory() as scratch:
         for confusion in confusions if main else []:
@@ -160,16 +163,21 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
     model, precision = setup.model, setup.runner.precision
     final = result.records[-1] if result.records else {}
     progress = result.progress
+    best = next((record for record in result.records if record["epoch"] == progress.best_epoch), {})
     return {
         "status": "failed" if result.error else "finished",
         "stop_reason": result.error or progress.stop_reason or "completed all stages",
-        "best_val_acc": progress.best_val_acc if result.records else None,
-        "final_val_acc": final.get("val/acc1"),
+        # best.pt's val top-1: the headline; the epoch was chosen on `selected_on`, where it scored `selected_acc`
+        "reported_val_acc": best.get("val/acc1"),
+        "selected_on": "select" if splits.select is not None else "val",
+        "selected_acc": progress.best_acc if best else None,
         "best_epoch": progress.best_epoch,
+        "final_val_acc": final.get("val/acc1"),
         "epochs_run": len(result.records),
         "num_classes": len(splits.classes),
         "classes": splits.classes,
         "train_images": len(splits.train),
+        "select_images": len(splits.select) if splits.select is not None else 0,
         "val_images": len(splits.val),
         "params_total": sum(p.numel() for p in model.model.parameters()),
         "params_trainable": progress.params_trainable,

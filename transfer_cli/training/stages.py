@@ -12,6 +12,7 @@ unfreezes (freezing.py), moves the optimizer and returns the `StageRun` its epoc
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -242,12 +243,14 @@ class FitSetup:
     val_loader: DataLoader
     num_classes: int
     run_dir: Path
+    select_loader: DataLoader | None = None  # the selection split's, where the run holds one out
     train_bn: bool = False  # strategy.train_bn
     # limits, checkpoints, accumulation, early stopping, compile, log_every
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint_extra: dict[str, Any] = field(default_factory=dict)  # config, classes: saved with weights
     stage_data: Callable[[Stage], CachedSplits | None] = lambda stage: None  # cached features for a head-only stage
     frozen_store: FrozenStore = field(default_factory=FrozenStore)  # the untrained tensors, written once per run
+    started: float = field(default_factory=time.perf_counter)  # when this process began the run (wall_time_s)
 
     @property
     def check_every(self) -> int:
@@ -344,21 +347,28 @@ def stage_labels(stages: list[Stage]) -> list[str]:
     return labels
 
 
-def validation_target(setup: FitSetup, run: StageRun) -> tuple[nn.Module, DataLoader, Precision]:
-    """What an epoch of `run` validates (the EMA where there is one), on which data, at which precision.
+def validation_target(setup: FitSetup, run: StageRun) -> tuple[nn.Module, dict[str, DataLoader], Precision]:
+    """What an epoch of `run` validates (the EMA where there is one), on which data (split name -> loader: the
+    selection split first where there is one, then val), at which precision.
 
     On cached features the head runs alone. The EMA's head may use them only while the EMA's backbone
     equals the live one (an average of weights frozen since the EMA began is those weights); after a stage
     that trained the backbone it lags behind, and the whole EMA runs on the images.
     """
     ema, cached = setup.runner.ema, run.cached
+    on_images = _eval_loaders(setup.select_loader, setup.val_loader)
     if cached is None:
-        return run.runner.eval_network(), setup.val_loader, setup.runner.precision
+        return run.runner.eval_network(), on_images, setup.runner.precision
+    on_features = _eval_loaders(cached.select_loader, cached.val_loader)
     if ema is None:
-        return cached.head, cached.val_loader, run.runner.precision
+        return cached.head, on_features, run.runner.precision
     if _same_backbone(setup.model, ema.module):
-        return ema.module.get_submodule(setup.model.head_path), cached.val_loader, run.runner.precision
-    return ema.module, setup.val_loader, setup.runner.precision
+        return ema.module.get_submodule(setup.model.head_path), on_features, run.runner.precision
+    return ema.module, on_images, setup.runner.precision
+
+
+def _eval_loaders(select: DataLoader | None, val: DataLoader) -> dict[str, DataLoader]:
+    return {"select": select, "val": val} if select is not None else {"val": val}
 
 
 def _same_backbone(model: TransferModel, other: nn.Module) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 
 from transfer_cli.config.schema import EarlyStoppingConfig
 from transfer_cli.core.errors import TransferError
+from transfer_cli.runs.selection import beats, selected_on
 
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,9 @@ class Progress:
     stage: int = 0
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the epoch in progress
-    best_val_acc: float = -1.0
+    # the best epoch's top-1 and loss on the split it is chosen on (selected_on: select, or val without one)
+    best_acc: float = -1.0
+    best_loss: float | None = None
     best_epoch: int = 0
     best_monitor: float | None = None
     bad_epochs: int = 0
@@ -33,6 +36,8 @@ class Progress:
     peak_lrs: list[dict[str, float]] = field(default_factory=list)
     lr_sums: list[dict[str, float]] = field(default_factory=list)
     stage_steps: list[int] = field(default_factory=list)
+    # wall seconds the run's earlier processes spent up to their last checkpoint (a resumed run counts them)
+    elapsed_s: float = 0.0
 
     @classmethod
     def restored(cls, saved: dict[str, Any], where: Path) -> "Progress":
@@ -79,25 +84,49 @@ def check_history(run_dir: Path, records: list[dict[str, Any]], epochs_done: int
                             f"epochs 1 to {epochs_done}: the run's history is incomplete; start a new run")
 
 
-def check_monitor(cfg: EarlyStoppingConfig, num_classes: int) -> None:
+def improves(progress: Progress, record: dict[str, Any]) -> bool:
+    """Whether this epoch beats the best so far on its selection split (runs/selection.py)."""
+    return beats(record, progress.best_acc, progress.best_loss)
+
+
+def keep_best(progress: Progress, record: dict[str, Any]) -> None:
+    split = selected_on(record)
+    progress.best_acc, progress.best_loss = record[f"{split}/acc1"], record[f"{split}/loss"]
+    progress.best_epoch = record["epoch"]
+
+
+def monitored(cfg: EarlyStoppingConfig, selecting: bool) -> str:
+    """The metric early stopping watches: the one named, or the selection split's top-1 (val's without one)."""
+    return cfg.monitor or ("select/acc1" if selecting else "val/acc1")
+
+
+def check_monitor(cfg: EarlyStoppingConfig, num_classes: int, selecting: bool) -> None:
     """Before training: an epoch records top-5 accuracy only with more than 5 classes (the schema allows the
-    names)."""
-    if cfg.patience is not None and cfg.monitor == "val/acc5" and num_classes <= 5:
-        raise TransferError(f"trainer.early_stopping.monitor=val/acc5: the data has {num_classes} classes, and top-5 "
-                            "accuracy is recorded only with more than 5: monitor val/acc1 or val/loss")
+    names), and select/* only where dataset.select_fraction holds a selection split out."""
+    if cfg.patience is None:
+        return
+    monitor = monitored(cfg, selecting)
+    if monitor.startswith("select/") and not selecting:
+        raise TransferError(f"trainer.early_stopping.monitor={monitor}: dataset.select_fraction=0 holds no selection "
+                            f"split out: monitor {monitor.replace('select/', 'val/')}, or set dataset.select_fraction")
+    if monitor.endswith("/acc5") and num_classes <= 5:
+        split = monitor.split("/")[0]
+        raise TransferError(f"trainer.early_stopping.monitor={monitor}: the data has {num_classes} classes, and top-5 "
+                            f"accuracy is recorded only with more than 5: monitor {split}/acc1 or {split}/loss")
 
 
 def update_early_stopping(cfg: EarlyStoppingConfig, progress: Progress, record: dict[str, Any]) -> None:
     """After each epoch (check_monitor and the schema made sure the record holds the monitored metric)."""
     if cfg.patience is None:
         return
-    value = record[cfg.monitor]
-    sign = -1.0 if "loss" in cfg.monitor else 1.0
+    monitor = monitored(cfg, selected_on(record) == "select")
+    value = record[monitor]
+    sign = -1.0 if "loss" in monitor else 1.0
     if progress.best_monitor is None or sign * (value - progress.best_monitor) > cfg.min_delta:
         progress.best_monitor, progress.bad_epochs = value, 0
         return
     progress.bad_epochs += 1
     if progress.bad_epochs >= cfg.patience:
-        progress.stop_reason = (f"early stopping: {cfg.monitor} did not improve by more than {cfg.min_delta} "
+        progress.stop_reason = (f"early stopping: {monitor} did not improve by more than {cfg.min_delta} "
                                 f"for {cfg.patience} epochs (best {progress.best_monitor:.4f})")
         log.info(progress.stop_reason)
