@@ -260,7 +260,7 @@ def write_run(run_dir: Path, strategy: str, seed: int, accs: list[float] | None,
     if records:
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     if finished:
-        summary = {"status": "finished", "reported_val_acc": max(accs), "selected_on": "val",
+        summary = {"status": "finished", "reported_val_acc": max(accs), "selected_on": "select",
                    "selected_acc": max(accs), "final_val_acc": accs[-1], "best_epoch": accs.index(max(accs)) + 1,
                    "epochs_run": len(accs), "wall_time_s": 10.0 * len(accs) + seed,
                    "params_total": 9000, "params_trainable": TRAINABLE[strategy], "seed": seed}

@@ -58,13 +58,14 @@ def test_rows_show_differing_keys_grouped_seeds_and_every_status(sweep: Path, ca
     assert list(rows[0])[:4] == ["strategy.name", "trainer.seed", "stages", "n"]
     fe, ft, unfinished, failed = rows
     assert fe == {"strategy.name": "feature_extract", "trainer.seed": "0, 1", "stages": "head 2", "n": "2",
-                  "val acc (best.pt)": "0.6500 ± 0.0707", "final val acc": "0.6250 ± 0.0354", "epochs": "2",
+                  "val acc (best.pt)": "0.6500 ± 0.0707", "chosen on (acc)": "select: 0.6500 ± 0.0707",
+                  "final val acc": "0.6250 ± 0.0354", "epochs": "2",
                   "wall time (s)": "20.5 ± 0.7", "trainable params": "100", "status": "finished", "run": "0, 1"}
     assert ft["val acc (best.pt)"] == "0.8500 ± 0.0707" and ft["final val acc"] == "0.8250 ± 0.0354"
     assert ft["trainable params"] == "5,000"  # the largest per-stage count
     assert ft["stages"] == "head 2 → all 1"
     assert unfinished == {"strategy.name": "fine_tune", "trainer.seed": "2", "stages": "head 2", "n": "1",
-                          "val acc (best.pt)": "0.4000",
+                          "val acc (best.pt)": "0.4000 (selected on val)", "chosen on (acc)": "val: 0.4000",
                           "final val acc": "0.4000", "epochs": "2", "wall time (s)": "-",
                           "trainable params": "-", "status": "unfinished", "run": "4"}
     assert failed["status"] == "failed" and failed["val acc (best.pt)"] == failed["epochs"] == failed["stages"] == "-"

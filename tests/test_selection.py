@@ -161,11 +161,13 @@ def test_the_console_line_says_where_best_pt_was_chosen(tmp_path: Path) -> None:
 
 
 def test_report_headline_is_the_reported_number_and_marks_runs_selected_on_val(tmp_path: Path) -> None:
-    write_run(tmp_path / "a", "fine_tune", 0, [0.5, 0.9, 0.7], finished=True)  # written as selected on val
+    write_run(tmp_path / "a", "fine_tune", 0, [0.5, 0.9, 0.7], finished=True)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     summary |= {"reported_val_acc": 0.7, "selected_on": "select", "selected_acc": 0.95, "best_epoch": 3}
     (tmp_path / "a" / "summary.json").write_text(json.dumps(summary))
     write_run(tmp_path / "b", "feature_extract", 0, [0.6, 0.8, 0.7], finished=True)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    (tmp_path / "b" / "summary.json").write_text(json.dumps(summary | {"selected_on": "val"}))
     table, _ = build_report([tmp_path], tmp_path / "report")
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()
             if "fine_tune" in line or "feature_extract" in line}
