@@ -322,14 +322,13 @@ def test_eval_with_five_crop_tta_recomputes_independently(run: Path) -> None:
     pre = preprocessing_of(cfg, model)
     val = SyntheticImages(cfg.dataset.num_classes, cfg.dataset.val_size, 32, cfg.dataset.split_seed + 1)
     mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
-    probabilities = []
+    crops = []
     for index in range(len(val)):
         resized = v2.functional.resize(val[index][0], [36], v2.InterpolationMode(pre.interpolation), antialias=True)
-        crops = [resized[:, top:top + 32, left:left + 32] for top, left in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
-        batch = (torch.stack(crops).float() / 255 - mean) / std
-        with torch.no_grad():
-            probabilities.append(model.model(batch).softmax(dim=1).mean(dim=0))
-    averaged, labels = torch.stack(probabilities), torch.tensor(val.targets)
+        crops += [resized[:, top:top + 32, left:left + 32] for top, left in ((0, 0), (0, 4), (4, 0), (4, 4), (2, 2))]
+    with torch.no_grad():
+        probabilities = model.model((torch.stack(crops).float() / 255 - mean) / std).softmax(dim=1)
+    averaged, labels = probabilities.view(len(val), 5, -1).mean(dim=1), torch.tensor(val.targets)
     assert metrics["tta"]["name"] == "five_crop"
     assert metrics["tta"]["acc1"] == float((averaged.argmax(dim=1) == labels).float().mean())
     expected_loss = float(-averaged[torch.arange(len(val)), labels].log().mean())
