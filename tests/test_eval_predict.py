@@ -98,7 +98,8 @@ def test_confusion_matrix_agrees_with_per_class_accuracy_and_macro_f1(run: Path)
 def test_eval_writes_its_files_atomically_and_prints_a_table(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert transfer_main(["eval", str(run), "trainer.device=cpu", "trainer.eval_batch_size=7"]) == 0
     out = run / "eval" / "val" / "best"
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.json", "confusion_matrix.png", "metrics.json",
+                                                     "predictions.csv", "top_losses.png"]  # 32 px: a 1 x 1 map, no CAM
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "metrics.json").read_text())["overrides"] == [
         "trainer.device=cpu", "trainer.eval_batch_size=7"]

@@ -1,21 +1,21 @@
 """Scoring a run's checkpoint on one split, class by class (`transfer eval`).
 
-The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy,
-macro-F1 and the confusion matrix say which classes it mixes up. Results are written to
-RUN_DIR/eval/<split>/<checkpoint>/ so each split and checkpoint keeps its own.
+The per-epoch top-1 in metrics.jsonl says how often a model is right; per-class accuracy, balanced accuracy,
+macro-F1 and the confusion matrix say which classes it mixes up; predictions.csv and the top-losses galleries say
+which images. Results are written to RUN_DIR/eval/<split>/<checkpoint>/ so each split and checkpoint keeps its own.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from transfer_cli.config.loading import apply_overrides, load_run_config
@@ -27,9 +27,21 @@ from transfer_cli.core.tables import aligned
 from transfer_cli.data.datasets import check_classes, load_splits
 from transfer_cli.data.folder import folder_layout
 from transfer_cli.data.loaders import TransformedDataset, eval_loader
-from transfer_cli.data.transforms import Preprocessing, eval_transform
+from transfer_cli.data.transforms import eval_transform
+from transfer_cli.inference.gallery import MAX_SHOWN, top_losses, write_galleries
 from transfer_cli.inference.load import load_trained_model, preprocessing_of
+from transfer_cli.inference.predictions import (
+    Counts,
+    SplitScores,
+    balanced_accuracy,
+    dataset_root,
+    item_files,
+    row_names,
+    score_split,
+    write_predictions,
+)
 from transfer_cli.inference.topk import topk_for, topk_hits
+from transfer_cli.inference.tta import TTA_CHOICES, check_tta, tta_scores, tta_transform
 from transfer_cli.models.runtime import Precision, configure_cuda_math, resolve_device, resolve_precision
 from transfer_cli.runs import runlog
 from transfer_cli.runs.rundir import require_run_dir
@@ -37,16 +49,8 @@ from transfer_cli.runs.rundir import require_run_dir
 
 # Only these groups change what eval does; the network itself comes from the checkpoint.
 EVAL_GROUPS = ("dataset", "transforms", "trainer")
+TTA_FIGURES = ("acc1", "acc5", "balanced_accuracy", "macro_f1", "loss")  # metrics.json's `tta` block
 SHOWN_CLASSES = 10  # longer class lists print only the worst ones (all are in metrics.json)
-
-
-@dataclass
-class Counts:
-    """What one pass over a split adds up: enough to derive every metric."""
-
-    confusion: list[list[int]]  # rows: true class, columns: predicted class
-    topk_hits: dict[int, int]
-    loss_sum: float
 
 
 @torch.inference_mode()
@@ -76,7 +80,8 @@ def count_predictions(model: nn.Module, loader: DataLoader, precision: Precision
 
 
 def summarize(counts: Counts, classes: list[str]) -> dict[str, Any]:
-    """Top-k, mean cross-entropy (no label smoothing), per-class accuracy (recall), precision and F1, and macro-F1.
+    """Top-k, balanced accuracy, mean cross-entropy (no label smoothing), per-class accuracy (recall), precision and
+    F1, and macro-F1.
 
     Macro-F1 averages F1 over the classes that occur as a label or a prediction (as
     scikit-learn does); a class with no support has accuracy None.
@@ -98,52 +103,105 @@ def summarize(counts: Counts, classes: list[str]) -> dict[str, Any]:
         "images": total,
         "num_classes": len(classes),
         **{f"acc{k}": hits / total for k, hits in counts.topk_hits.items()},
+        "balanced_accuracy": balanced_accuracy(confusion),
         "macro_f1": sum(f1s) / len(f1s),
         "loss": counts.loss_sum / total,
         "per_class": per_class,
     }
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """What eval itself takes besides config keys: `checkpoint=`, `top_losses=`, `tta=`."""
+
+    checkpoint: str = "best"
+    top_losses: int = 16
+    tta: str = "none"
+
+
 def evaluate_run(run_dir: Path, overrides: list[str]) -> tuple[dict[str, Any], Path]:
     """Evaluate a run's checkpoint on the split its (overridden) config names; write eval/<split>/<checkpoint>/
-    (best.pt's and last.pt's results kept apart)."""
+    (best.pt's and last.pt's results kept apart): metrics.json, predictions.csv, the confusion matrix, the
+    top-losses galleries."""
     run_dir = require_run_dir(run_dir)
-    checkpoint, cfg = _eval_config(run_dir, overrides)
-    _, model, classes = load_trained_model(run_dir, checkpoint)
+    options, cfg, config_overrides = _eval_config(run_dir, overrides)
+    _, model, classes = load_trained_model(run_dir, options.checkpoint)
     device = resolve_device(cfg.trainer.device)
     precision, _ = resolve_precision(cfg.trainer, device)
     configure_cuda_math(device, deterministic=cfg.trainer.deterministic)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)
-    loader = _split_loader(cfg, classes, preprocessing_of(cfg, model), pin_memory=device.type == "cuda")
-    counts = count_predictions(model.model, loader, precision, len(classes))
+    preprocessing, draft, pin_memory = preprocessing_of(cfg, model), cfg.transforms.draft_decode, device.type == "cuda"
+    images = _split_images(cfg, classes)
+    inputs = TransformedDataset(images, eval_transform(preprocessing, draft=draft))
+    scores = score_split(model.model, eval_loader(inputs, cfg.trainer, pin_memory), precision)
+    files = item_files(images)
+    names = row_names(files, dataset_root(cfg.dataset), len(images))
+    _refuse_non_finite(scores, names)
     split = cfg.dataset.val_split
-    metrics = {"split": split, "checkpoint": checkpoint, "device": str(device),
-               "overrides": [o for o in overrides if not o.startswith("checkpoint=")], **summarize(counts, classes)}
-    out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split) / checkpoint
+    metrics = {"split": split, "checkpoint": options.checkpoint, "device": str(device),
+               "overrides": config_overrides, **summarize(scores.counts, classes)}
+    if options.tta != "none":
+        loader = eval_loader(TransformedDataset(images, tta_transform(options.tta, preprocessing, draft=draft)),
+                             cfg.trainer, pin_memory)
+        augmented = summarize(tta_scores(model.model, loader, precision, options.tta).counts, classes)
+        metrics["tta"] = {"name": options.tta, **{key: augmented[key] for key in TTA_FIGURES if key in augmented}}
+    chosen = top_losses(scores.losses.tolist(), options.top_losses)
+    metrics["top_losses"] = [names[index] for index in chosen]
+    out = run_dir / "eval" / re.sub(r"[^\w.-]", "_", split) / options.checkpoint
     refuse_links_below(run_dir, out)
-    write_results(out, metrics, counts.confusion, classes)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(out / "predictions.csv", scores, classes, names)
+        metrics["grad_cam"] = write_galleries(out, chosen, model=model.model, scores=scores, inputs=inputs,
+                                              files=files, classes=classes, pre=preprocessing, precision=precision,
+                                              model_name=cfg.backbone.name)
+        write_results(out, metrics, scores.counts.confusion, classes)
+    except OSError as error:
+        raise TransferError(f"cannot write the results into {out}: {error.strerror or error}") from error
     return metrics, out
 
 
-def _eval_config(run_dir: Path, overrides: list[str]) -> tuple[str, TrainConfig]:
-    """The checkpoint name and the run's config with the overrides applied, checked before any model is built."""
-    checkpoint = "best"
+def _eval_config(run_dir: Path, overrides: list[str]) -> tuple[EvalOptions, TrainConfig, list[str]]:
+    """Eval's own options, the run's config with the other overrides applied (checked before any model is built),
+    and those overrides."""
+    options = EvalOptions()
     config_overrides = []
     for item in overrides:
         key, has_value, value = item.partition("=")
         if not has_value:
             raise TransferError(f"'{item}' is not a key=value override (e.g. checkpoint=last)")
         if key == "checkpoint":
-            checkpoint = value
+            options = replace(options, checkpoint=value)
+        elif key == "top_losses":
+            options = replace(options, top_losses=_gallery_size(value))
+        elif key == "tta":
+            options = replace(options, tta=check_tta(value))
         elif key.split(".")[0] not in EVAL_GROUPS:
-            raise TransferError(f"override '{item}': eval takes checkpoint=best|last and "
-                                f"{', '.join(g + '.*' for g in EVAL_GROUPS)} keys; the model comes from the run")
+            raise TransferError(f"override '{item}': eval takes checkpoint=best|last, top_losses=N, "
+                                f"tta={'|'.join(TTA_CHOICES)} and {', '.join(g + '.*' for g in EVAL_GROUPS)} keys; "
+                                "the model comes from the run")
         else:
             config_overrides.append(item)
     trained = load_run_config(run_dir)
     cfg = apply_overrides(trained, config_overrides)
     check_split(cfg.dataset, trained.dataset)
-    return checkpoint, cfg
+    return options, cfg, config_overrides
+
+
+def _gallery_size(value: str) -> int:
+    if not value.isdigit() or int(value) > MAX_SHOWN:
+        raise TransferError(f"top_losses={value}: give the number of highest-loss images to show, 0 to {MAX_SHOWN} "
+                            "(0: no gallery)")
+    return int(value)
+
+
+def _refuse_non_finite(scores: SplitScores, names: list[str]) -> None:
+    """NaN or inf logits would make every figure and row a silent wrong number."""
+    bad = (~torch.isfinite(scores.logits).all(dim=1)).nonzero()
+    if len(bad):
+        raise TransferError(f"the run's model gives non-finite outputs (NaN or inf) for {len(bad)} image(s) of the "
+                            f"split, the first {names[int(bad[0])]}: its checkpoint holds damaged weights; evaluate "
+                            "another checkpoint")
 
 
 def check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
@@ -159,31 +217,25 @@ def check_split(dataset: DatasetConfig, trained: DatasetConfig) -> None:
                                 f"{dataset.train_split}/ and {dataset.val_split}/ class folders")
 
 
-def _split_loader(cfg: TrainConfig, classes: list[str], preprocessing: Preprocessing, pin_memory: bool) -> DataLoader:
-    """The split named by dataset.val_split with the eval transform, batched as training evaluated it."""
+def _split_images(cfg: TrainConfig, classes: list[str]) -> Dataset:
+    """The untransformed images of the split named by dataset.val_split, with the run's classes."""
     try:
         splits = load_splits(cfg.dataset)
     except ValueError as error:  # torchvision's answer to a split name it does not know
         raise TransferError(f"dataset.val_split={cfg.dataset.val_split}: {error}") from error
     check_classes(splits.classes, classes, "evaluate on data with the same class folders")
-    transform = eval_transform(preprocessing, draft=cfg.transforms.draft_decode)
-    return eval_loader(TransformedDataset(splits.val, transform), cfg.trainer, pin_memory)
+    return splits.val
 
 
 def write_results(out: Path, metrics: dict[str, Any], confusion: list[list[int]], classes: list[str]) -> None:
-    """metrics.json, confusion_matrix.json and confusion_matrix.png, each written atomically.
-
-    The matrix has its own file because it grows with the square of the class count.
+    """metrics.json, confusion_matrix.json and confusion_matrix.png, each written atomically (OSError where one
+    cannot be). The matrix has its own file because it grows with the square of the class count.
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        runlog.write_json(out / "metrics.json", metrics)
-        runlog.write_json(out / "confusion_matrix.json",
-                          {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion})
-        plot_confusion(confusion, classes, out / "confusion_matrix.png",
-                       title=f"{metrics['split']} split, {metrics['checkpoint']}.pt: top-1 {metrics['acc1']:.3f}")
-    except OSError as error:
-        raise TransferError(f"cannot write the results into {out}: {error.strerror or error}") from error
+    runlog.write_json(out / "metrics.json", metrics)
+    runlog.write_json(out / "confusion_matrix.json",
+                      {"classes": classes, "rows": "true class", "columns": "predicted class", "matrix": confusion})
+    plot_confusion(confusion, classes, out / "confusion_matrix.png",
+                   title=f"{metrics['split']} split, {metrics['checkpoint']}.pt: top-1 {metrics['acc1']:.3f}")
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
@@ -210,10 +262,12 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """Overall figures, then per-class rows (the worst SHOWN_CLASSES when there are more)."""
-    top5 = f"  top-5 {metrics['acc5']:.4f}" if "acc5" in metrics else ""
-    lines = [f"{metrics['split']} split, {metrics['images']} images, {metrics['checkpoint']}.pt: "
-             f"top-1 {metrics['acc1']:.4f}{top5}  macro-F1 {metrics['macro_f1']:.4f}  loss {metrics['loss']:.4f}"]
+    """Overall figures (under them, test-time augmentation's), then per-class rows (the worst SHOWN_CLASSES when
+    there are more)."""
+    head = f"{metrics['split']} split, {metrics['images']} images, {metrics['checkpoint']}.pt"
+    lines = [f"{head}: {_figures(metrics)}"]
+    if "tta" in metrics:
+        lines.append(f"{'tta=' + metrics['tta']['name']:>{len(head)}}: {_figures(metrics['tta'])}")
     rows = list(metrics["per_class"].items())
     if len(rows) > SHOWN_CLASSES:
         rows = sorted(rows, key=lambda row: -1.0 if row[1]["accuracy"] is None else row[1]["accuracy"])[:SHOWN_CLASSES]
@@ -224,6 +278,12 @@ def format_table(metrics: dict[str, Any]) -> str:
     lines.append(aligned([["class", "support", "recall", "precision", "F1"], *cells], right=(1, 2, 3, 4),
                          min_widths={4: 6}))
     return "\n".join(lines)
+
+
+def _figures(figures: dict[str, Any]) -> str:
+    top5 = f"  top-5 {figures['acc5']:.4f}" if "acc5" in figures else ""
+    return (f"top-1 {figures['acc1']:.4f}{top5}  balanced {figures['balanced_accuracy']:.4f}  "
+            f"macro-F1 {figures['macro_f1']:.4f}  loss {figures['loss']:.4f}")
 
 
 def _fmt(value: float | None) -> str:

@@ -76,9 +76,10 @@ class LoadedRun:
         return top_k_predictions(self.model, loader, self._precision, self.classes, names, top_k)
 
     def evaluate(self, split: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-        """The metrics `transfer eval RUN_DIR` computes (top-1, top-5, per-class, macro-F1, loss) on `split`
-        (None: the split the run validated on), also written to RUN_DIR/eval/<split>/<checkpoint>/ as the command writes
-        them. `overrides` are the command's other dataset.*, transforms.* and trainer.* keys."""
+        """The metrics `transfer eval RUN_DIR` computes (top-1, top-5, balanced accuracy, per-class, macro-F1, loss) on
+        `split` (None: the split the run validated on), also written to RUN_DIR/eval/<split>/<checkpoint>/ as the
+        command writes them. `overrides` are the command's other options: top_losses=N, tta=..., dataset.*,
+        transforms.* and trainer.* keys."""
         chosen = [] if split in (None, self.config.dataset.val_split) else [f"dataset.val_split={split}"]
         device = [f"trainer.device={self._device_choice}"] if self._device_choice else []
         metrics, _ = evaluate_run(self.run_dir, [f"checkpoint={self.checkpoint}", *chosen, *device, *overrides])
