@@ -5,6 +5,7 @@ local copies compared where TRANSFER_TEST_ASSETS is set)."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -15,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from transfer_cli.cli import main
 from transfer_cli.core.errors import TransferError
@@ -237,9 +239,6 @@ def test_manifests_match_the_local_assets(assets: Path) -> None:
 
 def test_the_package_data_ships_every_manifest() -> None:
     """A non-editable install must carry the manifests, or a fresh install could verify nothing."""
-    import fnmatch
-    import tomllib
-
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     shipped = [p.relative_to(MANIFESTS.parent).as_posix() for p in MANIFESTS.iterdir()]
     assert shipped and all(any(fnmatch.fnmatch(path, pattern) for pattern in patterns["transfer_cli.lesson"])
