@@ -116,6 +116,7 @@ def race_timm(job: FineTuneJob, inputs: BenchInputs, tmp: Path, env: dict[str, s
     peer_seconds = timm_train_seconds((tmp / "timm.log").read_text(errors="replace"))
     if len(peer_seconds) != job.epochs:
         raise RuntimeError(f"peer race: timm's log shows {len(peer_seconds)} finished epochs, not {job.epochs}")
+    timm_top1 = timm_final_top1(tmp / "timm" / "peer" / "summary.csv")
     run_dir = tmp / "transfer-run"
     overrides = transfer_overrides(job, photos)
     ours = _checked("transfer train", timed_command(
@@ -123,7 +124,6 @@ def race_timm(job: FineTuneJob, inputs: BenchInputs, tmp: Path, env: dict[str, s
         tmp / "transfer.log", env=env), tmp / "transfer.log")
     our_images, our_seconds = ours_train_figures(run_dir)
     our_top1 = json.loads((run_dir / "summary.json").read_text())["final_val_acc"]
-    timm_top1 = timm_final_top1(tmp / "timm" / "peer" / "summary.csv")
     return {"job": asdict(job), "train_images": train_images,
             "timm": {"seconds": peer.seconds, "peak_rss_mb": peer.peak_rss_mb, "val_acc1": timm_top1,
                      "train_images_per_s": steps * job.batch * job.epochs / sum(peer_seconds),
