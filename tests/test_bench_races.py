@@ -13,7 +13,14 @@ import pytest
 
 from transfer_cli.benchmarks.cpu import child_env
 from transfer_cli.benchmarks.inputs import BenchInputs
-from transfer_cli.benchmarks.peers import LITE0_RACE, QUICK_RACE, race_timm, timm_command, timm_train_seconds
+from transfer_cli.benchmarks.peers import (
+    LITE0_RACE,
+    QUICK_RACE,
+    race_timm,
+    timm_command,
+    timm_eval_seconds,
+    timm_train_seconds,
+)
 from transfer_cli.benchmarks.probe import NO_SKLEARN, QUICK_PROBE, race_probe
 from transfer_cli.benchmarks.process import timed_command
 from transfer_cli.benchmarks.races import race_check, race_rows
@@ -45,6 +52,8 @@ with open(os.path.join(out, "summary.csv"), "w") as summary:
         print(f"Train: {epoch} [   0/2 ( 50%)]  Loss: 0.7 (0.7)  Time: 0.500s,   16.00/s  (0.500s,   16.00/s)")
         if epoch < logged:
             print(f"Train: {epoch} [   1/2 (100%)]  Loss: 0.7 (0.7)  Time: 0.300s,   26.67/s  (0.400s,   20.00/s)")
+        print("Test: [   0/1]  Time: 0.300 (0.300)  Loss:   0.6 ( 0.6)  Acc@1:  62.500 ( 62.500)")
+        print("Test: [   1/1]  Time: 0.200 (0.250)  Loss:   0.6 ( 0.6)  Acc@1:  62.500 ( 62.500)")
         if os.environ.get("FAKE_NO_ROWS") is None:
             summary.write(f"{epoch},0.7,0.6,{os.environ.get('FAKE_TOP1', '62.5')},100.0,0.0001\\n")
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
@@ -78,11 +87,14 @@ def test_the_race_reports_both_sides_from_their_own_files(fake_timm: Path, photo
     timm, ours = race["timm"], race["transfer"]
     assert timm["val_acc1"] == 0.625
     assert timm["train_images_per_s"] == pytest.approx(16 / (2 * 0.400))  # 2 steps of 8 in 2 x 0.4 s
+    assert timm["val_seconds"] == pytest.approx([2 * 0.250])  # 2 batches, 0.25 s each on average
     run_dir = tmp_path / "race" / "transfer-run"
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert ours["val_acc1"] == summary["final_val_acc"] == records[-1]["val/acc1"]
     assert ours["train_images_per_s"] == pytest.approx(records[-1]["train/images_per_s"])
+    assert ours["train_seconds"] == [records[-1]["train/seconds"]]
+    assert ours["val_seconds"] == [records[-1]["val/seconds"]]
     assert race["ratio"] == pytest.approx(ours["seconds"] / timm["seconds"])
     assert race["accuracy_diff"] == pytest.approx(ours["val_acc1"] - 0.625)
     assert timm["peak_rss_mb"] >= 300 > 0 < ours["peak_rss_mb"]
@@ -144,12 +156,13 @@ def test_a_race_counts_only_at_the_same_accuracy() -> None:
     assert race_check({**fast_but_worse, "accuracy_met": True, "ratio": 1.01}, "<=", 1.0)["met"] is False
 
 
-def test_timm_training_time_is_read_per_epoch_from_its_last_step_line() -> None:
+def test_timm_training_and_eval_time_are_read_from_their_last_lines() -> None:
     log = ("Train: 0 [   0/7 ( 14%)]  Loss: 3.60 (3.60)  Time: 32.772s,    0.98/s  (32.772s,    0.98/s)  LR: 1e-04\n"
            "Train: 0 [   6/7 (100%)]  Loss: 0.967 (2.81)  Time: 1.092s,   29.3/s  (4.827s,    6.63/s)  LR: 8e-05\n"
            "Test: [   4/4]  Time: 17.951 (19.364)  Loss:   0.052 ( 1.962)  Acc@1: 100.000 ( 67.974)\n"
            "Train: 1 [   6/7 (100%)]  Loss: 0.5 (0.6)  Time: 1.000s,   32.0/s  (1.500s,   21.3/s)  LR: 5e-05\n")
     assert timm_train_seconds(log) == pytest.approx([7 * 4.827, 7 * 1.5])
+    assert timm_eval_seconds(log) == pytest.approx([5 * 19.364])  # the last of batches 0..4
 
 
 def test_each_command_reports_its_own_peak_memory(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """peer_timm_fine_tune: one fine-tuning job run by timm's own train.py and by `transfer train`, one after the other.
 
-Both processes are timed from start to exit with their own peak RSS (process.py). Train images/s: ours from
-metrics.jsonl (`train/images_per_s` x `train/seconds` of each epoch), timm's from the last progress line of each
-epoch, whose running mean step time x steps is that epoch's training time. Final val top-1: the last row of
-timm's summary.csv (percent), our summary.json's final_val_acc. The settings are pinned on both sides, each to
-the other's: docs/performance.md lists what cannot match and why.
+Both processes are timed from start to exit with their own peak RSS (process.py), and where the time went:
+each epoch's training and validation seconds (the rest of the wall time: start-up, data, checkpoints, exit).
+Train images/s: ours from metrics.jsonl (`train/images_per_s` x `train/seconds` of each epoch), timm's from
+the last progress line of each epoch, whose running mean step time x steps is that epoch's training time.
+Final val top-1: the last row of timm's summary.csv (percent), our summary.json's final_val_acc. The settings
+are pinned on both sides, each to the other's: docs/performance.md lists what cannot match and why.
 """
 
 from __future__ import annotations
@@ -71,11 +72,18 @@ def transfer_overrides(job: FineTuneJob, photos: str) -> list[str]:
 
 # timm's progress line at an epoch's last step: "Train: 2 [   6/7 (100%)] ... (0.812s,   39.41/s) ..."
 _LAST_STEP = re.compile(r"Train: (\d+) \[\s*(\d+)/(\d+) \(100%\)\].*?\((\d+(?:\.\d+)?)s,")
+# ... and at an evaluation's last batch: "Test: [   4/4]  Time: 17.951 (19.364)  Loss: ..."
+_LAST_EVAL = re.compile(r"Test: \[\s*(\d+)/(\d+)\]\s+Time: \d+(?:\.\d+)? \((\d+(?:\.\d+)?)\)")
 
 
 def timm_train_seconds(log: str) -> list[float]:
     """Each epoch's training time from timm's log: steps x the epoch's mean step time (data loading included)."""
     return [int(steps) * float(mean) for _, _, steps, mean in _LAST_STEP.findall(log)]
+
+
+def timm_eval_seconds(log: str) -> list[float]:
+    """Each evaluation's time from timm's log: batches (its last index + 1) x their mean time."""
+    return [(int(last) + 1) * float(mean) for index, last, mean in _LAST_EVAL.findall(log) if index == last]
 
 
 def timm_final_top1(summary_csv: Path) -> float:
@@ -87,11 +95,11 @@ def timm_final_top1(summary_csv: Path) -> float:
     return float(rows[-1]["eval_top1"]) / 100
 
 
-def ours_train_figures(run_dir: Path) -> tuple[float, float]:
-    """(train images, train seconds) over every epoch of a `transfer train` run (metrics.jsonl)."""
+def ours_train_figures(run_dir: Path) -> tuple[float, list[float], list[float]]:
+    """(train images, each epoch's train seconds, each epoch's val seconds) of a `transfer train` run."""
     records = read_metrics(run_dir)
-    seconds = sum(record["train/seconds"] for record in records)
-    return sum(record["train/images_per_s"] * record["train/seconds"] for record in records), seconds
+    images = sum(record["train/images_per_s"] * record["train/seconds"] for record in records)
+    return images, [record["train/seconds"] for record in records], [record["val/seconds"] for record in records]
 
 
 def _checked(side: str, timed: Timed, log: Path) -> Timed:
@@ -113,7 +121,8 @@ def race_timm(job: FineTuneJob, inputs: BenchInputs, tmp: Path, env: dict[str, s
     steps = train_images // job.batch  # both drop the last partial batch
     command = timm_command(job, str(Path(inputs.peer_timm).resolve()), photos, tmp / "timm")
     peer = _checked("timm train.py", timed_command(command, tmp / "timm.log", env=env), tmp / "timm.log")
-    peer_seconds = timm_train_seconds((tmp / "timm.log").read_text(errors="replace"))
+    peer_log = (tmp / "timm.log").read_text(errors="replace")
+    peer_seconds = timm_train_seconds(peer_log)
     if len(peer_seconds) != job.epochs:
         raise RuntimeError(f"peer race: timm's log shows {len(peer_seconds)} finished epochs, not {job.epochs}")
     timm_top1 = timm_final_top1(tmp / "timm" / "peer" / "summary.csv")
@@ -122,12 +131,14 @@ def race_timm(job: FineTuneJob, inputs: BenchInputs, tmp: Path, env: dict[str, s
     ours = _checked("transfer train", timed_command(
         [sys.executable, "-m", "transfer_cli", "train", *overrides, f"hydra.run.dir={run_dir}"],
         tmp / "transfer.log", env=env), tmp / "transfer.log")
-    our_images, our_seconds = ours_train_figures(run_dir)
+    our_images, our_seconds, our_val_seconds = ours_train_figures(run_dir)
     our_top1 = json.loads((run_dir / "summary.json").read_text())["final_val_acc"]
     return {"job": asdict(job), "train_images": train_images,
             "timm": {"seconds": peer.seconds, "peak_rss_mb": peer.peak_rss_mb, "val_acc1": timm_top1,
                      "train_images_per_s": steps * job.batch * job.epochs / sum(peer_seconds),
-                     "train_seconds": peer_seconds, "command": command[1:]},
+                     "train_seconds": peer_seconds, "val_seconds": timm_eval_seconds(peer_log),
+                     "command": command[1:]},
             "transfer": {"seconds": ours.seconds, "peak_rss_mb": ours.peak_rss_mb, "val_acc1": our_top1,
-                         "train_images_per_s": our_images / our_seconds, "overrides": overrides},
+                         "train_images_per_s": our_images / sum(our_seconds), "train_seconds": our_seconds,
+                         "val_seconds": our_val_seconds, "overrides": overrides},
             "ratio": ours.seconds / peer.seconds, "accuracy_diff": our_top1 - timm_top1}

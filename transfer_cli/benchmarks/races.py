@@ -42,6 +42,8 @@ def race_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                  ("  train images/s transfer / timm", f"{ours['train_images_per_s']:.1f} / "
                                                       f"{timm['train_images_per_s']:.1f}"),
                  ("  val top-1 transfer / timm", f"{ours['val_acc1']:.3f} / {timm['val_acc1']:.3f}"),
+                 ("  train s transfer / timm", f"{sum(ours['train_seconds']):.1f} / {sum(timm['train_seconds']):.1f}"),
+                 ("  val s transfer / timm", f"{sum(ours['val_seconds']):.1f} / {sum(timm['val_seconds']):.1f}"),
                  ("  peak RSS MB transfer / timm", f"{ours['peak_rss_mb']:.0f} / {timm['peak_rss_mb']:.0f}")]
     if isinstance(versus_probe, str):
         rows.append(("feature_cache_vs_probe", versus_probe))
