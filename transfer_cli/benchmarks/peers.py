@@ -62,6 +62,7 @@ def transfer_overrides(job: FineTuneJob, photos: str) -> list[str]:
     """`transfer train` overrides for `job`; everything else is the default a user gets."""
     return ["backbone=timm", f"backbone.name={job.model}", f"backbone.pretrained={str(job.pretrained).lower()}",
             "dataset=folder", f"dataset.root={photos}", "strategy=fine_tune", f"strategy.lr={job.lr:g}",
+            "strategy.bn=train",  # BatchNorm as timm trains it: batch statistics, running averages updated
             "optimizer=adamw", f"optimizer.weight_decay={job.weight_decay:g}", "scheduler=cosine",
             "scheduler.warmup_pct=0", "augment=basic", "augment.random_resized_crop=[0.08,1.0]", "augment.hflip=0.5",
             "head=linear", "head.dropout=0", "trainer.label_smoothing=0", f"transforms.image_size={job.image_size}",
