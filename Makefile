@@ -29,7 +29,7 @@ train: ## transfer train with ARGS="key=value ..." overrides
 smoke: ## offline smoke run on synthetic data (under a minute on CPU)
 	$(BIN)/transfer train experiment=smoke $(ARGS)
 
-bench: ## CPU benchmarks and the races against timm's train.py and a probe -> outputs/bench/bench.json + table; exits 1 if a target is missed (~12 min)
+bench: ## CPU benchmarks and the races against timm's train.py and a probe -> outputs/bench/bench.json + table; exits 1 if a target is missed (~15 min)
 	$(BIN)/transfer bench --check $(BENCH_INPUTS) $(ARGS)
 
 bench-scaling: ## one epoch's wall time and peak memory at 1x, 4x, 16x the photos -> outputs/bench/bench_scaling.json
