@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-fast lint train smoke clean bench bench-gpu gpu-check
+.PHONY: help setup test test-fast lint train smoke clean bench bench-gpu gpu-check bench-scaling
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -29,8 +29,11 @@ train: ## transfer train with ARGS="key=value ..." overrides
 smoke: ## offline smoke run on synthetic data (under a minute on CPU)
 	$(BIN)/transfer train experiment=smoke $(ARGS)
 
-bench: ## CPU benchmarks -> outputs/bench/bench.json + table; exits 1 if a target is missed (~5 min)
-	$(BIN)/transfer bench --check $(ARGS)
+bench: ## CPU benchmarks and the races against timm's train.py and a probe -> outputs/bench/bench.json + table; exits 1 if a target is missed (~15 min)
+	$(BIN)/transfer bench --check $(BENCH_INPUTS) $(ARGS)
+
+bench-scaling: ## one epoch's wall time and peak memory at 1x, 4x, 16x the photos -> outputs/bench/bench_scaling.json
+	$(BIN)/transfer bench --scaling $(BENCH_INPUTS) $(ARGS)
 
 bench-gpu: ## GPU images/s: resnet50, efficientnet_b0, AMP + channels_last (needs CUDA; ARGS="--data-root DIR")
 	$(BIN)/transfer bench --gpu $(ARGS)
@@ -54,6 +57,10 @@ clean: ## delete run outputs and caches
 .PHONY: exercises exercise1 exercise2 exercise3 exercise4 exercise5
 EXERCISES ?= outputs/exercises
 ASSETS ?= $(TRANSFER_ASSETS)
+# `make bench`'s races: timm's train.py (PEER_TIMM), the photos and weights under ASSETS; each absent one is skipped
+PEER_TIMM ?= $(TRANSFER_PEER_TIMM)
+BENCH_INPUTS = $(if $(PEER_TIMM),--peer-timm $(PEER_TIMM)) \
+  $(if $(ASSETS),--photos $(ASSETS)/data/hymenoptera --hf-home $(ASSETS)/hf-home)
 QUICK ?=
 TRANSFER := $(BIN)/transfer
 ifneq ($(filter 1 true yes,$(QUICK)),)
