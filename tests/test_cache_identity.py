@@ -71,7 +71,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _overrides(root: Path, weights: Path, cache_images: str) -> list[str]:
-    return ["experiment=smoke", "dataset=folder", f"dataset.root={root}", f"dataset.cache_images={cache_images}",
+    # no selection split: these cases are about the train and val entries (test_selection caches a third)
+    return ["experiment=smoke", "dataset=folder", "dataset.select_fraction=0", f"dataset.root={root}",
+            f"dataset.cache_images={cache_images}",
             f"backbone.checkpoint={weights}", "strategy=feature_extract", "augment=none", "trainer.epochs=2",
             "trainer.batch_size=4", "trainer.num_workers=0"]
 
@@ -169,7 +171,8 @@ def test_equal_size_splits_never_share_features(cache_images: str, tmp_path: Pat
                                                 caplog: pytest.LogCaptureFixture) -> None:
     """Synthetic train and val of one size: before, val was served the train features."""
     overrides = ["experiment=smoke", "dataset.train_size=48", "dataset.val_size=48", "trainer.epochs=2",
-                 "strategy=feature_extract", "augment=none", f"dataset.cache_images={cache_images}"]
+                 "dataset.select_fraction=0", "strategy=feature_extract", "augment=none",
+                 f"dataset.cache_images={cache_images}"]
     first = _cached_equals_plain(overrides, tmp_path, caplog)
     assert "cached train features" in first and "cached val features" in first
     assert "feature cache hit" not in first

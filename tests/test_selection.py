@@ -173,3 +173,21 @@ def test_report_headline_is_the_reported_number_and_marks_runs_selected_on_val(t
             if "fine_tune" in line or "feature_extract" in line}
     assert "| 0.7000 |" in rows["fine_tune"] and "select: 0.9500" in rows["fine_tune"]
     assert "0.8000 (selected on val)" in rows["feature_extract"] and "val: 0.8000" in rows["feature_extract"]
+
+
+def test_the_selection_split_is_scored_on_cached_features_as_on_images(tmp_path: Path, fresh_feature_cache: None,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    overrides = ["experiment=smoke", "strategy=feature_extract", "trainer.epochs=2", "dataset.train_size=60",
+                 "dataset.val_size=24"]
+    with caplog.at_level("INFO", logger="transfer_cli"):
+        train(compose_train(overrides), tmp_path / "cached")
+    assert "cached select features" in caplog.text
+    train(compose_train(overrides + ["trainer.cache_features=false"]), tmp_path / "plain")
+    cached, plain = run_metrics(tmp_path / "cached"), run_metrics(tmp_path / "plain")
+    for split in ("select", "val"):
+        assert [r[f"{split}/acc1"] for r in cached] == [r[f"{split}/acc1"] for r in plain]
+        assert [r[f"{split}/loss"] for r in cached] == pytest.approx([r[f"{split}/loss"] for r in plain], rel=1e-5)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="transfer_cli"):
+        train(compose_train(overrides), tmp_path / "again")
+    assert "feature cache hit for select split" in caplog.text
