@@ -83,10 +83,11 @@ def compose_train(overrides: list[str]) -> TrainConfig:
 
 @pytest.fixture
 def assets() -> Path:
-    """../shared/assets, where TRANSFER_TEST_ASSETS points at it; skip otherwise."""
+    """The real assets (photos, weights) where TRANSFER_TEST_ASSETS points at them; skip otherwise."""
     root = os.environ.get("TRANSFER_TEST_ASSETS")
     if not root:
-        pytest.skip("TRANSFER_TEST_ASSETS is unset: set it to ../shared/assets to run real-data tests")
+        pytest.skip("TRANSFER_TEST_ASSETS is unset: set it to a folder holding data/hymenoptera, data/eurosat5 and "
+                    "hf-home to run real-data tests")
     path = Path(root).resolve()
     if not (path / "data" / "hymenoptera").is_dir():
         pytest.skip(f"TRANSFER_TEST_ASSETS={root} has no data/hymenoptera folder")

@@ -72,11 +72,15 @@ def test_targets_are_recorded_and_printed(quick: tuple[dict, str]) -> None:
     report, stdout = quick
     for name, (op, threshold) in bench.TARGETS.items():
         check = report["targets"][name]
+        line = next(line for line in stdout.splitlines() if line.startswith(name))
+        if isinstance(report[name], str):  # a race without its inputs (none given here): skipped, not failed
+            assert report[name].startswith("skipped: ") and check["skipped"] == report[name]
+            assert check["met"] is None and report[name] in line and line.endswith("skipped")
+            continue
         assert check["value"] == report[name]
         assert check["met"] == (report[name] >= threshold if op == ">=" else report[name] < threshold)
-        line = next(line for line in stdout.splitlines() if line.startswith(name))
         assert check["target"] in line and ("pass" if check["met"] else "FAIL") in line
-    assert report["all_targets_met"] == all(c["met"] for c in report["targets"].values())
+    assert report["all_targets_met"] == all(c["met"] is not False for c in report["targets"].values())
 
 
 @pytest.mark.slow

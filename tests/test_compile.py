@@ -1,7 +1,7 @@
 """trainer.compile=true: one compile per stage, no recompiles from stage boundaries, validation or a ragged
 last val batch, and each stage saying what torch.compile did (training/compiled.py).
 
-Compiled with the eager backend, as ../shared/gpu/check.sh's CPU dry run does: dynamo's guards and recompiles
+Compiled with the eager backend, as .ci/gpu-check.sh's CPU dry run does: dynamo's guards and recompiles
 are the same as under inductor, without its code generation."""
 
 from __future__ import annotations

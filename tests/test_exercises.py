@@ -2,7 +2,7 @@
 end to end (tiny random-init models on synthetic data or a generated folder), and exercise 5
 reports the top-1 a hand-written evaluation gets.
 
-The quick mode on ../shared/assets runs only where TRANSFER_TEST_ASSETS is set.
+The quick mode on the real assets runs only where TRANSFER_TEST_ASSETS is set.
 """
 
 from __future__ import annotations
@@ -178,8 +178,9 @@ def expand(overrides: list[str], experiment_sweep: dict[str, str]) -> list[list[
 @needs_make
 @pytest.mark.parametrize("quick", [False, True], ids=["real", "quick"])
 @pytest.mark.slow
-def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> None:
-    variables = ["QUICK=1"] if quick else []
+def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0, monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = ["QUICK=1", "ASSETS=/assets"] if quick else []  # without ASSETS the target fetches them first
+    monkeypatch.setenv("TRANSFER_ASSETS", "/assets")  # what the target sets for its commands
     model = lite0 if quick else resnet18
     jobs: dict[int, list[tuple[str, str, int, int | None, int]]] = {}
     for number in range(1, 5):
@@ -197,7 +198,7 @@ def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> 
                                      cfg.dataset.train_subset, cfg.trainer.seed))
                 assert cfg.backbone.name == ("tf_efficientnet_lite0.in1k" if quick else "resnet18")
                 if quick:
-                    assert cfg.trainer.epochs <= 4 and cfg.dataset.train_subset in (64, 100)
+                    assert cfg.trainer.epochs <= 4 and cfg.dataset.train_subset in (64, 100, 105)
     seeds = [0, 1, 2] if quick else [42]  # QUICK: every row is a mean ± std over three training seeds
     for runs in jobs.values():
         by_row: dict[tuple[str, str], list[int]] = {}
@@ -208,7 +209,7 @@ def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0) -> 
     photos = "hymenoptera" if quick else "flowers102"
     near, far = ("hymenoptera", "eurosat5") if quick else ("cifar10", "dtd")
     assert names[1] == [("feature_extract", photos), ("fine_tune_low_lr", photos)]
-    assert names[2] == [("gradual", photos)]
+    assert names[2] == [("gradual", "eurosat5" if quick else "flowers102")]
     assert names[3] == [("discriminative", "hymenoptera" if quick else "cifar10"),
                         ("uniform", "hymenoptera" if quick else "cifar10")]
     assert names[4] == sorted((s, d) for s in ("scratch", "feature_extract", "fine_tune") for d in (near, far))
@@ -389,6 +390,8 @@ def test_exercise5_scores_the_imagenet_head_under_three_normalizations(in_proces
     assert top1["imagenet"] >= 0.5  # the folders follow the model's ImageNet-normalized predictions
     rows = table_rows(out / "results.md")
     assert [row["normalization"] for row in rows] == ["ImageNet mean/std", "none (mean 0, std 1)", "mean = std = 0.5"]
+    own = "the weights' own normalization"
+    assert [row["for these weights"] for row in rows] == ["another one", "another one", own]
     assert [float(row["top-1"]) for row in rows] == pytest.approx(
         [top1[k] for k in ("imagenet", "none", "half")], abs=1e-4)
     assert (out / "normalization.png").stat().st_size > 10_000 and (out / "results.csv").is_file()
@@ -446,7 +449,7 @@ def test_exercise5_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
     assert "--seeds '0,one': give comma-separated integers" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- quick mode on the shared assets
+# --------------------------------------------------------------------------- quick mode on the real assets
 
 
 @needs_make

@@ -1,4 +1,4 @@
-"""Real photos and real ImageNet weights from ../shared/assets (skipped where unset).
+"""Real photos and real ImageNet weights from the folder TRANSFER_TEST_ASSETS names (skipped where unset).
 
 Runs the installed command in a subprocess: huggingface_hub reads HF_HOME and
 HF_HUB_OFFLINE when first imported, so they must be set before the process starts.
@@ -37,7 +37,7 @@ def test_feature_extraction_on_hymenoptera_reaches_90_percent(assets: Path, tmp_
 
 
 def train_on_assets(assets: Path, run_dir: Path, *overrides: str) -> list[dict]:
-    """`transfer train` on ../shared/assets with the real lite0 weights; returns metrics.jsonl."""
+    """`transfer train` on the TRANSFER_TEST_ASSETS folder with the real lite0 weights; returns metrics.jsonl."""
     env = {**os.environ, "HF_HOME": str(assets / "hf-home"), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "transfer_cli", "train", "backbone=timm",
                "backbone.name=tf_efficientnet_lite0.in1k", "dataset=folder", "augment=none",

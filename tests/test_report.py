@@ -240,3 +240,23 @@ def test_runs_that_differ_only_in_device_decoding_share_a_row(tmp_path: Path, ca
     rows = parse_markdown(out)
     assert code == 0 and len(rows) == 1 and rows[0]["n"] == "2"
     assert not [key for key in rows[0] if "on_device" in key]
+
+
+def test_each_row_states_its_stage_rates_as_they_ran_peak_and_mean(tmp_path: Path) -> None:
+    write_run(tmp_path / "a", "fine_tune", 0, [0.5, 0.6, 0.7], True)
+    write_run(tmp_path / "b", "feature_extract", 0, [0.5, 0.6, 0.7], True)
+    stages = {"a": [{"name": "head", "peak_lrs": {"head": 1e-3}, "mean_lrs": {"head": 4.8e-4}},
+                    {"name": "all", "peak_lrs": {"stem": 1e-5, "head": 1e-3},
+                     "mean_lrs": {"stem": 4.9e-6, "head": 4.9e-4}},
+                    {"name": "never", "peak_lrs": None, "mean_lrs": None}],
+              "b": [{"name": "head", "peak_lrs": {"head": "fast"}, "mean_lrs": {"head": 1e-3}}]}
+    for name, listed in stages.items():
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary | {"stages": listed}))
+    table, _ = report.build_report([tmp_path], tmp_path / "out")
+    rows = {row["strategy.name"]: row for row in parse_markdown(table.split("\n\n", 1)[1])}
+    assert rows["fine_tune"]["lr peak / mean"] == "1.0e-03 / 4.8e-04 → 1.0e-05–1.0e-03 / 4.9e-06–4.9e-04"
+    assert rows["feature_extract"]["lr peak / mean"] == "- / 1.0e-03"  # a rate that is no number is not shown
+    with (tmp_path / "out" / "results.csv").open() as file:
+        assert {row["strategy.name"]: row["lr_peak_mean"] for row in csv.DictReader(file)}["fine_tune"] == \
+            rows["fine_tune"]["lr peak / mean"]

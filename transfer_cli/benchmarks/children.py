@@ -15,7 +15,7 @@ from typing import Any
 from transfer_cli.benchmarks.costs import checkpoint_bytes
 from transfer_cli.benchmarks.loader import loader_figures
 from transfer_cli.config.compose import compose_config
-from transfer_cli.runs.runlog import write_json
+from transfer_cli.runs.runlog import read_metrics, write_json
 
 
 def _peak_rss_mb() -> float:
@@ -170,7 +170,10 @@ def train_run(spec: dict[str, Any]) -> dict[str, Any]:
     summary = train(cfg, Path(spec["run_dir"]))
     seconds = time.perf_counter() - start
     cache = Path(cfg.trainer.cache_dir) if cfg.trainer.cache_dir else None
+    epochs = [record["seconds"] for record in read_metrics(Path(spec["run_dir"]))]
     return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu, "epochs_run": summary["epochs_run"],
+            # each epoch's own seconds: the rest of `seconds` is what a run pays once (model, data, cache, plot)
+            "epoch_seconds": epochs, "outside_epochs_seconds": seconds - sum(epochs),
             "cache_files": len(list(cache.glob("*.pt"))) if cache and cache.is_dir() else 0,
             "peak_rss_mb": _peak_rss_mb()}
 

@@ -9,9 +9,11 @@ from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
 from transfer_cli.lesson.exercise5 import DEFAULT_OUT, run_normalization
 from transfer_cli.lesson.normalizations import DEFAULT_NORMS, NORMALIZATIONS
+from transfer_cli.lesson.quick_assets import ensure_quick_assets
 
 
-USAGE = """usage: transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2]
+USAGE = """usage: transfer exercise assets
+       transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2]
                                     [key=value ...]
 
 Lesson exercise 5: score a pretrained network with its own 1000-way ImageNet head on a small
@@ -21,7 +23,11 @@ evaluation subset per dataset.split_seed and reports mean ± std over them.
 Overrides compose on experiment=exercise5 (EfficientNet-B0, 100 Imagenette val images):
   transfer exercise normalization backbone=tf_efficientnet_lite0 dataset=folder dataset.root=DIR
 Folder classes are ImageNet classes named by index (310), WordNet id or name (ant, ants).
-The other exercises are experiment configs: see docs/exercises.md and `make help`."""
+The other exercises are experiment configs: see docs/exercises.md and `make help`.
+
+`transfer exercise assets` fetches the quick exercises' data (hymenoptera, eurosat5: every file
+checked against the shipped manifests) and weights once, and prints the assets folder
+(`make exerciseN QUICK=1` runs it when ASSETS / TRANSFER_ASSETS give no local copy)."""
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -38,10 +44,15 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    if name == "assets":
+        CommandParser(prog="transfer exercise assets", usage="transfer exercise assets").parse_args(rest)
+        print(ensure_quick_assets())
+        return 0
     if name not in {"normalization", "5"}:
         raise TransferError(f"unknown exercise '{name}': `transfer exercise normalization` (exercise 5) is the "
-                                 "one with its own command; exercises 1-4 run as `make exercise1` .. `make exercise4`")
-    parser = CommandParser(prog="transfer exercise normalization", usage=USAGE.splitlines()[0][7:])
+                            "one with its own command (`transfer exercise assets` fetches the quick exercises' "
+                            "data); exercises 1-4 run as `make exercise1` .. `make exercise4`")
+    parser = CommandParser(prog="transfer exercise normalization", usage=USAGE.splitlines()[1].strip())
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
     parser.add_argument("--norms", default=",".join(DEFAULT_NORMS),
                         help=f"comma-separated, from {', '.join([*NORMALIZATIONS, 'weights'])}")

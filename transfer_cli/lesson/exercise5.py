@@ -62,14 +62,19 @@ def _value(values: list[float], digits: int) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def role(weights_own: bool) -> str:
+    """What a normalization is for the network scored: the one its weights were trained with, or not."""
+    return "the weights' own normalization" if weights_own else "another one"
+
+
 def markdown_table(runs: list[list[NormResult]]) -> str:
     """One row per normalization; with several seeds each number is mean ± std over their subsets."""
-    header = ["normalization", "mean", "std", "weights' own", "top-1", "top-5", "top-1 among the set's classes",
+    header = ["for these weights", "normalization", "mean", "std", "top-1", "top-5", "top-1 among the set's classes",
               "input mean", "input std"]
     lines = []
     for column in zip(*runs):
         r = column[0]
-        lines.append([r.label, _triple(r.mean), _triple(r.std), "yes" if r.weights_own else "no",
+        lines.append([role(r.weights_own), r.label, _triple(r.mean), _triple(r.std),
                       _value([c.top1 for c in column], 4), _value([c.top5 for c in column], 4),
                       _value([c.top1_among_classes for c in column], 4),
                       _value([c.input_mean for c in column], 3), _value([c.input_std for c in column], 3)])
@@ -152,7 +157,7 @@ def plot_samples(path: Path, images: torch.Tensor, truth: list[int], norms: list
             mark = "ok" if predicted == truth[column] else "wrong"
             axis.set_title(f"{imagenet_class_name(predicted)} ({mark})"[:28], fontsize=8,
                            color="green" if predicted == truth[column] else "red")
-        axes[row][0].set_ylabel(f"{norm.label}\ntop-1 {result.top1:.2f}", fontsize=8)
+        axes[row][0].set_ylabel(f"{norm.label}\n({role(result.weights_own)})\ntop-1 {result.top1:.2f}", fontsize=8)
         hist = axes[row][count]
         hist.hist(expected, bins=60, range=(-3, 3), color="grey", alpha=0.5, density=True, label="expected")
         hist.hist(inputs.flatten().numpy(), bins=60, range=(-3, 3), alpha=0.6, density=True, label="received")

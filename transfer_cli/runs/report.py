@@ -73,6 +73,11 @@ class Row:
         return ", ".join(run.name for run in self.runs)
 
     @property
+    def rates(self) -> str:
+        """Each distinct sequence of stage rates (peak / mean lr) of the row's runs."""
+        return ", ".join(dict.fromkeys(run.rates for run in self.runs))
+
+    @property
     def stages(self) -> str:
         """Each distinct stage sequence of the row's runs (seeds stopped early at different epochs differ)."""
         return ", ".join(dict.fromkeys(stage_changes(run) for run in self.runs))
@@ -151,17 +156,25 @@ def shared_keys(runs: list[Run]) -> dict[str, str]:
             and (key in HEADLINE or key in overridden or ("." in key and key.rsplit(".", 1)[1] in IDENTITY_LEAVES))}
 
 
-def common_stages(rows: list[Row]) -> str | None:
-    """The stages every row ran (None where rows differ), which then leave the table for the "Shared:" line."""
-    stages = {row.stages for row in rows}
-    return stages.pop() if len(stages) == 1 else None
+# per-row columns that leave the table for the "Shared:" line where every row has the same: Row attribute -> title
+ROW_COLUMNS = {"stages": "stages", "rates": "lr peak / mean"}
 
 
-def shared_line(runs: list[Run], stages: str | None) -> str:
+def common_columns(rows: list[Row]) -> dict[str, str]:
+    """The ROW_COLUMNS every row has alike (attribute -> value), which then leave the table for the "Shared:" line."""
+    common = {}
+    for attribute in ROW_COLUMNS:
+        values = {getattr(row, attribute) for row in rows}
+        if len(values) == 1:
+            common[attribute] = values.pop()
+    return common
+
+
+def shared_line(runs: list[Run], common: dict[str, str]) -> str:
     """`Shared: backbone.name=..., dataset.name=..., stages=head 3 → all 5`: what the table leaves out because
     every row has it ('' when nothing is shared)."""
     shared = [f"{key}={value}" for key, value in shared_keys(runs).items()]
-    shared += [f"stages={stages}"] * (stages not in (None, "-"))
+    shared += [f"{ROW_COLUMNS[attribute]}={value}" for attribute, value in common.items() if value != "-"]
     return f"Shared: {', '.join(shared)}" if shared else ""
 
 
@@ -216,12 +229,14 @@ def _format(row: Row, metric: str, spec: str) -> str:
     return text
 
 
-def markdown_table(rows: list[Row], keys: list[str], stages: bool = True) -> str:
-    """The table for people: formatted numbers, only the keys that tell the rows apart (and the stages, unless
-    every row ran the same)."""
-    header = [*keys, *["stages"] * stages, "n", *(title for title, _ in METRICS.values()), "status", "run"]
-    return markdown(header, [[*(row.key_value(k) for k in keys), *[row.stages] * stages, str(len(row.runs)),
-                              *(_format(row, m, spec) for m, (_, spec) in METRICS.items()),
+def markdown_table(rows: list[Row], keys: list[str], common: dict[str, str] | None = None) -> str:
+    """The table for people: formatted numbers, only the keys that tell the rows apart (and the stages and their
+    rates, unless every row has the same: `common`)."""
+    columns = [attribute for attribute in ROW_COLUMNS if attribute not in (common or {})]
+    header = [*keys, *(ROW_COLUMNS[c] for c in columns), "n", *(title for title, _ in METRICS.values()),
+              "status", "run"]
+    return markdown(header, [[*(row.key_value(k) for k in keys), *(getattr(row, c) for c in columns),
+                              str(len(row.runs)), *(_format(row, m, spec) for m, (_, spec) in METRICS.items()),
                               row.status, row.names] for row in rows])
 
 
@@ -231,10 +246,11 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
     stats = [column for metric in METRICS for column in (metric, f"{metric}_std")]
     with atomic_file(path) as file:
         writer = csv.writer(file)
-        writer.writerow([*keys, "stages", "n", *stats, "selected_on", "status", "runs"])
+        writer.writerow([*keys, "stages", "lr_peak_mean", "n", *stats, "selected_on", "status", "runs"])
         for row in rows:
             numbers = [value for metric in METRICS for value in mean_std(row.values(metric))]
-            writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), csv_cell(row.stages), len(row.runs),
+            writer.writerow([*(csv_cell(row.key_value(k)) for k in keys), csv_cell(row.stages), csv_cell(row.rates),
+                             len(row.runs),
                              *("" if v is None else v for v in numbers), row.selected_on,
                              csv_cell(row.status), csv_cell(row.names)])
 
@@ -250,9 +266,9 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
     base = Path(os.path.commonpath([run.path.resolve().parent for run in runs]))
     for run in runs:
         run.name = run.path.resolve().relative_to(base).as_posix()
-    stages = common_stages(rows)
-    shared = shared_line(runs, stages)
-    table = (f"{shared}\n\n" if shared else "") + markdown_table(rows, shown, stages=stages is None)
+    common = common_columns(rows)
+    shared = shared_line(runs, common)
+    table = (f"{shared}\n\n" if shared else "") + markdown_table(rows, shown, common)
     repeats = repeat_note(rows)
     warnings = [note for run in runs for note in run.figures.notes]
     try:

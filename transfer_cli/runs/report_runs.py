@@ -70,6 +70,7 @@ class Run:
     status: str  # the run's own: summary.json's (finished, failed), or unfinished/failed without one
     figures: Figures
     selected_on: str | None = None  # the split best.pt was chosen on (runs/selection.py); None: unknown
+    rates: str = "-"  # each stage's peak / mean lr as its steps ran (stage_rates)
     name: str = ""  # its path relative to the folder all reported runs share
     repeat_of: "Run | None" = None  # an earlier run with the same config and seed: not another seed
 
@@ -145,7 +146,33 @@ def load_run(path: Path) -> Run:
         status = _status(summary, summary_path, figures.notes)
     flat = {key: value if isinstance(value, str) else json.dumps(value, default=str)
             for key, value in flatten(config, sep=".").items()}  # comparable strings
-    return Run(path, flat, [str(o) for o in overrides], records, status, figures, selected)
+    return Run(path, flat, [str(o) for o in overrides], records, status, figures, selected, stage_rates(summary))
+
+
+def stage_rates(summary: dict[str, Any] | None) -> str:
+    """Each stage's peak and mean lr as its steps ran (summary.json's stages: peak_lrs, mean_lrs; a range where
+    its groups ran at different rates): `1.0e-03 / 4.8e-04 → 1.0e-04 / 4.9e-05`. A OneCycle stage's mean is about
+    half its peak: a bare "lr" says neither. '-' where the summary does not hold them as numbers."""
+    stages = summary.get("stages") if summary else None
+    if not isinstance(stages, list):
+        return "-"
+    shown = []
+    for stage in stages:
+        peak, mean = (stage.get(key) if isinstance(stage, dict) else None for key in ("peak_lrs", "mean_lrs"))
+        if peak is None and mean is None:  # a stage the run never reached
+            continue
+        if not (isinstance(peak, dict) and isinstance(mean, dict)):
+            return "-"
+        shown.append(f"{_span(peak)} / {_span(mean)}")
+    return " → ".join(shown) or "-"
+
+
+def _span(lrs: dict[str, Any]) -> str:
+    values = [value for value in lrs.values() if runlog.is_float(value) and math.isfinite(value) and value > 0]
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return f"{high:.1e}" if low == high else f"{low:.1e}–{high:.1e}"
 
 
 def _is_number(value: Any) -> bool:
