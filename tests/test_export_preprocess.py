@@ -1,6 +1,6 @@
-"""The export's preprocess.py with onnxruntime, run where neither torch nor transfer_cli can be imported, gives
-`transfer predict`'s probabilities on awkward images; one with rounding for truncation, or without the reduced
-JPEG decode, does not."""
+"""The export's preprocess.py equals the tool's eval transform in every crop mode; with onnxruntime, run where
+neither torch nor transfer_cli can be imported, it gives `transfer predict`'s probabilities on awkward images;
+one with rounding for truncation, or without the reduced JPEG decode, does not."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from PIL import Image
 
 from transfer_cli.cli import main as transfer_main
 from transfer_cli.core.extras import installed
+from transfer_cli.data.folder import load_rgb
+from transfer_cli.data.transforms import Preprocessing, eval_transform
+from transfer_cli.inference import preprocess_script
 from transfer_cli.training.run import train
 
 from conftest import compose_train
 
 
-pytestmark = pytest.mark.skipif(not all(installed(name) for name in ("onnx", "onnxruntime")),
+needs_onnx = pytest.mark.skipif(not all(installed(name) for name in ("onnx", "onnxruntime")),
                                 reason='needs the export extra: pip install -e ".[export]"')
 
 # resizing the short side to 32: 32 * 53 / 37 = 45.8 and 32 * 45 / 33 = 43.6 tell truncation from rounding;
@@ -88,6 +91,7 @@ def probabilities(export: Path, script: Path, images: list[Path], work: Path) ->
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+@needs_onnx
 def test_preprocess_script_gives_predicts_probabilities(exported, tmp_path: Path) -> None:
     export, images, expected = exported
     assert (export / "model.json").exists() and json.loads((export / "model.json").read_text())["decode"]["draft"]
@@ -95,6 +99,7 @@ def test_preprocess_script_gives_predicts_probabilities(exported, tmp_path: Path
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
 
 
+@needs_onnx
 @pytest.mark.parametrize(("old", "new"), [(TRUNCATED, "new_long = round(size * long / short)"), (DRAFTED, "False")],
                          ids=["rounding", "no-draft"])
 def test_a_perturbed_script_differs(exported, tmp_path: Path, old: str, new: str) -> None:
@@ -111,8 +116,26 @@ def test_a_perturbed_script_differs(exported, tmp_path: Path, old: str, new: str
     assert np.abs(actual - expected).max() > 1e-5
 
 
+@needs_onnx
 def test_model_json_states_the_resize_and_decode(exported) -> None:
     meta = json.loads((exported[0] / "model.json").read_text())
     assert meta["preprocess"] == "preprocess.py" and meta["resize_size"] == 32 and meta["crop_mode"] == "center"
     assert "truncated" in meta["resize"]["rule"] and meta["interpolation"].upper() in meta["resize"]["resampling"]
     assert meta["decode"]["margin"] == 2 and "Image.draft" in meta["decode"]["rule"]
+
+
+@pytest.mark.parametrize(("image_size", "crop_pct", "crop_mode"), [
+    ((32, 40), 0.9, "center"), (32, 0.875, "squash"), ((40, 32), 0.95, "border"), (32, 1.2, "center"),
+    (32, 1.1, "border")], ids=["center-keep-ratio", "squash", "border", "center-padded", "border-padded"])
+def test_script_equals_the_eval_transform(tmp_path: Path, image_size, crop_pct: float, crop_mode: str) -> None:
+    """Each resize rule (keep-ratio, squash, border with its mean-colour padding, black padding past crop_pct 1),
+    with draft decoding, matches the tool's own pipeline to float rounding."""
+    pre = Preprocessing(image_size, crop_pct, "bilinear", (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), crop_mode)
+    height, width = pre.size
+    spec = json.loads(json.dumps({"input_size": [3, height, width], "resize_size": pre.resize_size,
+                                  "crop_mode": crop_mode, "interpolation": pre.interpolation, "mean": pre.mean,
+                                  "std": pre.std, "decode": {"draft": True, "margin": 2}}))
+    transform = eval_transform(pre)
+    for path in write_images(tmp_path / "images"):
+        expected = transform(load_rgb(path, transform.decode)).numpy()
+        np.testing.assert_allclose(preprocess_script.load(path, spec), expected, rtol=0, atol=1e-6, err_msg=path.name)
