@@ -139,7 +139,7 @@ def test_safetensors_rebuild_with_timm_gives_the_runs_logits(exports: dict[str, 
 def test_last_checkpoint_to_another_folder(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "deploy" / "v1"
     assert transfer_main(["export", str(run), "--checkpoint", "last", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.pt", "preprocess.py"]
     assert json.loads((out / "model.json").read_text())["checkpoint"] == "last"
     _, model, _ = load_trained_model(run, "last")
     images = torch.randn(4, 3, 32, 32)
@@ -210,7 +210,7 @@ def test_files_are_whole_and_follow_the_umask(exports: dict[str, Path]) -> None:
     mask = os.umask(0)
     os.umask(mask)
     for fmt, folder in exports.items():
-        assert files_below(folder) == sorted(["model.json", FILES[fmt]])  # no .*.tmp left behind
+        assert files_below(folder) == sorted(["model.json", FILES[fmt], "preprocess.py"])  # no .*.tmp left behind
         for path in folder.iterdir():
             assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
             assert path.stat().st_size > 0, path

@@ -10,7 +10,8 @@ from transfer_cli.core.errors import TransferError
 def scale_epochs(epochs: list[int], total: int | None) -> list[int]:
     """Stage lengths rescaled to `total` in proportion (largest remainder, each >= 1)."""
     if any(count <= 0 for count in epochs):
-        raise TransferError(f"stage epochs must be positive, got {epochs}: fix strategy.stages[*].epochs")
+        raise TransferError(f"stage epochs must be positive, got {epochs}: fix the stages' epochs "
+                            "(strategy.stages.i.epochs, i from 0)")
     if total is None or total == sum(epochs):
         return list(epochs)
     if total < len(epochs):

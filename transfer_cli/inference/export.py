@@ -24,12 +24,15 @@ from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError, first_line
 from transfer_cli.core.extras import install_hint, installed
 from transfer_cli.core.files import atomic_file, refuse_links_below
+from transfer_cli.data.decode import MARGIN
 from transfer_cli.data.transforms import Preprocessing
+from transfer_cli.inference import preprocess_script
 from transfer_cli.inference.load import load_trained_model, preprocessing_of
 from transfer_cli.runs.rundir import read_summary, require_run_dir
 from transfer_cli.runs.runlog import write_json
 
 
+PREPROCESS_FILE = "preprocess.py"  # the reference preprocessing, PIL and numpy only
 FORMATS = ("torchscript", "onnx", "safetensors")
 FILES = {"torchscript": "model.pt", "onnx": "model.onnx", "safetensors": "model.safetensors"}
 ONNX_PACKAGES = ("onnx", "onnxruntime")
@@ -111,6 +114,9 @@ def describe(cfg: TrainConfig, run_dir: Path, classes: list[str], pre: Preproces
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, height, width], "dtype": "float32",
                   "meaning": "RGB scaled to 0-1, resized and centre-cropped as crop_mode says, "
                              "then (x - mean) / std per channel"},
+        "resize": _resize_rule(pre),
+        "decode": _decode_rule(cfg.transforms.draft_decode),
+        "preprocess": PREPROCESS_FILE,
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(classes)], "meaning": "logits, in the order of classes"},
         "backbone": {"source": cfg.backbone.source, "name": cfg.backbone.name,
                      "weights": summary.get("weights") or _weights_origin(cfg, weights),
@@ -119,6 +125,41 @@ def describe(cfg: TrainConfig, run_dir: Path, classes: list[str], pre: Preproces
         "metrics": {key: _finite_or_none(summary.get(key)) for key in SUMMARY_KEYS},
         "torch": torch.__version__.split("+")[0],
     }
+
+
+def _resize_rule(pre: Preprocessing) -> dict[str, Any]:
+    """The resize and crop in words exact enough to reimplement (preprocess.py does): sizes in pixels,
+    H x W the decoded image's height and width."""
+    if pre.crop_mode == "squash":
+        rule = "resize to resize_size (height, width), ignoring the aspect ratio"
+    elif pre.crop_mode == "center" and isinstance(pre.resize_size, int):
+        rule = ("torchvision's short-side resize: the short side becomes resize_size, the long side "
+                "int(resize_size * long / short), truncated (not rounded)")
+    else:
+        side = "longer" if pre.crop_mode == "border" else "shorter"
+        rule = (f"one scale for both sides, fitting the {side} side: ratio = "
+                f"{'max' if side == 'longer' else 'min'}(H / resize_height, W / resize_width), new sides "
+                "round(H / ratio) and round(W / ratio), rounded half to even")
+    fill = "the mean colour, round(255 * mean)" if pre.crop_mode == "border" else "black"
+    return {"rule": rule, "resampling": f"PIL Image.resize with Resampling.{pre.interpolation.upper()} on the 8-bit "
+                                        "RGB image (antialiased, as PIL always is); no resize where the size is met",
+            "antialias": True,
+            "crop": f"pad with {fill} to at least input_size (left/top get the smaller half), then cut input_size "
+                    "from the centre at top = round((h - crop_h) / 2), left = round((w - crop_w) / 2), rounded half "
+                    "to even",
+            "to_float": "uint8 RGB -> float32 * (1 / 255), then (x - mean) / std, laid out [batch, 3, H, W]"}
+
+
+def _decode_rule(draft: bool) -> dict[str, Any]:
+    """How the run decodes a JPEG: at reduced size (PIL's draft mode) where transforms.draft_decode is on."""
+    if not draft:
+        return {"draft": False, "margin": MARGIN, "rule": "every image is decoded at full size"}
+    return {"draft": True, "margin": MARGIN,
+            "rule": "a JPEG is decoded with PIL's Image.draft(image.mode, (ceil(W / f), ceil(H / f))) where "
+                    "f = min(W / resized_w, H / resized_h) / margin is >= 2; the decode is then resized straight "
+                    "to the resized size from the box draft returns; other files, and f < 2, decode in full. "
+                    "Probabilities equal the tool's only with this decode (a full decode differs by about 1/255 "
+                    "per pixel)"}
 
 
 def _weights_origin(cfg: TrainConfig, built_with: str) -> str:
@@ -258,11 +299,14 @@ BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor, TrainConfig, dict], _Buil
 
 
 def _write(out: Path, fmt: str, payload: bytes, metadata: dict[str, Any]) -> Exported:
-    """The model file, then model.json, each whole or not at all; a folder that cannot be written is one line."""
+    """The model file, preprocess.py, then model.json, each whole or not at all; a folder that cannot be written
+    is one line."""
     model_file, metadata_file = out / FILES[fmt], out / "model.json"
     try:
         with atomic_file(model_file, "wb") as file:
             file.write(payload)
+        with atomic_file(out / PREPROCESS_FILE, "w") as file:
+            file.write(Path(preprocess_script.__file__).read_text(encoding="utf-8"))
         write_json(metadata_file, metadata)
     except OSError as error:
         raise TransferError(f"cannot write the export to {out}: {error.strerror or error}") from error
