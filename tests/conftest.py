@@ -18,11 +18,14 @@ from transfer_cli.config.schema import TrainConfig
 REPO = Path(__file__).resolve().parent.parent
 
 # Small, quick runs: the smoke experiment shrunk further.
+# steps per epoch follow from these counts (96 / 16 = 6), so no selection split is carved from train; the default
+# one is tested where it is the subject (test_selection, test_train's run directory, the golden runs, the CLI)
 FAST = [
     "experiment=smoke",
     "dataset.train_size=96",
     "dataset.val_size=48",
     "trainer.epochs=3",
+    "dataset.select_fraction=0",
 ]
 
 

@@ -44,7 +44,8 @@ def skewed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_on(root: Path, *extra: str) -> list[str]:
-    return ["experiment=smoke", "dataset=folder", f"dataset.root={root}", "strategy=fine_tune", "trainer.epochs=2",
+    return ["experiment=smoke", "dataset=folder", f"dataset.root={root}", "dataset.select_fraction=0",
+            "strategy=fine_tune", "trainer.epochs=2",
             "trainer.batch_size=4", "dataset.cache_images=false", *extra]
 
 
@@ -137,7 +138,8 @@ def test_the_plan_counts_images_per_class_and_warns_of_a_nine_to_one_set(skewed:
     assert "per class train few 2, many 18; val few 4, many 4" in out
     assert ("warning   imbalanced classes: 'many' has 9.0x the train images of 'few' (18 vs 2): "
             "dataset.balance=sampler draws every class equally often") in out
-    assert main(["train", "experiment=smoke", "dry_run=true", f"hydra.run.dir={tmp_path / 'b'}"]) == 0
+    assert main(["train", "experiment=smoke", "dataset.select_fraction=0", "dry_run=true",
+                 f"hydra.run.dir={tmp_path / 'b'}"]) == 0
     out = capsys.readouterr().out
     assert "per class train class_0 96, class_1 96, class_2 96, class_3 96;" in out and "warning" not in out
 
@@ -145,7 +147,7 @@ def test_the_plan_counts_images_per_class_and_warns_of_a_nine_to_one_set(skewed:
 def test_the_plan_sums_up_many_classes_by_their_range(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       hydra_in_process: None) -> None:
     """384 images over 13 classes: 7 classes of 30, 6 of 29 (the synthetic set deals labels in turn)."""
-    assert main(["train", "experiment=smoke", "dataset.num_classes=13", "dry_run=true",
+    assert main(["train", "experiment=smoke", "dataset.num_classes=13", "dataset.select_fraction=0", "dry_run=true",
                  f"hydra.run.dir={tmp_path / 'run'}"]) == 0
     out = capsys.readouterr().out
     assert "per class train 29 (class_7) to 30 (class_0) images over 13 classes;" in out and "warning" not in out

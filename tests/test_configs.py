@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,8 @@ NEEDS_NAME = {("backbone", "timm"): ["backbone.name=test_resnet"],
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
-def test_every_config_file_composes(group: str, option: str) -> None:
+def test_every_config_file_composes(group: str, option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRANSFER_ASSETS", str(tmp_path))  # the quick configs' assets folder (make sets it)
     cfg = compose_train([f"{group}={option}", *NEEDS_NAME.get((group, option), [])])
     assert isinstance(cfg, TrainConfig)
     if group == "strategy":

@@ -60,11 +60,12 @@ def rows_of(root: Path) -> list[list[str]]:
 
 
 def csv_cfg(labels: Path, root: Path, **overrides) -> DatasetConfig:
-    return DatasetConfig(name="csv", csv=str(labels), root=str(root), val_fraction=0.25, **overrides)
+    return DatasetConfig(name="csv", csv=str(labels), root=str(root), val_fraction=0.25, select_fraction=0,
+                         **overrides)
 
 
 def folder_cfg(root: Path) -> DatasetConfig:
-    return DatasetConfig(name="folder", root=str(root), val_fraction=0.25)
+    return DatasetConfig(name="folder", root=str(root), val_fraction=0.25, select_fraction=0)
 
 
 def test_a_csv_and_the_equivalent_folder_hold_the_same_splits(images: Path, tmp_path: Path) -> None:
@@ -159,8 +160,8 @@ def test_a_missing_column_is_one_line_from_the_command(images: Path, tmp_path: P
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-RUN = ["experiment=smoke", "strategy=fine_tune", "trainer.epochs=2", "trainer.batch_size=4",
-       "dataset.val_fraction=0.25", "dataset.cache_images=false"]
+RUN = ["experiment=smoke", "dataset.select_fraction=0", "strategy=fine_tune", "trainer.epochs=2",
+       "trainer.batch_size=4", "dataset.val_fraction=0.25", "dataset.cache_images=false"]
 
 
 @pytest.mark.slow
@@ -199,7 +200,8 @@ def test_a_relabelled_row_is_never_served_cached_features(images: Path, tmp_path
                                                            caplog: pytest.LogCaptureFixture) -> None:
     rows = [[f"{name}/{i}.png", name, "train" if i < 4 else "val"] for name in ("ants", "bees") for i in range(6)]
     labels = write_csv(tmp_path / "labels.csv", rows, ("path", "label", "split"))
-    overrides = ["experiment=smoke", "dataset=csv", f"dataset.csv={labels}", f"dataset.root={images}",
+    overrides = ["experiment=smoke", "dataset=csv", "dataset.select_fraction=0", f"dataset.csv={labels}",
+                 f"dataset.root={images}",
                  "strategy=feature_extract", "augment=none", "trainer.epochs=1", "trainer.batch_size=4",
                  "dataset.cache_images=false"]
     train(compose_train(overrides), tmp_path / "fill")

@@ -45,7 +45,7 @@ def cluttered(tmp_path: Path) -> Path:
 def test_unsupported_files_are_named_once_and_hidden_ones_never(cluttered: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="transfer_cli"):
-        splits = load_splits(DatasetConfig(name="folder", root=str(cluttered)))
+        splits = load_splits(DatasetConfig(name="folder", root=str(cluttered), select_fraction=0))
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert warnings == ["skipped 3 files that are not supported images: notes.txt, b.xyz, readme.md"]
     assert splits.unsupported_files == [str(cluttered / "train" / "ants" / "notes.txt"),
@@ -54,7 +54,7 @@ def test_unsupported_files_are_named_once_and_hidden_ones_never(cluttered: Path,
 
 
 def test_a_gif_is_an_image_decoded_in_its_own_colours(cluttered: Path) -> None:
-    splits = load_splits(DatasetConfig(name="folder", root=str(cluttered)))
+    splits = load_splits(DatasetConfig(name="folder", root=str(cluttered), select_fraction=0))
     assert len(splits.train) == 7 and splits.train_labels == [0, 0, 0, 0, 1, 1, 1]
     image, label = splits.train[3]  # ants: 0.png, 1.png, 2.png, x.gif
     assert (image.mode, image.getpixel((5, 5)), label) == ("RGB", COLOURS["ants"], 0)
@@ -65,14 +65,15 @@ def test_many_unsupported_files_are_counted_and_the_first_few_named(cluttered: P
     for i in range(7):
         (cluttered / "train" / "bees" / f"scan{i}.pdf").write_bytes(b"%PDF")
     with caplog.at_level(logging.WARNING, logger="transfer_cli"):
-        load_splits(DatasetConfig(name="folder", root=str(cluttered)))
+        load_splits(DatasetConfig(name="folder", root=str(cluttered), select_fraction=0))
     assert caplog.records[-1].getMessage() == ("skipped 10 files that are not supported images: notes.txt, b.xyz, "
                                                "scan0.pdf, scan1.pdf, scan2.pdf and 5 more")
 
 
 @pytest.mark.slow
 def test_summary_json_records_the_files_left_out(cluttered: Path, tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={cluttered}", "trainer.epochs=1",
+    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={cluttered}", "dataset.select_fraction=0",
+                         "trainer.epochs=1",
                          "strategy=feature_extract", "trainer.batch_size=4", "dataset.cache_images=false"])
     train(cfg, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

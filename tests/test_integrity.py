@@ -27,7 +27,8 @@ from conftest import REPO, compose_train
 from helpers import assert_same_metrics, fresh_copy, trained_in_process
 
 
-TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.batch_size=32"]
+TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.batch_size=32",
+        "dataset.select_fraction=0"]
 HEAD = "{name:head,epochs:1,train:[head],lr:1.0e-3}"
 # head-only stages that share a name, around one that trains the backbone (and its BatchNorm statistics)
 HEAD_ALL_HEAD = f"strategy.stages=[{HEAD},{{name:all,epochs:1,train:[all],lr:1.0e-3}},{HEAD}]"

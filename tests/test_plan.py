@@ -70,7 +70,7 @@ def test_dry_run_returns_the_plan_and_trains_nothing(tmp_path: Path, capsys: pyt
     assert plan["backbone"] == {"source": "timm", "name": "test_resnet", "weights": {"from": "random init"}}
     per_class = {f"class_{label}": 24 for label in range(4)}
     assert plan["data"] == {"dataset": "synthetic", "classes": 4, "head_outputs": 4, "train_images": 96,
-                            "val_images": 48, "train_per_class": per_class,
+                            "val_images": 48, "select_images": 0, "train_per_class": per_class,
                             "val_per_class": {name: 12 for name in per_class}, "imbalance": None, "balance": "none"}
     assert plan["normalization"]["matches_weights"] is True
     assert plan["input"]["image_size"] == 32
@@ -126,7 +126,8 @@ def test_dry_run_command_prints_the_plan_offline_and_leaves_no_run_dir(tmp_path:
     out = result.stdout
     assert "backbone  timm test_resnet; weights: hf-hub timm/test_resnet" in out
     assert f"cache {hf_home / 'hub'}: missing, offline" in out
-    assert "4 classes, head outputs 4" in out and "384 train / 128 val images" in out
+    assert "4 classes, head outputs 4" in out and "344 train / 128 val images" in out
+    assert "best.pt chosen on 40 images held out of train (dataset.select_fraction)" in out
     assert "matches the weights" in out
     stages = [line for line in out.splitlines() if line.startswith("stage ")]
     assert len(stages) == 3

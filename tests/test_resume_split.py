@@ -28,8 +28,8 @@ from conftest import compose_train
 
 
 # 8 images a class, val_fraction 0.25: 6 + 6 train, 2 + 2 val; batch 4 makes 3 steps an epoch
-RUN = ["experiment=smoke", "dataset=folder", "dataset.val_fraction=0.25", "strategy=fine_tune", "trainer.epochs=2",
-       "trainer.batch_size=4", "dataset.cache_images=false"]
+RUN = ["experiment=smoke", "dataset=folder", "dataset.val_fraction=0.25", "dataset.select_fraction=0",
+       "strategy=fine_tune", "trainer.epochs=2", "trainer.batch_size=4", "dataset.cache_images=false"]
 CTRL_C_AT_STEP = 4  # the first step of epoch 2: last.pt keeps epoch 1 and that step
 
 
@@ -137,7 +137,7 @@ def test_a_checkpoint_without_its_split_record_is_refused(interrupted: tuple[Pat
 
 
 def folder_cfg(root: Path, **overrides) -> DatasetConfig:
-    return DatasetConfig(name="folder", root=str(root), val_fraction=0.25, **overrides)
+    return DatasetConfig(name="folder", root=str(root), val_fraction=0.25, select_fraction=0, **overrides)
 
 
 def test_hidden_files_and_folders_are_no_images_at_any_depth(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ from conftest import compose_train
 from helpers import assert_same_metrics, parse_markdown, run_metrics, write_run
 
 
-TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
+TINY = ["experiment=smoke", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
+        "dataset.select_fraction=0"]
 HEAD_ALL_HEAD = ["strategy=feature_extract", "trainer.epochs=null", "strategy.stages=[{name: probe, epochs: 1, "
                  "train: [head]}, {name: all, epochs: 1, train: [all]}, {name: again, epochs: 1, train: [head]}]"]
 

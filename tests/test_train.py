@@ -24,7 +24,7 @@ SUMMARY_KEYS = {"reported_val_acc", "selected_on", "selected_acc", "final_val_ac
 
 
 def test_run_dir_holds_every_artifact(tmp_path: Path) -> None:
-    summary = train(compose_train(FAST + ["strategy=gradual"]), tmp_path)
+    summary = train(compose_train(FAST + ["strategy=gradual", "dataset.select_fraction=0.1"]), tmp_path)
 
     records = read_metrics(tmp_path)
     assert [r["epoch"] for r in records] == [1, 2, 3]

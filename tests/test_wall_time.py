@@ -34,15 +34,15 @@ def test_a_resumed_run_counts_the_time_before_its_interruption(tmp_path: Path, m
     with monkeypatch.context() as patch:
         crash_after(patch, epoch=2, step=2)
         with pytest.raises(Crash):
-            train(compose_train(overrides), run_dir, callbacks=[SlowFirstEpoch(2.0)])
+            train(compose_train(overrides), run_dir, callbacks=[SlowFirstEpoch(5.0)])
     first_process = time.perf_counter() - started
     before = checkpoint.load(run_dir / "checkpoints" / "last.pt")["progress"]["elapsed_s"]
-    assert 2.0 < before <= first_process, "the checkpoint holds the first process's seconds up to it"
+    assert 5.0 < before <= first_process, "the checkpoint holds the first process's seconds up to it"
 
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     resumed_at = time.perf_counter()
     summary = train(compose_train(overrides), run_dir, resume=state)
     second_process = time.perf_counter() - resumed_at
-    assert before + 0.0 < summary["wall_time_s"] <= before + second_process
-    assert summary["wall_time_s"] > second_process + 2.0, "the sleep before the interruption is counted"
+    # the resumed process's own seconds (it ends after wall_time_s is taken: <=), on top of the first's
+    assert before < summary["wall_time_s"] <= before + second_process, "the sleep before the interruption is counted"
     assert json.loads((run_dir / "summary.json").read_text())["wall_time_s"] == summary["wall_time_s"]
