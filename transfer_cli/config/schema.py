@@ -250,6 +250,8 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     # null: the strategy's stage epochs; N: stages scaled to N
     epochs: Optional[int] = field(default=None, metadata=POSITIVE)
+    # N: every stage runs N epochs, whatever the strategy's stage count (debug=fast: 1); null: as `epochs` says
+    epochs_per_stage: Optional[int] = field(default=None, metadata=POSITIVE)
     batch_size: int = field(default=32, metadata=POSITIVE)
     eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE | MACHINERY)
     device: str = field(default="auto", metadata=DEVICE | MACHINERY)
