@@ -151,6 +151,37 @@ def test_shell_completion_as_installed_completes_train_overrides(typed: str, off
     assert offered in query.stdout.split()
 
 
+def installed_completion(typed: str, cwd: Path) -> list[str]:
+    """What bash offers for `typed` (the word being typed last) with the function `transfer train -sc install=bash`
+    installs, run as the shell runs it."""
+    script = ('eval "$(transfer train -sc install=bash)"; COMP_LINE="$TYPED"; COMP_POINT=${#TYPED}; '
+              'words=($TYPED); COMP_CWORD=$(( ${#words[@]} - 1 )); [[ "$TYPED" == *" " ]] && COMP_CWORD=${#words[@]}; '
+              'hydra_bash_completion; printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {**os.environ, "TYPED": typed, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [word for word in done.stdout.split() if word]
+
+
+def test_shell_completion_completes_the_first_word_to_a_command(tmp_path: Path) -> None:
+    # not a train override such as eval_splits.: the first word is a command
+    assert installed_completion("transfer ev", tmp_path) == ["eval"]
+    assert installed_completion("transfer e", tmp_path) == ["eval", "export", "exercise"]
+    assert installed_completion("transfer lr", tmp_path) == ["lr-find"]
+
+
+@pytest.mark.parametrize("command", ["resume", "eval", "predict", "export"])
+def test_shell_completion_offers_run_directories_for_run_dir(tmp_path: Path, command: str) -> None:
+    for run in ("outputs/runs/2026-01-02_10-00-00", "outputs/multirun/sweep/0"):
+        (tmp_path / run / ".hydra").mkdir(parents=True)
+    (tmp_path / "outputs" / "runs" / "not_a_run").mkdir()  # no .hydra/, no config.yaml: not offered
+    assert installed_completion(f"transfer {command} ", tmp_path) == ["outputs/multirun/sweep/0",
+                                                                      "outputs/runs/2026-01-02_10-00-00"]
+    assert installed_completion(f"transfer {command} outputs/ru", tmp_path) == ["outputs/runs/2026-01-02_10-00-00"]
+    # past RUN_DIR no run directories: the shell's own file names (here, the one in the directory)
+    assert installed_completion(f"transfer {command} outputs/runs/2026-01-02_10-00-00 ", tmp_path) == ["outputs"]
+
+
 def test_help_read_by_a_pipe_that_closes_early_is_no_error() -> None:
     """`transfer train --help | head -1` under `set -o pipefail`: the reader took its line, nothing went wrong."""
     done = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m transfer_cli train --help | head -1"],
