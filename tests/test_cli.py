@@ -187,3 +187,41 @@ def test_help_read_by_a_pipe_that_closes_early_is_no_error() -> None:
     done = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m transfer_cli train --help | head -1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("transfer train") and done.stderr == "", done.stderr
+
+
+def help_dataset_keys(*overrides: str) -> list[str]:
+    """The keys `transfer train --help` shows under `dataset:` in its config."""
+    shown = transfer("train", "--help", *overrides)
+    assert shown.returncode == 0, shown.stderr
+    config = shown.stdout.split("== Config", 1)[1]
+    block = config.split("\ndataset:\n", 1)[1].split("\n")
+    return [line.split(":")[0].strip() for line in block[:next(i for i, line in enumerate(block)
+                                                               if not line.startswith("  "))]]
+
+
+@pytest.mark.parametrize(("dataset", "has", "lacks"), [
+    ("flowers102", {"name", "root", "train_subset"}, {"num_classes", "train_size", "val_size", "image_size", "csv"}),
+    ("synthetic", {"name", "num_classes", "train_size", "val_size", "image_size"}, {"csv"}),
+    ("csv", {"csv", "root"}, {"num_classes", "train_size"}),
+])
+def test_train_help_shows_the_dataset_keys_its_kind_reads(dataset: str, has: set[str], lacks: set[str]) -> None:
+    keys = set(help_dataset_keys(f"dataset={dataset}"))
+    assert has <= keys and not lacks & keys, keys
+
+
+def test_train_help_still_shows_the_whole_config_but_hydra() -> None:
+    config = transfer("train", "--help").stdout.split("== Config", 1)[1]
+    assert all(f"\n{group}:\n" in config for group in ("backbone", "strategy", "trainer", "dataset"))
+    assert "epochs_per_stage" in config and "\nhydra:" not in config
+
+
+def test_only_for_names_dataset_kinds() -> None:
+    """A field marked for a kind that does not exist would vanish from every dataset's help."""
+    import dataclasses
+
+    from transfer_cli.config.schema import DATASET_NAMES, DatasetConfig
+
+    marked = {field.name: field.metadata["only_for"] for field in dataclasses.fields(DatasetConfig)
+              if "only_for" in field.metadata}
+    assert set(marked) == {"csv", "num_classes", "train_size", "val_size", "image_size"}
+    assert all(set(kinds) <= set(DATASET_NAMES) for kinds in marked.values())

@@ -37,6 +37,7 @@ from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from transfer_cli.config.help import register_help_resolver
 from transfer_cli.config.loading import config_dir
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.config.stage_epochs import scale_epochs
@@ -58,8 +59,9 @@ CONSOLE_ONLY_LOGGING = {
 
 
 def register_configs() -> None:
-    """Store the schema so `conf/train.yaml` can extend it."""
+    """Store the schema so `conf/train.yaml` can extend it, and resolve its help template's config."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_help_resolver()
     _stand_in_for_missing_sweeper(ConfigStore.instance())
 
 
