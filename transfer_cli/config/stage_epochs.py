@@ -15,8 +15,8 @@ def scale_epochs(epochs: list[int], total: int | None, per_stage: int | None = N
                             "(strategy.stages.i.epochs, i from 0)")
     if per_stage is not None:
         if total is not None and total != per_stage * len(epochs):
-            raise TransferError(f"trainer.epochs={total} and trainer.epochs_per_stage={per_stage} disagree: give "
-                                "one of them (the other =null)")
+            raise TransferError(f"trainer.epochs={total} and trainer.epochs_per_stage={per_stage} disagree: set "
+                                "one of them to null (trainer.epochs_per_stage=null or trainer.epochs=null)")
         return [per_stage] * len(epochs)
     if total is None or total == sum(epochs):
         return list(epochs)
