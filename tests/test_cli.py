@@ -151,8 +151,77 @@ def test_shell_completion_as_installed_completes_train_overrides(typed: str, off
     assert offered in query.stdout.split()
 
 
+def installed_completion(typed: str, cwd: Path) -> list[str]:
+    """What bash offers for `typed` (the word being typed last) with the function `transfer train -sc install=bash`
+    installs, run as the shell runs it."""
+    script = ('eval "$(transfer train -sc install=bash)"; COMP_LINE="$TYPED"; COMP_POINT=${#TYPED}; '
+              'words=($TYPED); COMP_CWORD=$(( ${#words[@]} - 1 )); [[ "$TYPED" == *" " ]] && COMP_CWORD=${#words[@]}; '
+              'hydra_bash_completion; printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {**os.environ, "TYPED": typed, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [word for word in done.stdout.split() if word]
+
+
+def test_shell_completion_completes_the_first_word_to_a_command(tmp_path: Path) -> None:
+    # not a train override such as eval_splits.: the first word is a command
+    assert installed_completion("transfer ev", tmp_path) == ["eval"]
+    assert installed_completion("transfer e", tmp_path) == ["eval", "export", "exercise"]
+    assert installed_completion("transfer lr", tmp_path) == ["lr-find"]
+
+
+@pytest.mark.parametrize("command", ["resume", "eval", "predict", "export"])
+def test_shell_completion_offers_run_directories_for_run_dir(tmp_path: Path, command: str) -> None:
+    for run in ("outputs/runs/2026-01-02_10-00-00", "outputs/multirun/sweep/0"):
+        (tmp_path / run / ".hydra").mkdir(parents=True)
+    (tmp_path / "outputs" / "runs" / "not_a_run").mkdir()  # no .hydra/, no config.yaml: not offered
+    assert installed_completion(f"transfer {command} ", tmp_path) == ["outputs/multirun/sweep/0",
+                                                                      "outputs/runs/2026-01-02_10-00-00"]
+    assert installed_completion(f"transfer {command} outputs/ru", tmp_path) == ["outputs/runs/2026-01-02_10-00-00"]
+    # past RUN_DIR no run directories: the shell's own file names (here, the one in the directory)
+    assert installed_completion(f"transfer {command} outputs/runs/2026-01-02_10-00-00 ", tmp_path) == ["outputs"]
+
+
 def test_help_read_by_a_pipe_that_closes_early_is_no_error() -> None:
     """`transfer train --help | head -1` under `set -o pipefail`: the reader took its line, nothing went wrong."""
     done = subprocess.run(["bash", "-c", f"set -o pipefail; '{sys.executable}' -m transfer_cli train --help | head -1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("transfer train") and done.stderr == "", done.stderr
+
+
+def help_dataset_keys(*overrides: str) -> list[str]:
+    """The keys `transfer train --help` shows under `dataset:` in its config."""
+    shown = transfer("train", "--help", *overrides)
+    assert shown.returncode == 0, shown.stderr
+    config = shown.stdout.split("== Config", 1)[1]
+    block = config.split("\ndataset:\n", 1)[1].split("\n")
+    return [line.split(":")[0].strip() for line in block[:next(i for i, line in enumerate(block)
+                                                               if not line.startswith("  "))]]
+
+
+@pytest.mark.parametrize(("dataset", "has", "lacks"), [
+    ("flowers102", {"name", "root", "train_subset"}, {"num_classes", "train_size", "val_size", "image_size", "csv"}),
+    ("synthetic", {"name", "num_classes", "train_size", "val_size", "image_size"}, {"csv"}),
+    ("csv", {"csv", "root"}, {"num_classes", "train_size"}),
+])
+def test_train_help_shows_the_dataset_keys_its_kind_reads(dataset: str, has: set[str], lacks: set[str]) -> None:
+    keys = set(help_dataset_keys(f"dataset={dataset}"))
+    assert has <= keys and not lacks & keys, keys
+
+
+def test_train_help_still_shows_the_whole_config_but_hydra() -> None:
+    config = transfer("train", "--help").stdout.split("== Config", 1)[1]
+    assert all(f"\n{group}:\n" in config for group in ("backbone", "strategy", "trainer", "dataset"))
+    assert "epochs_per_stage" in config and "\nhydra:" not in config
+
+
+def test_only_for_names_dataset_kinds() -> None:
+    """A field marked for a kind that does not exist would vanish from every dataset's help."""
+    import dataclasses
+
+    from transfer_cli.config.schema import DATASET_NAMES, DatasetConfig
+
+    marked = {field.name: field.metadata["only_for"] for field in dataclasses.fields(DatasetConfig)
+              if "only_for" in field.metadata}
+    assert set(marked) == {"csv", "num_classes", "train_size", "val_size", "image_size"}
+    assert all(set(kinds) <= set(DATASET_NAMES) for kinds in marked.values())

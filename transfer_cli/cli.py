@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from transfer_cli.core.errors import INTERRUPT_EXIT, TransferError, failure, report_user_error
 
@@ -46,16 +47,34 @@ COMMANDS = {"train": "train", "report": "report", "resume": "resume", "eval": "e
             "export": "export", "exercise": "exercise", "bench": "bench", "lr-find": "lr_find"}
 
 
-def _completion_query(argv: list[str]) -> list[str]:
+# commands whose first argument is a run directory: completed from the runs under outputs/
+RUN_DIR_COMMANDS = {"resume", "eval", "predict", "export"}
+
+
+def _completion_query(argv: list[str]) -> list[str] | None:
     """What `eval "$(transfer train -sc install=bash)"` (or zsh) installs calls `transfer -sc query=bash` with the
-    line typed so far in COMP_LINE: Hydra answers it for the train command once the word `train` is out of it."""
+    line typed so far in COMP_LINE. The first word completes to a command, a RUN_DIR argument to the run
+    directories under outputs/ (printed here: None returned); Hydra answers the rest of a train line once the
+    word `train` is out of it. Anything else gets no words, and the shell falls back to file names."""
+    if not any(arg.startswith("query=") for arg in argv[1:]):
+        return argv  # install=, uninstall=: Hydra's
     line = os.environ.get("COMP_LINE", "")
+    typed = line[:int(os.environ.get("COMP_POINT", len(line)))]
     program, _, rest = line.partition(" ")
-    if rest.split(" ", 1)[0] == "train":
+    words = typed.split()[1:] + ([""] if typed[-1:].isspace() or len(typed.split()) < 2 else [])  # the last: typing
+    if len(words) == 1:
+        print(" ".join(name for name in COMMANDS if name.startswith(words[0])))
+        return None
+    if words[0] == "train":
         cut = len(program) + len(" train")
         os.environ["COMP_LINE"] = program + line[cut:]
         os.environ["COMP_POINT"] = str(max(len(program), int(os.environ.get("COMP_POINT", len(line))) - len(" train")))
-    return argv
+        return argv
+    if words[0] in RUN_DIR_COMMANDS and not [word for word in words[1:-1] if not word.startswith("-")]:
+        from transfer_cli.runs.report_runs import run_dirs_under
+
+        print(" ".join(str(run) for run in run_dirs_under(Path("outputs")) if str(run).startswith(words[-1])))
+    return None
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -77,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"transfer {__version__}")
         return 0
     if argv[0] in {"-sc", "--shell-completion"}:
-        argv = ["train", *_completion_query(argv)]
+        query = _completion_query(argv)
+        if query is None:
+            return 0
+        argv = ["train", *query]
     command = COMMANDS.get(argv[0])
     if command is None:
         import difflib

@@ -26,6 +26,17 @@ MISSING = "???"  # omegaconf.MISSING: a required value not given yet (compositio
 # field metadata: how a run is carried out (workers, device, caches, loggers), not what it computes
 MACHINERY = {"machinery": True}
 
+
+def only_for(*kinds: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata: only these kinds (a DatasetConfig.name) read the field; `transfer train --help` shows it
+    under those alone."""
+    return {"only_for": kinds}
+
+
+def unread_fields(schema: type, kind: str) -> tuple[str, ...]:
+    """The fields of dataclass `schema` that `kind` does not read (marked only_for other kinds)."""
+    return tuple(spec.name for spec in dataclasses.fields(schema) if kind not in spec.metadata.get("only_for", (kind,)))
+
 # A three-way switch: `auto` lets the run decide (each field says how), true and false decide for it. YAML and
 # the command line turn true/false into booleans, which reach a str field as True/False: any case is taken.
 Toggle = str

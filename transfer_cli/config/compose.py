@@ -37,6 +37,7 @@ from hydra.types import HydraContext, RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from transfer_cli.config.help import register_help_resolver
 from transfer_cli.config.loading import config_dir
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.config.stage_epochs import scale_epochs
@@ -58,8 +59,9 @@ CONSOLE_ONLY_LOGGING = {
 
 
 def register_configs() -> None:
-    """Store the schema so `conf/train.yaml` can extend it."""
+    """Store the schema so `conf/train.yaml` can extend it, and resolve its help template's config."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_help_resolver()
     _stand_in_for_missing_sweeper(ConfigStore.instance())
 
 
@@ -140,13 +142,15 @@ def _task(tree: DictConfig) -> DictConfig:
 
 
 def _as_run(task: DictConfig) -> DictConfig:
-    """`task` with its strategy's stage epochs as they run (rescaled to `trainer.epochs`), so the config is built
-    (and checked) once, and config.yaml records the stages that ran (reading it back rescales nothing). A
-    size-table strategy (`auto`) has no stages until the data picks them: plan.json and summary.json show those."""
-    stages, total = task.strategy.stages, task.trainer.epochs
+    """`task` with its strategy's stage epochs as they run (rescaled to `trainer.epochs`, or
+    `trainer.epochs_per_stage` each), so the config is built (and checked) once,
+    and config.yaml records the stages that ran (reading it back rescales nothing). A size-table strategy
+    (`auto`) has no stages until the data picks them: plan.json and summary.json show those."""
+    stages, total, per_stage = task.strategy.stages, task.trainer.epochs, task.trainer.epochs_per_stage
     counts = [stage.epochs for stage in stages]
-    if counts and min(counts) >= 1 and (total is None or total >= 1):  # else the schema names the bad key
-        epochs = scale_epochs(counts, total)
+    # else the schema names the bad key
+    if counts and min(counts) >= 1 and all(n is None or n >= 1 for n in (total, per_stage)):
+        epochs = scale_epochs(counts, total, per_stage)
         with read_write(task):
             for stage, count in zip(stages, epochs):
                 stage.epochs = count

@@ -31,6 +31,7 @@ from transfer_cli.config.checks import (
     count_at_least,
     matches,
     one_of,
+    only_for,
     ordered,
     rule,
     toggle,
@@ -44,6 +45,7 @@ from transfer_cli.config.checks import (
 BACKBONE_SOURCE_NAMES = ("timm", "torchvision")
 HEAD_KINDS = ("linear", "mlp")
 DATASET_NAMES = ("flowers102", "cifar10", "dtd", "imagenette", "folder", "synthetic", "csv")
+SYNTHETIC = only_for("synthetic")  # a DatasetConfig field only dataset=synthetic reads
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 SCHEDULER_NAMES = ("onecycle", "cosine", "constant")
 INTERPOLATION_NAMES = ("bilinear", "bicubic", "nearest")
@@ -147,7 +149,8 @@ class DatasetConfig:
 
     name: str = field(default=MISSING, metadata=rule(one_of(*DATASET_NAMES)))
     root: Optional[str] = None  # folder: the image folder; torchvision sets: cache dir
-    csv: Optional[str] = None  # csv: the labels file (path,label[,split]), paths relative to root
+    # the labels file (path,label[,split]), paths relative to root
+    csv: Optional[str] = field(default=None, metadata=only_for("csv"))
     download: bool = field(default=True, metadata=MACHINERY)
     train_split: str = "train"
     val_split: str = "val"
@@ -171,11 +174,11 @@ class DatasetConfig:
     cache_budget_mb: float = field(default=2048.0, metadata=NON_NEGATIVE | MACHINERY)
     # near | far from ImageNet; far moves `strategy=auto` one step toward fine-tuning
     domain: str = field(default="near", metadata=rule(one_of(*DOMAINS)))
-    # synthetic only
-    num_classes: int = field(default=4, metadata=rule(at_least(2)))
-    train_size: int = field(default=256, metadata=POSITIVE)
-    val_size: int = field(default=128, metadata=POSITIVE)
-    image_size: int = field(default=64, metadata=rule(whole_number(1, 4096, "a side in pixels")))
+    # the generated images of `synthetic`
+    num_classes: int = field(default=4, metadata=rule(at_least(2)) | SYNTHETIC)
+    train_size: int = field(default=256, metadata=POSITIVE | SYNTHETIC)
+    val_size: int = field(default=128, metadata=POSITIVE | SYNTHETIC)
+    image_size: int = field(default=64, metadata=rule(whole_number(1, 4096, "a side in pixels")) | SYNTHETIC)
 
 
 @dataclass
@@ -250,6 +253,8 @@ class EarlyStoppingConfig:
 class TrainerConfig:
     # null: the strategy's stage epochs; N: stages scaled to N
     epochs: Optional[int] = field(default=None, metadata=POSITIVE)
+    # N: every stage runs N epochs, whatever the strategy's stage count (debug=fast: 1); null: as `epochs` says
+    epochs_per_stage: Optional[int] = field(default=None, metadata=POSITIVE)
     batch_size: int = field(default=32, metadata=POSITIVE)
     eval_batch_size: Optional[int] = field(default=None, metadata=POSITIVE | MACHINERY)
     device: str = field(default="auto", metadata=DEVICE | MACHINERY)

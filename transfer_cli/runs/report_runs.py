@@ -101,6 +101,12 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def run_dirs_under(root: Path) -> list[Path]:
+    """The run directories at or below `root` (none where it does not exist): what a RUN_DIR argument completes
+    to."""
+    return list(_walk(root, set())) if root.is_dir() else []
+
+
 def _walk(path: Path, seen: set[Path]) -> Iterator[Path]:
     if (resolved := path.resolve()) in seen:  # the same dir given twice, or a symlink loop
         return

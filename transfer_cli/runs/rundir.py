@@ -119,6 +119,8 @@ def format_result(summary: dict) -> str:
     text = (f"val acc {_number(reported)} (best.pt, epoch {summary['best_epoch']}, {chosen}), "
             f"final val acc {_number(summary['final_val_acc'])}, {summary['epochs_run']} epochs, "
             f"{summary['wall_time_s']:.1f}s")
+    if summary.get("limited_val_batches"):
+        text += f" (val: {summary['limited_val_batches']} batches only, trainer.limit_val_batches)"
     if summary.get("stop_reason") not in (None, "completed all stages"):
         text += f"; stopped: {summary['stop_reason']}"
     return text

@@ -96,7 +96,7 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
         model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale,
                          # not model.pretrained: a dry run builds no weights
-                         starts_pretrained(cfg.backbone, strategy.pretrained))
+                         starts_pretrained(cfg.backbone, strategy.pretrained), cfg.trainer.epochs_per_stage)
     check_batch_statistics(model, stages, min(batch_size, len(splits.train) // distributed.world_size()), batch_size)
     preprocessing = resolve_preprocessing(model.preprocessing, cfg.transforms, model.pretrained)
     model.model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.contiguous_format)

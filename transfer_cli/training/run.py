@@ -179,6 +179,9 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
         "train_images": len(splits.train),
         "select_images": len(splits.select) if splits.select is not None else 0,
         "val_images": len(splits.val),
+        # trainer.limit_val_batches (debug=fast) where it cut val short: the val figures come from these first
+        # batches only; null: from all of val
+        "limited_val_batches": _limited(cfg.trainer.limit_val_batches, len(setup.val_loader)),
         "params_total": sum(p.numel() for p in model.model.parameters()),
         "params_trainable": progress.params_trainable,
         "skipped_images": len(splits.skipped_images),
@@ -203,6 +206,11 @@ def _summary(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> dict[st
         "world_size": distributed.world_size(),
         "versions": _versions(),
     }
+
+
+def _limited(limit: int | None, batches: int) -> int | None:
+    """The val batches the figures come from where `limit` left some out, else None."""
+    return limit if limit is not None and limit < batches else None
 
 
 def _peak_lrs(progress: Progress, index: int, stage: Stage) -> dict[str, float] | None:

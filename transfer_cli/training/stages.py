@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: int | None,
-                lr_scale: float = 1.0, pretrained: bool = True) -> list[Stage]:
-    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths.
+                lr_scale: float = 1.0, pretrained: bool = True, per_stage: int | None = None) -> list[Stage]:
+    """Resolve every stage of `strategy`; `total_epochs` rescales the stage lengths, or `per_stage` sets each.
 
     BatchNorm's default policy follows the weights: pretrained running statistics are worth keeping
     (`frozen_stats`, docs/batchnorm.md); a random init's are not, so they train.
@@ -54,7 +54,7 @@ def plan_stages(strategy: StrategyConfig, model: TransferModel, total_epochs: in
     default_bn = "frozen_stats" if pretrained else "train"
     if not strategy.stages:
         raise TransferError(f"strategy '{strategy.name}' has no stages: give it at least one under strategy.stages")
-    epochs = scale_epochs([stage.epochs for stage in strategy.stages], total_epochs)
+    epochs = scale_epochs([stage.epochs for stage in strategy.stages], total_epochs, per_stage)
     return [
         Stage(stage.name, count, {g: lr * lr_scale for g, lr in _stage_lrs(stage, strategy, model).items()},
               stage.bn or strategy.bn or default_bn)
