@@ -61,8 +61,16 @@ BACKBONE_SOURCES: Registry[Callable[[BackboneConfig, bool], RawBackbone]] = Regi
 )
 
 
-def build_raw_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
-    """Build the network named by `cfg`; `pretrained=False` forces random init."""
+def build_raw_backbone(cfg: BackboneConfig, pretrained: bool, load_weights: bool = True) -> RawBackbone:
+    """Build the network named by `cfg`; `pretrained=False` forces random init.
+
+    `load_weights=False`: the caller replaces every tensor (a resumed run's checkpoint), so a timm network is
+    built without downloading or reading its weights, yet says where they came from (`weights_source`), as
+    pretrained_cfg and preprocessing do not depend on them. torchvision's weights also shape the architecture
+    (ViT's image size, GoogLeNet's input transform), so its networks are always built with them.
+    """
+    if cfg.source == "timm":
+        return _timm_backbone(cfg, pretrained, load_weights)
     return BACKBONE_SOURCES.get(cfg.source)(cfg, pretrained)
 
 
@@ -76,27 +84,31 @@ def _offline_error(name: str, cache: str, exc: Exception) -> TransferError:
     )
 
 
+def _named_checkpoint(path: str | None) -> Path | None:
+    return None if path is None else Path(path).expanduser()
+
+
 def _check_checkpoint(path: str | None) -> Path | None:
-    if path is None:
-        return None
-    file = Path(path).expanduser()
-    if not file.is_file():
+    file = _named_checkpoint(path)
+    if file is not None and not file.is_file():
         raise TransferError(f"backbone.checkpoint '{path}' is not a file: give the path of a saved state dict")
     return file
 
 
 @BACKBONE_SOURCES.register("timm")
-def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
+def _timm_backbone(cfg: BackboneConfig, pretrained: bool, load_weights: bool = True) -> RawBackbone:
     import timm
     from timm.data import resolve_data_config
 
     arch = cfg.name.split(".")[0]
     if not timm.is_model(arch):
         raise unknown_name_error("timm model", cfg.name, timm.list_models(), "backbone.name")
-    checkpoint = _check_checkpoint(cfg.checkpoint)
+    # unread weights need no file: the one a run started from may be gone when it resumes
+    checkpoint = _check_checkpoint(cfg.checkpoint) if load_weights else _named_checkpoint(cfg.checkpoint)
     download = pretrained and cfg.pretrained and checkpoint is None
     try:
-        model = timm.create_model(cfg.name, pretrained=download, **model_arguments(cfg, "drop_path_rate"))
+        model = timm.create_model(cfg.name, pretrained=download and load_weights,
+                                  **model_arguments(cfg, "drop_path_rate"))
     except TypeError as exc:
         raise _bad_arguments(cfg, exc) from exc
     except (OSError, RuntimeError, ValueError) as exc:
@@ -107,7 +119,8 @@ def _timm_backbone(cfg: BackboneConfig, pretrained: bool) -> RawBackbone:
         raise _offline_error(cfg.name, HF_HUB_CACHE, exc) from exc
     source = f"hf-hub {model.pretrained_cfg.get('hf_hub_id') or cfg.name}" if download else "random init"
     if pretrained and checkpoint is not None:
-        _load_state_dict_file(model, checkpoint)
+        if load_weights:
+            _load_state_dict_file(model, checkpoint)
         source = f"file {checkpoint}"
     return RawBackbone(
         model=model,

@@ -68,7 +68,8 @@ def _mlp_head(cfg: HeadConfig, in_features: int, num_classes: int) -> nn.Module:
     )
 
 
-def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pretrained: bool = True) -> TransferModel:
+def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pretrained: bool = True,
+                load_weights: bool = True) -> TransferModel:
     """Build the backbone, replace its classifier with a `num_classes` head, name its groups.
 
     Args:
@@ -76,8 +77,10 @@ def build_model(backbone: BackboneConfig, head: HeadConfig, num_classes: int, pr
         head: the new classifier.
         num_classes: classes in the data.
         pretrained: False forces random init (the `scratch` strategy).
+        load_weights: False where the caller loads every tensor itself (a resumed run): a timm backbone is then
+            built without its weights, still described (`pretrained`, `weights_source`) as the run started.
     """
-    raw = build_raw_backbone(backbone, pretrained)
+    raw = build_raw_backbone(backbone, pretrained, load_weights)
     old = raw.model.get_submodule(raw.classifier_path)
     in_features = getattr(old, "in_features", None)
     if in_features is None:

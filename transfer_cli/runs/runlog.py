@@ -33,6 +33,20 @@ def train_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
+def hub_lines_once() -> None:
+    """huggingface_hub gives its logger a console handler of its own (on its first import) and lets its lines
+    propagate to the root logger too: where the root has handlers (the commands' console and train.log), each
+    hub line (a download's retries) printed twice. Its own handler goes, so they print once, through the root's."""
+    if not logging.getLogger().handlers:
+        return
+    import huggingface_hub.utils.logging  # noqa: F401 - its first import adds that handler
+
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        if type(handler) is logging.StreamHandler:  # its console handler, not a file a caller added
+            hub.removeHandler(handler)
+
+
 def _dumps(payload: Any, path: Path, **options: Any) -> str:
     """`json.dumps` that refuses NaN and infinities, naming the file and the key that holds one."""
     try:

@@ -76,10 +76,12 @@ def _runner(cfg: TrainConfig, model: TransferModel, optimizer: StagedOptimizer, 
                       model.model if ema is not None else None, batch_mixer(cfg.augment, num_classes))
 
 
-def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None = None) -> Prepared:
+def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None = None,
+            resuming: bool = False) -> Prepared:
     """Build data, model, stages, loaders and the fit setup (building `cfg` checked its values). `adapt_runner`
     gets the step runner built from the config and returns the one to train with: another loss
-    (`lambda runner: dataclasses.replace(runner, loss_fn=FocalLoss())`), a hook on its model or optimizer."""
+    (`lambda runner: dataclasses.replace(runner, loss_fn=FocalLoss())`), a hook on its model or optimizer.
+    `resuming`: the checkpoint brings every tensor, so the backbone's weights are neither downloaded nor read."""
     seed_everything(cfg.trainer.seed)
     device = distributed.device_for(resolve_device(cfg.trainer.device))
     precision, scaler = resolve_precision(cfg.trainer, device)
@@ -93,7 +95,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, adapt_runner: RunnerAdapter | None 
         strategy, choice = choose_by_size(cfg.strategy, len(splits.train), cfg.dataset.domain)
         if choice:
             log.info("%s", choice)
-        model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run)
+        model = build_model(cfg.backbone, cfg.head, num_classes, pretrained=strategy.pretrained and not cfg.dry_run,
+                            load_weights=not resuming)
     stages = plan_stages(strategy, model, cfg.trainer.epochs, cfg.optimizer.lr_scale,
                          # not model.pretrained: a dry run builds no weights
                          starts_pretrained(cfg.backbone, strategy.pretrained), cfg.trainer.epochs_per_stage)

@@ -19,7 +19,7 @@ from typing import Any
 from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import INTERRUPT_EXIT, USER_ERROR_EXIT, Interrupted, TransferError, failure
 from transfer_cli.parallel import distributed
-from transfer_cli.runs import runlock
+from transfer_cli.runs import runlock, runlog
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ def train_in(cfg: TrainConfig, run_dir: Path, keep: frozenset[str], save_config:
     Continues from checkpoint `resume` when given; `callbacks` (fit.Callback) see the run as it goes."""
     from transfer_cli.training.run import train  # torch: only a job that trains loads it
 
+    runlog.hub_lines_once()
     main = distributed.is_main()
     new = not (run_dir / "config.yaml").is_file()
     discard = (lambda: discard_unstarted(run_dir, keep)) if main and new else (lambda: None)

@@ -50,13 +50,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         check_split(replace(cfg.dataset, val_split=split), cfg.dataset)
     run_dir.mkdir(parents=True, exist_ok=True)
     with sigterm_stops("before training started"):
-        prepared = prepare(cfg, run_dir, adapt_runner)
+        prepared = prepare(cfg, run_dir, adapt_runner, resuming=resume is not None)
     prepared.setup.started = started
     if resume is not None:
         check_classes(prepared.splits.classes, resume["classes"],
                       "restore the dataset's class folders as they were, or train a new run")
         check_same_splits(prepared.splits.identity, resume.get("splits"))
     plan = build_plan(cfg, prepared)
+    if resume is not None:
+        plan["backbone"]["weights"] = _started_from(run_dir, plan["backbone"]["weights"])
     if cfg.dry_run:
         print(format_plan(plan))
         return {"dry_run": True, "plan": plan}
@@ -87,6 +89,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None = None,
         raise
     with sigterm_stops("while the run's results were written"):  # not a silent kill between the files
         return _finish(result, prepared, cfg, run_dir, sinks, started)
+
+
+def _started_from(run_dir: Path, now: dict[str, Any]) -> dict[str, Any]:
+    """The weights origin plan.json gave when the run started (whether they were cached then, from which hub
+    cache): a resumed run reads no weights, so where they are now says nothing about it. `now` where that
+    plan.json is missing or unreadable (it is a record, rewritten here, never an input)."""
+    try:
+        earlier = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))["backbone"]["weights"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return now
+    return earlier if isinstance(earlier, dict) else now
 
 
 def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig, run_dir: Path, sinks: loggers.Loggers,
