@@ -140,7 +140,7 @@ def write_single(root, per_class=6):
 
 
 def folder_cfg(root, **kwargs) -> DatasetConfig:
-    return DatasetConfig(name="folder", root=str(root), **kwargs)
+    return DatasetConfig(name="folder", select_fraction=0, root=str(root), **kwargs)
 
 
 def all_items(dataset):
@@ -250,7 +250,7 @@ def test_folder_missing_root_raises(tmp_path):
     with pytest.raises(TransferError, match="is not a directory"):
         load_splits(folder_cfg(tmp_path / "missing"))
     with pytest.raises(TransferError, match="needs dataset.root"):
-        load_splits(DatasetConfig(name="folder"))
+        load_splits(DatasetConfig(name="folder", select_fraction=0))
 
 
 def test_folder_with_one_class_raises(tmp_path):

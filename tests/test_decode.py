@@ -178,7 +178,8 @@ def test_the_image_cache_holds_what_the_loader_would_decode(photos: ImageFolderD
 @pytest.mark.parametrize("draft", [True, False])
 def test_transforms_draft_decode_reaches_the_loaders_and_the_cache(photos: ImageFolderDataset, tmp_path: Path,
                                                                    draft: bool, drafts: list) -> None:
-    overrides = ["experiment=smoke", "dataset=folder", f"dataset.root={photos.root}", "dataset.val_fraction=0.5",
+    overrides = ["experiment=smoke", "dataset.select_fraction=0",
+                 "dataset=folder", f"dataset.root={photos.root}", "dataset.val_fraction=0.5",
                  "dataset.cache_images=true", f"transforms.draft_decode={str(draft).lower()}"]
     prepared = prepare(compose_train(overrides), tmp_path)
     assert len(drafts) == (len(photos) if draft else 0)  # the image cache decoded every photo
@@ -199,7 +200,8 @@ def test_eval_predict_and_the_api_decode_as_the_run_trained(photos: ImageFolderD
     from transfer_cli.inference.predict import predict_images
     from transfer_cli.training.run import train
 
-    cfg = compose_train(["experiment=smoke", "dataset=folder", f"dataset.root={photos.root}",
+    cfg = compose_train(["experiment=smoke", "dataset.select_fraction=0",
+                         "dataset=folder", f"dataset.root={photos.root}",
                          "dataset.val_fraction=0.5", "dataset.cache_images=false",
                          "strategy=feature_extract", "trainer.epochs=1",
                          f"transforms.draft_decode={str(draft).lower()}"])

@@ -31,7 +31,8 @@ from conftest import compose_train
 from helpers import build, one_error_line, snapshot_params, timm_backbone, tiny_resnet, trained_in_process, tv_backbone
 
 
-TINY = ["experiment=smoke", "dataset.train_size=32", "dataset.val_size=32", "trainer.epochs=3"]  # 3: one per stage
+TINY = ["experiment=smoke", "dataset.select_fraction=0",
+        "dataset.train_size=32", "dataset.val_size=32", "trainer.epochs=3"]  # 3: one per stage
 CPU = Precision(torch.device("cpu"))
 
 

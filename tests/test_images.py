@@ -35,7 +35,7 @@ def write_folder(root: Path) -> Path:
 
 
 def load(root: Path, on_bad_image: str = "skip") -> RawSplits:
-    return load_splits(DatasetConfig(name="folder", root=str(root), on_bad_image=on_bad_image))
+    return load_splits(DatasetConfig(name="folder", select_fraction=0, root=str(root), on_bad_image=on_bad_image))
 
 
 def loaded(splits: RawSplits, path: Path) -> Image.Image:
@@ -160,7 +160,8 @@ def test_cli_bad_image_error_is_one_line_and_leaves_no_run_dir(tmp_path: Path) -
     bad = corrupt(write_folder(tmp_path / "images") / "train" / "b")
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "dataset=folder",
+        [sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "dataset.select_fraction=0",
+         "dataset=folder",
          f"dataset.root={tmp_path / 'images'}", "dataset.on_bad_image=error", "trainer.epochs=1",
          "strategy=fine_tune", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env={**os.environ, "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True, timeout=300,

@@ -31,7 +31,8 @@ from conftest import compose_train
 from helpers import fresh_copy, one_error_line, trained_in_process, tree_snapshot
 
 
-TINY = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
+TINY = ["experiment=smoke", "dataset.select_fraction=0",
+        "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2",
         "trainer.batch_size=32"]
 
 

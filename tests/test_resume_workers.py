@@ -29,10 +29,12 @@ from helpers import Crash, comparable, crash_after, finish, start_train, transfe
 
 
 # The acceptance case: every parameter trains, random crops and flips run in two persistent workers.
-ACCEPTANCE = ["experiment=smoke", "strategy=fine_tune", "augment=basic", "trainer.num_workers=2", "trainer.epochs=5"]
+ACCEPTANCE = ["experiment=smoke", "dataset.select_fraction=0",
+              "strategy=fine_tune", "augment=basic", "trainer.num_workers=2", "trainer.epochs=5"]
 STEPS = 384 // 16  # smoke: 384 training images, batch 16
 # Small in-process runs where the main process's RNG also matters: dropout and MixUp.
-RANDOM = ["experiment=smoke", "strategy=fine_tune", "augment=basic", "head.dropout=0.3", "augment.mixup_alpha=0.2",
+RANDOM = ["experiment=smoke", "dataset.select_fraction=0",
+          "strategy=fine_tune", "augment=basic", "head.dropout=0.3", "augment.mixup_alpha=0.2",
           "dataset.train_size=32", "dataset.val_size=16"]
 
 

@@ -36,7 +36,8 @@ from helpers import hydra_state_restored, one_error_line, transfer, transfer_env
 
 CLASSES = ["=1+2", "@SUM(1)", "-x", "\r=cr"]
 USER_FILES = {".draft.tmp": b"my draft\n", ".thesis.docx.tmp": b"PK\x03\x04 my thesis", "notes.txt": b"mine\n"}
-TRAIN = ["experiment=smoke", "strategy=fine_tune", "trainer.epochs=1", "trainer.batch_size=16", "trainer.ema_decay=0.9"]
+TRAIN = ["experiment=smoke", "dataset.select_fraction=0",
+         "strategy=fine_tune", "trainer.epochs=1", "trainer.batch_size=16", "trainer.ema_decay=0.9"]
 FORMULA_START = ("=", "+", "-", "@")
 
 pytestmark = pytest.mark.usefixtures("hydra_in_process")
@@ -203,7 +204,8 @@ def test_a_sweep_dir_holding_the_users_multirun_yaml_is_refused(
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("mine")
-    code = main(["train", "-m", "experiment=smoke", "strategy=fine_tune", "trainer.epochs=1",
+    code = main(["train", "-m", "experiment=smoke", "dataset.select_fraction=0",
+                 "strategy=fine_tune", "trainer.epochs=1",
                  f"hydra.sweep.dir={sweep}"])
     one_error_line(code, capsys.readouterr().err, sweep / "multirun.yaml")
     assert tree_snapshot(sweep) == {"multirun.yaml": b"mine"}
@@ -317,7 +319,8 @@ def test_resume_refuses_a_lock_that_is_a_folder(interrupted: Path, capsys: pytes
 def test_train_refuses_a_file_as_its_run_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = tmp_path / "notes.txt"
     file.write_text("mine")
-    one_error_line(main(["train", "experiment=smoke", f"hydra.run.dir={file}"]), capsys.readouterr().err, file)
+    one_error_line(main(["train", "experiment=smoke", "dataset.select_fraction=0",
+                         f"hydra.run.dir={file}"]), capsys.readouterr().err, file)
     assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
 
 
@@ -330,7 +333,7 @@ def test_an_empty_run_dir_is_refused_and_the_current_folder_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
-    code = main(["train", "experiment=smoke", *argv])
+    code = main(["train", "experiment=smoke", "dataset.select_fraction=0", *argv])
     line = one_error_line(code, capsys.readouterr().err, argv[-1].rstrip("="))
     assert "empty" in line, line
     assert tree_snapshot(tmp_path) == {"notes.txt": b"mine"}
@@ -345,7 +348,7 @@ def test_a_folder_holding_only_the_users_checkpoints_is_not_called_a_run_to_resu
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "checkpoints" / "model.pt").write_bytes(b"my own weights")
     before = tree_snapshot(folder)
-    code = main(["train", "experiment=smoke", f"hydra.run.dir={folder}"])
+    code = main(["train", "experiment=smoke", "dataset.select_fraction=0", f"hydra.run.dir={folder}"])
     line = one_error_line(code, capsys.readouterr().err, folder)
     assert "transfer resume" not in line and "would write" in line, line
     assert tree_snapshot(folder) == before
@@ -359,7 +362,8 @@ def test_a_folder_holding_only_the_users_checkpoints_is_not_called_a_run_to_resu
 def test_a_run_non_finite_in_epoch_1_does_not_claim_a_last_pt(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], strategy: str) -> None:
     run_dir = tmp_path / "run"
-    code = main(["train", "experiment=smoke", f"strategy={strategy}", "trainer.epochs=1", "optimizer.lr_scale=1e30",
+    code = main(["train", "experiment=smoke", "dataset.select_fraction=0",
+                 f"strategy={strategy}", "trainer.epochs=1", "optimizer.lr_scale=1e30",
                  "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16", f"hydra.run.dir={run_dir}"])
     line = one_error_line(code, capsys.readouterr().err)
     assert "non-finite" in line, line  # it really went non-finite
@@ -386,7 +390,8 @@ def last_epoch_logged(metrics: Path, epoch: int) -> bool:
 def test_sigterm_just_after_the_last_epoch_ends_in_one_line_and_resumes_to_finished(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "strategy=feature_extract",
+        [sys.executable, "-m", "transfer_cli", "train", "experiment=smoke", "dataset.select_fraction=0",
+         "strategy=feature_extract",
          "trainer.epochs=2", "dataset.train_size=32", "dataset.val_size=16", "trainer.batch_size=16",
          "eval_splits=[val]", f"hydra.run.dir={run_dir}"],
         cwd=REPO, env=transfer_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

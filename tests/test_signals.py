@@ -34,7 +34,8 @@ from conftest import REPO, compose_train
 from helpers import comparable
 
 
-RUN = ["experiment=smoke", "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
+RUN = ["experiment=smoke", "dataset.select_fraction=0",
+       "strategy=fine_tune", "dataset.train_size=64", "dataset.val_size=32", "trainer.epochs=2"]
 STEPS_PER_EPOCH = 64 // 16  # smoke batch size 16
 
 
@@ -255,7 +256,8 @@ def test_json_writers_refuse_non_finite_numbers_and_write_nothing(tmp_path: Path
 
 # --------------------------------------------------------------------------- SIGTERM from outside, as SLURM sends it
 
-PREEMPTED = ["experiment=smoke", "strategy=fine_tune", "augment=basic", "trainer.num_workers=2", "trainer.epochs=5"]
+PREEMPTED = ["experiment=smoke", "dataset.select_fraction=0",
+             "strategy=fine_tune", "augment=basic", "trainer.num_workers=2", "trainer.epochs=5"]
 
 
 def transfer_command(tmp_path: Path, *args: str, **popen: Any) -> subprocess.Popen:

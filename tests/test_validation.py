@@ -166,7 +166,7 @@ def test_a_run_config_out_of_range_is_refused_naming_the_file(tmp_path: Path,
 
 # Fields left free, and why: names, paths and text any value of which is meaningful here.
 FREE = {"backbone.name", "backbone.weights", "backbone.checkpoint", "backbone.kwargs", "strategy.name",
-        "strategy.description",
+        "strategy.description", "dataset.csv",
         "strategy.stages.name", "strategy.stages.train", "strategy.by_train_size.strategy", "dataset.root",
         "dataset.train_split", "dataset.val_split", "eval_splits", "augment.name", "trainer.cache_dir",
         "logger.tensorboard.log_dir", "logger.mlflow.tracking_uri",
