@@ -112,7 +112,7 @@ def test_stratified_split_rejects_bad_fraction(fraction):
 
 
 def test_stratified_split_rejects_singleton_class():
-    with pytest.raises(TransferError, match="at least 2 per class"):
+    with pytest.raises(TransferError, match="class 1 has 1 image: dataset.val_fraction .* at least 2 images per class"):
         stratified_split([0, 0, 1], 0.5, seed=0)
 
 
