@@ -10,13 +10,16 @@ import io
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from transfer_cli.cli import main
 from transfer_cli.config.compose import compose
+from transfer_cli.config.schema import StageConfig, StrategyConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.models.model import build_model
 from transfer_cli.runs import runlock
@@ -115,8 +118,8 @@ def test_the_printed_override_sets_that_lr_when_transfer_train_takes_it(
     run_dir, out = discriminative
     suggested = json.loads((run_dir / "lr_find.json").read_text())["suggested_lr"]
     line = next(line for line in out.splitlines() if line.startswith("suggested lr"))
-    printed = line.split("; set ", 1)[1].split(" (x ", 1)[0].split()
-    assert printed and all(item.startswith("strategy.stages.0.lrs.") for item in printed)
+    printed = shlex.split(line.split("; set ", 1)[1].split(" (x ", 1)[0])  # as a shell passes them on
+    assert len(printed) == 1 and printed[0].startswith("strategy.stages.0.lrs={")
     code, plan, err = command("train", *DISCRIMINATIVE, *printed, "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}")
     assert code == 0, plan + err
     stage = next(line for line in plan.splitlines() if line.startswith("stage 1"))
@@ -142,6 +145,16 @@ def test_the_override_scales_the_first_stage_of_every_strategy_when_added_to_the
     assert bool(choice) == (name == "auto") == printed[0].startswith("strategy=")
     _, _, after = first_stage(compose([*overrides, *printed]).config)
     assert after == pytest.approx({group: 3.0 * lr for group, lr in before.items()}, rel=0.05)
+
+
+def test_the_printed_map_keeps_selector_and_dotted_keys_whole() -> None:
+    """`last:1` and `blocks.6` survive Hydra's override grammar (a per-key override would split them)."""
+    stage = StageConfig(name="s", epochs=1, lrs={"head": 1e-3, "last:1": 1e-4, "blocks.6": 2e-5})
+    (printed,) = first_stage_overrides(StrategyConfig(name="custom", stages=[stage]), False, 3.0)
+    (passed,) = shlex.split(shlex.join([printed]))
+    override = OverridesParser.create().parse_override(passed)
+    assert override.key_or_group == "strategy.stages.0.lrs"
+    assert override.value() == pytest.approx({"head": 3e-3, "last:1": 3e-4, "blocks.6": 6e-5}, rel=0.05)
 
 
 def test_the_directory_holds_no_run_for_report_resume_or_train(

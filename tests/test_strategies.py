@@ -69,8 +69,10 @@ def test_gradual_is_head_then_last_block_then_all(model):
     assert [s.name for s in stages] == ["head", "last_block", "all"]
     assert [s.epochs for s in stages] == [5, 5, 10]
     assert stages[0].lrs == {"head": pytest.approx(1e-3)}
-    assert stages[1].lrs == {"layer4": pytest.approx(1e-4), "head": pytest.approx(1e-4)}
-    assert stages[2].lrs == {name: pytest.approx(1e-5) for name in RESNET_GROUPS}
+    # each group keeps the rate it started at: restarting the head at 1e-5 left it under-converged
+    assert stages[1].lrs == {"layer4": pytest.approx(1e-4), "head": pytest.approx(1e-3)}
+    assert stages[2].lrs == {**{name: pytest.approx(1e-5) for name in RESNET_GROUPS},
+                             "layer4": pytest.approx(1e-4), "head": pytest.approx(1e-3)}
     assert list(stages[2].lrs) == RESNET_GROUPS
 
 
@@ -219,6 +221,17 @@ def test_unknown_group_in_train_or_lrs_raises(model):
         plan_stages(one_stage(train=["layer7"]), model, None)
     with pytest.raises(TransferError, match="layer group 'blocks.0' does not exist"):
         plan_stages(one_stage(lrs={"blocks.0": 1e-3}), model, None)
+
+
+def test_lrs_keys_are_selectors_and_the_first_that_selects_a_group_gives_its_rate(model):
+    lrs = lrs_of(one_stage(lrs={"head": 1e-3, "last:1": 1e-4, "all": 1e-5}), model)
+    assert lrs == {"stem": 1e-5, "layer1": 1e-5, "layer2": 1e-5, "layer3": 1e-5, "layer4": 1e-4, "head": 1e-3}
+    lrs = lrs_of(one_stage(lrs={"all": 1e-5, "head": 1e-3}), model)  # order decides: `all` takes the head too
+    assert set(lrs.values()) == {1e-5}
+    assert lrs_of(one_stage(lrs={"fc": 2e-3, "last:2": 1e-4}), model) == {"layer3": 1e-4, "layer4": 1e-4,
+                                                                           "head": 2e-3}
+    with pytest.raises(TransferError, match="bad group selector 'last:x'"):
+        plan_stages(one_stage(lrs={"last:x": 1e-3}), model, None)
 
 
 def test_lr_decay_over_a_selection(model):

@@ -14,9 +14,7 @@ ended the run (a note names the run's error.log or its `transfer resume` command
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from transfer_cli.inference.loaded_run import LoadedRun, load_run
 from transfer_cli.inference.predict import Prediction
 from transfer_cli.runs import runlock
 from transfer_cli.runs.rundir import read_summary
-from transfer_cli.runs.runlog import train_log
+from transfer_cli.runs.runlog import package_log, train_log
 from transfer_cli.training.fit import Callback
 from transfer_cli.training.job import train_in
 from transfer_cli.training.lr_find import RangeTest
@@ -67,7 +65,7 @@ def train(overrides: Sequence[str] = (), run_dir: str | Path | None = None,
         raise TransferError(SWEEP_HINT)
     with runlock.claim_new(composed.run_dir, composed.from_clock, "transfer_cli.train") as lock:
         where = lock.run_dir
-        with _train_log(where):
+        with package_log(train_log(where)):
             outcome = train_in(composed.config, where, lock.held_before, lambda: _record(composed, where),
                                callbacks=callbacks)
     if outcome.error is not None:
@@ -112,20 +110,3 @@ def _record(composed: Composed, run_dir: Path) -> None:
     """config.yaml and the `.hydra/` record, as the command's Hydra job leaves them."""
     record_job(composed, run_dir)
     save_config(composed.ran, run_dir)
-
-
-@contextlib.contextmanager
-def _train_log(run_dir: Path) -> Iterator[None]:
-    """The run's log lines into RUN_DIR/train.log, as the command writes them, through a handler on the
-    package's logger alone (the caller's root logger and its handlers are left as they are)."""
-    logger = logging.getLogger("transfer_cli")
-    handler = train_log(run_dir)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        handler.close()

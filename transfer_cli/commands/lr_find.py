@@ -3,29 +3,8 @@ first stage of the run `transfer train key=value ...` would train, and the lr it
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import sys
-from collections.abc import Iterator
-
 from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
-
-
-@contextlib.contextmanager
-def _console_log() -> Iterator[None]:
-    """The package's log lines (the stage, the feature cache) on stdout while the test runs, as `transfer train`
-    logs; stderr keeps the one line of a mistake."""
-    logger, handler = logging.getLogger("transfer_cli"), logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] - %(message)s"))
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def main(argv: list[str]) -> int:
@@ -46,10 +25,11 @@ def main(argv: list[str]) -> int:
         raise TransferError(SWEEP_HINT)
     args = parser.parse_intermixed_args(argv)
 
+    from transfer_cli.runs.runlog import console_handler, package_log
     from transfer_cli.training.lr_find import RangeTest  # torch: loaded once the arguments are known
     from transfer_cli.training.lr_find_job import lr_find
 
-    with _console_log():
+    with package_log(console_handler()):
         result = lr_find(args.overrides, RangeTest(args.start_lr, args.end_lr, args.steps))
     print(f"lr-find dir: {result['run_dir']}")
     print(result["line"])

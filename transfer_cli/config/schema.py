@@ -106,8 +106,10 @@ class StageConfig:
 
     `train` holds group selectors: `head`, `last:N` (the N groups before the head, plus
     the head), `all`, or group names. `lr` is one rate for every trained group, `lrs` a
-    per-group map (groups it leaves out are frozen), and `lr_decay` multiplies the rate by
-    this factor per group from the head towards the stem.
+    map from selectors to rates (a group takes the rate of the first key that selects it, so
+    `{head: 1e-3, "last:1": 1e-4, all: 1e-5}` keeps the head at its own rate; groups no key
+    selects are frozen), and `lr_decay` multiplies the rate by this factor per group from the
+    head towards the stem.
     """
 
     name: str = MISSING

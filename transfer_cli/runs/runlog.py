@@ -7,10 +7,13 @@ by whoever computes it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,29 @@ def train_log(run_dir: Path) -> logging.Handler:
     handler.stream = append_own(run_dir / "train.log")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     return handler
+
+
+def console_handler() -> logging.Handler:
+    """The package's lines on stdout, as `transfer train` prints them; stderr keeps the one line of a mistake."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s] - %(message)s"))
+    return handler
+
+
+@contextlib.contextmanager
+def package_log(handler: logging.Handler) -> Iterator[None]:
+    """The package's INFO lines (stages, epochs, the feature cache) through `handler` while the block runs, on the
+    package's logger alone: the caller's root logger, its handlers and its level are left as they are."""
+    logger = logging.getLogger("transfer_cli")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
 
 
 def hub_lines_once() -> None:

@@ -10,6 +10,7 @@ at the end, config.yaml last, so a directory with a config.yaml always holds a w
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ def first_stage_overrides(strategy: StrategyConfig, picked: bool, scale: float) 
     stage = strategy.stages[0]
     picks = [f"strategy={strategy.name}"] if picked else []
     if stage.lrs is not None:
-        return picks + [f"strategy.stages.0.lrs.{group}={lr * scale:.1e}" for group, lr in stage.lrs.items()]
+        rates = ",".join(f"{key.replace(':', chr(92) + ':')}:{lr * scale:.1e}" for key, lr in stage.lrs.items())
+        return picks + [f"strategy.stages.0.lrs={{{rates}}}"]  # one map: keys may hold '.' or ':'
     stated = stage.lr if stage.lr is not None else strategy.lr
     return picks + [f"strategy.stages.0.lr={stated * scale:.1e}"]
 
@@ -96,4 +98,4 @@ def result_line(result: dict[str, Any]) -> str:
     """`suggested lr 3.2e-03 (steepest descent); set strategy.stages.0.lr=3.2e-03`."""
     scaled = f" (x optimizer.lr_scale={result['lr_scale']:g})" if result["lr_scale"] != 1 else ""
     return (f"suggested lr {result['suggested_lr']:.1e} (steepest descent); set "
-            f"{' '.join(result['overrides'])}{scaled}")
+            f"{shlex.join(result['overrides'])}{scaled}")

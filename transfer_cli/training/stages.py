@@ -121,9 +121,11 @@ def _parse_count(selector: str) -> int:
 
 def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferModel) -> dict[str, float]:
     if stage.lrs is not None:
-        lrs = {model.group(name).name: float(lr) for name, lr in stage.lrs.items()}
-        order = [group.name for group in model.groups]
-        lrs = {name: lrs[name] for name in order if name in lrs}
+        chosen: dict[str, float] = {}
+        for selector, lr in stage.lrs.items():  # the first key that selects a group gives its rate
+            for name in _selected_groups([selector], model):
+                chosen.setdefault(name, float(lr))
+        lrs = {group.name: chosen[group.name] for group in model.groups if group.name in chosen}
     else:
         base = stage.lr if stage.lr is not None else strategy.lr
         trained = _selected_groups(stage.train, model)
