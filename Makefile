@@ -54,7 +54,7 @@ clean: ## delete run outputs and caches
 # (DIR/data/hymenoptera, DIR/data/eurosat5, DIR/hf-home); without it `transfer exercise assets` fetches
 # them once into the data cache, every file checked against lesson/manifests/.
 # ARGS="key=value ..." is passed last, so it overrides both (e.g. ARGS="trainer.device=cpu").
-.PHONY: exercises exercise1 exercise2 exercise3 exercise4 exercise5
+.PHONY: exercises docs-exercises exercise1 exercise2 exercise3 exercise4 exercise5
 EXERCISES ?= outputs/exercises
 ASSETS ?= $(TRANSFER_ASSETS)
 # `make bench`'s races: timm's train.py (PEER_TIMM), the photos and weights under ASSETS; each absent one is skipped
@@ -89,6 +89,9 @@ EX4_FAR ?= dataset=dtd
 endif
 
 exercises: exercise1 exercise2 exercise3 exercise4 exercise5 ## all five lesson exercises (QUICK=1: offline)
+
+docs-exercises: ## rewrite docs/exercises.md's quick-mode tables from $(EXERCISES) (after `make exercises QUICK=1`)
+	$(TRANSFER) exercise tables --from $(EXERCISES) --into docs/exercises.md $(if $(ASSETS),--assets $(ASSETS))
 
 exercise1: ## lesson ex. 1: feature extraction vs fine-tuning, ResNet-18, Flowers102 x500 (QUICK=1: offline)
 	rm -rf $(EXERCISES)/ex1/runs

@@ -209,7 +209,7 @@ def test_make_targets_run_what_the_lesson_asks(quick: bool, resnet18, lite0, mon
     photos = "hymenoptera" if quick else "flowers102"
     near, far = ("hymenoptera", "eurosat5") if quick else ("cifar10", "dtd")
     assert names[1] == [("feature_extract", photos), ("fine_tune_low_lr", photos)]
-    assert names[2] == [("gradual", "eurosat5" if quick else "flowers102")]
+    assert names[2] == [("gradual_lesson", "eurosat5" if quick else "flowers102")]
     assert names[3] == [("discriminative", "hymenoptera" if quick else "cifar10"),
                         ("uniform", "hymenoptera" if quick else "cifar10")]
     assert names[4] == sorted((s, d) for s in ("scratch", "feature_extract", "fine_tune") for d in (near, far))

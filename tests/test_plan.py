@@ -52,11 +52,12 @@ def test_dry_run_returns_the_plan_and_trains_nothing(tmp_path: Path, capsys: pyt
     plan = result["plan"]
     assert run_files(tmp_path / "run") == []
 
-    # smoke: lr_scale=10 lifts gradual's 1e-3 | 1e-4 | 1e-5
+    # smoke: lr_scale=10 lifts gradual's 1e-3 | 1e-4 | 1e-5, each group kept at the rate it started at
     assert stage_lrs(plan) == [
         ("head", {"head": pytest.approx(1e-2)}),
-        ("last_block", {"layer4": pytest.approx(1e-3), "head": pytest.approx(1e-3)}),
-        ("all", {name: pytest.approx(1e-4) for name in RESNET_GROUPS}),
+        ("last_block", {"layer4": pytest.approx(1e-3), "head": pytest.approx(1e-2)}),
+        ("all", {**{name: pytest.approx(1e-4) for name in RESNET_GROUPS},
+                 "layer4": pytest.approx(1e-3), "head": pytest.approx(1e-2)}),
     ]
     assert [s["epochs"] for s in plan["stages"]] == [1, 1, 1]
     assert list(plan["layer_groups"]) == RESNET_GROUPS
@@ -131,7 +132,7 @@ def test_dry_run_command_prints_the_plan_offline_and_leaves_no_run_dir(tmp_path:
     assert "matches the weights" in out
     stages = [line for line in out.splitlines() if line.startswith("stage ")]
     assert len(stages) == 3
-    assert "head@0.01" in stages[0] and "layer4@0.001, head@0.001" in stages[1] and "stem@0.0001" in stages[2]
+    assert "head@0.01" in stages[0] and "layer4@0.001, head@0.01" in stages[1] and "stem@0.0001" in stages[2]
     assert all("trainable" in line and "frozen" in line for line in stages)
     assert "Traceback" not in result.stderr
     assert not run_dir.exists()

@@ -86,12 +86,31 @@ def test_csv_has_raw_means_sample_stds_and_all_differing_keys(sweep: Path, capsy
     assert rows[2]["reported_val_acc_std"] == "" and rows[3]["reported_val_acc"] == ""
 
 
+def test_epochs_md_gives_each_rows_val_acc_per_epoch_with_every_seed(sweep: Path, capsys) -> None:
+    run_report(capsys, str(sweep))
+    lines = parse_markdown((sweep / "epochs.md").read_text())
+    by_row: dict[str, list[dict[str, str]]] = {}
+    for line in lines:
+        by_row.setdefault(line["row"], []).append(line)
+    fe, ft = by_row["strategy=feature_extract (n=2)"], by_row["strategy=fine_tune (n=2)"]
+    assert [(line["epoch"], line["stage"], line["val acc (mean ± std)"], line["each run"]) for line in fe] == [
+        ("1", "head", f"0.6000 ± {statistics.stdev([0.5, 0.7]):.4f}", "0.500 / 0.700"),
+        ("2", "head", f"0.6250 ± {statistics.stdev([0.6, 0.65]):.4f}", "0.600 / 0.650")]
+    assert [line["stage"] for line in ft] == ["head", "head", "all"]
+    assert ft[2]["each run"] == "0.800 / 0.850" and ft[2]["val acc (mean ± std)"] == "0.8250 ± 0.0354"
+    # the unfinished run has a row of its own (its torn last line not read); the failed one has no epochs
+    unfinished = by_row["strategy=fine_tune (seed 2, unfinished)"]
+    assert [(line["epoch"], line["each run"]) for line in unfinished] == [("1", "0.300"), ("2", "0.400")]
+    assert set(by_row) == {"strategy=feature_extract (n=2)", "strategy=fine_tune (n=2)",
+                           "strategy=fine_tune (seed 2, unfinished)"}
+
+
 def test_out_option_and_nested_or_repeated_dirs(sweep: Path, tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "report"
     code, out, _ = run_report(capsys, str(sweep), str(sweep / "2"), "--out", str(out_dir))
     assert code == 0
     assert len(parse_markdown(out.strip())) == 4  # sweep/2 is not counted twice
-    assert {p.name for p in out_dir.iterdir()} == {"results.md", "results.csv", "val_acc.png"}
+    assert {p.name for p in out_dir.iterdir()} == {"results.md", "results.csv", "epochs.md", "val_acc.png"}
     assert not (sweep / "results.md").exists()
 
 
@@ -178,7 +197,7 @@ def test_report_on_a_real_sweep(tmp_path: Path, hydra_in_process: None) -> None:
     summaries = [json.loads((sweep / job / "summary.json").read_text()) for job in ("0", "1")]
     mean = statistics.mean(s["reported_val_acc"] for s in summaries)
     assert rows[0]["val acc (best.pt)"].split(" ± ")[0] == f"{mean:.4f}"
-    assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "val_acc.png"))
+    assert all((sweep / name).is_file() for name in ("results.md", "results.csv", "epochs.md", "val_acc.png"))
 
 
 def test_machinery_is_not_a_difference_between_experiments(tmp_path: Path, capsys) -> None:

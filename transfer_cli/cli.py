@@ -27,7 +27,7 @@ commands:
   resume    continue an interrupted run in its own directory (`transfer resume RUN_DIR`)
   lr-find   the learning-rate range test on a run's first stage: the suggested lr, a curve, no training
             (`transfer lr-find [--steps N] [key=value ...]`)
-  report    compare run dirs: results.md, results.csv and val_acc.png (`transfer report DIR...`)
+  report    compare run dirs: results.md, results.csv, epochs.md, val_acc.png (`transfer report DIR...`)
   eval      per-class accuracy, macro-F1, confusion matrix of a run (`transfer eval RUN_DIR [key=value]`)
   predict   top-k classes of images or folders with a run's model (`transfer predict RUN_DIR PATH...`)
   export    the run's network for inference: TorchScript, ONNX or safetensors, with model.json

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transfer_cli.core.args import CommandParser
 from transfer_cli.core.errors import TransferError
+from transfer_cli.lesson.doc_tables import rewrite
 from transfer_cli.lesson.exercise5 import DEFAULT_OUT, run_normalization
 from transfer_cli.lesson.normalizations import DEFAULT_NORMS, NORMALIZATIONS
 from transfer_cli.lesson.quick_assets import ensure_quick_assets
@@ -15,6 +16,7 @@ from transfer_cli.lesson.quick_assets import ensure_quick_assets
 USAGE = """usage: transfer exercise assets
        transfer exercise normalization [--out DIR] [--norms imagenet,none,half] [--samples N] [--seeds 0,1,2]
                                     [key=value ...]
+       transfer exercise tables [--from outputs/exercises] [--into docs/exercises.md] [--assets DIR]
 
 Lesson exercise 5: score a pretrained network with its own 1000-way ImageNet head on a small
 evaluation set under several input normalizations; writes results.md, results.csv,
@@ -27,7 +29,10 @@ The other exercises are experiment configs: see docs/exercises.md and `make help
 
 `transfer exercise assets` fetches the quick exercises' data (hymenoptera, eurosat5: every file
 checked against the shipped manifests) and weights once, and prints the assets folder
-(`make exerciseN QUICK=1` runs it when ASSETS / TRANSFER_ASSETS give no local copy)."""
+(`make exerciseN QUICK=1` runs it when ASSETS / TRANSFER_ASSETS give no local copy).
+
+`transfer exercise tables` rewrites the quick-mode tables of docs/exercises.md from the results the
+targets wrote (`make docs-exercises`)."""
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -48,10 +53,21 @@ def main(argv: list[str]) -> int:
         CommandParser(prog="transfer exercise assets", usage="transfer exercise assets").parse_args(rest)
         print(ensure_quick_assets())
         return 0
+    if name == "tables":
+        parser = CommandParser(prog="transfer exercise tables", usage=USAGE.splitlines()[3].strip())
+        parser.add_argument("--from", dest="source", type=Path, default=DEFAULT_OUT.parent,
+                            help="where the exercises wrote their results (outputs/exercises)")
+        parser.add_argument("--into", type=Path, default=Path("docs/exercises.md"), help="the document to rewrite")
+        parser.add_argument("--assets", help="the assets folder, written as $ASSETS in the tables")
+        args = parser.parse_args(rest)
+        used = rewrite(args.into, args.source, args.assets)
+        print(f"rewrote {len(used)} tables of {args.into} from {args.source}: {', '.join(used)}")
+        return 0
     if name not in {"normalization", "5"}:
         raise TransferError(f"unknown exercise '{name}': `transfer exercise normalization` (exercise 5) is the "
                             "one with its own command (`transfer exercise assets` fetches the quick exercises' "
-                            "data); exercises 1-4 run as `make exercise1` .. `make exercise4`")
+                            "data, `transfer exercise tables` rewrites the docs' quick-mode tables); exercises 1-4 "
+                            "run as `make exercise1` .. `make exercise4`")
     parser = CommandParser(prog="transfer exercise normalization", usage=USAGE.splitlines()[1].strip())
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the results")
     parser.add_argument("--norms", default=",".join(DEFAULT_NORMS),

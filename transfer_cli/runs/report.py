@@ -1,4 +1,5 @@
-"""`transfer report DIR...`: one table and one plot comparing the runs found below DIRs (report_runs.py).
+"""`transfer report DIR...`: one table and one plot comparing the runs found below DIRs (report_runs.py), and
+each row's val accuracy epoch by epoch (report_epochs.py).
 
 Above the table, one "Shared:" line names what every row has in common, so the columns show only what
 differs; each row names its stages with the epochs it ran in each (report_figure.py draws the rows).
@@ -21,6 +22,7 @@ from transfer_cli.config.schema import TrainConfig
 from transfer_cli.core.errors import TransferError
 from transfer_cli.core.files import atomic_file, csv_cell, write_text
 from transfer_cli.core.tables import markdown
+from transfer_cli.runs.report_epochs import epochs_table
 from transfer_cli.runs.report_figure import curve, plot_val_acc
 from transfer_cli.runs.report_runs import NON_FINITE, Run, find_run_dirs, load_runs
 
@@ -90,6 +92,14 @@ class Row:
         """What the legend adds to a row's label: its seeds and, for a run that did not finish, its status."""
         seeds = [f"n={len(self.runs)}"] if len(self.runs) > 1 else [f"seed {self.key_value(SEED)}"] * (SEED in keys)
         return ", ".join(seeds + [self.status] * (self.status != "finished"))
+
+
+def _titled(row: Row, keys: list[str]) -> str:
+    """The row as epochs.md names it: its legend label and note (`strategy=fine_tune (n=3)`), or its runs where
+    nothing but the seed tells the rows apart (`runs 0, 1, 2 (n=3)`)."""
+    label, note = row.label(keys), row.note(keys)
+    label = f"runs {label}" if label == row.names else label
+    return f"{label} ({note})" if note else label
 
 
 def _short(key: str) -> str:
@@ -256,7 +266,7 @@ def write_csv(path: Path, rows: list[Row], keys: list[str]) -> None:
 
 
 def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
-    """Find and read the runs, write results.md, results.csv and val_acc.png into `out`; return the
+    """Find and read the runs, write results.md, results.csv, epochs.md and val_acc.png into `out`; return the
     table with its "Shared:" line and the notes under it in results.md: how repeated runs are shown, the values
     not shown as read, then the unreadable runs."""
     runs, unreadable = load_runs(find_run_dirs(paths))
@@ -279,6 +289,7 @@ def build_report(paths: list[Path], out: Path) -> tuple[str, list[str]]:
                    + (f"\nValues not shown as read:{odd}\n" if odd else "")
                    + (f"\nUnreadable runs, not reported:{skipped}\n" if skipped else ""))
         write_csv(out / "results.csv", rows, keys)
+        write_text(out / "epochs.md", epochs_table([(_titled(row, shown), row.runs) for row in rows]) + "\n")
         plot_val_acc(out / "val_acc.png", [curve(row.runs, row.label(shown), row.note(shown)) for row in rows])
     except OSError as error:
         raise TransferError(f"cannot write the report into {out}: {error.strerror or error}") from error

@@ -121,10 +121,8 @@ def _parse_count(selector: str) -> int:
 
 def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferModel) -> dict[str, float]:
     if stage.lrs is not None:
-        chosen: dict[str, float] = {}
-        for selector, lr in stage.lrs.items():  # the first key that selects a group gives its rate
-            for name in _selected_groups([selector], model):
-                chosen.setdefault(name, float(lr))
+        chosen = {name: float(lr) for key, lr in reversed(stage.lrs.items())  # earlier keys overwrite later ones:
+                  for name in _selected_groups([key], model)}                 # the first that selects a group wins
         lrs = {group.name: chosen[group.name] for group in model.groups if group.name in chosen}
     else:
         base = stage.lr if stage.lr is not None else strategy.lr
