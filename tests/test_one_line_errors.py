@@ -312,7 +312,8 @@ def test_eval_of_a_config_yaml_too_big_to_expand_is_one_line_and_fast(
     before = tree_snapshot(run)
     started = time.perf_counter()
     one_error(capsys, main(["eval", str(run)]), run / "config.yaml", says)
-    assert time.perf_counter() - started < 5
+    # unguarded, the laughs expand for hours: a bound far above a loaded machine's seconds still catches that
+    assert time.perf_counter() - started < 60
     assert tree_snapshot(run) == before
 
 

@@ -107,7 +107,7 @@ def test_enter_resets_lrs_after_a_scheduler_ran():
     for row in trace:
         for lr, group in zip(row, opt.optimizer.param_groups):
             peaks[group["layer_group"]] = max(peaks.get(group["layer_group"], 0.0), lr)
-    assert peaks == {"layer4": pytest.approx(1e-4), "head": pytest.approx(1e-4)}
+    assert peaks == {"layer4": pytest.approx(1e-4), "head": pytest.approx(1e-3)}  # gradual keeps the head's rate
 
 
 # --------------------------------------------------------------------------- state across stages

@@ -121,8 +121,8 @@ def _parse_count(selector: str) -> int:
 
 def _stage_lrs(stage: StageConfig, strategy: StrategyConfig, model: TransferModel) -> dict[str, float]:
     if stage.lrs is not None:
-        chosen = {name: float(lr) for key, lr in reversed(stage.lrs.items())  # earlier keys overwrite later ones:
-                  for name in _selected_groups([key], model)}                 # the first that selects a group wins
+        selected = [(_selected_groups([key], model), float(lr)) for key, lr in stage.lrs.items()]  # errors in order
+        chosen = {name: lr for names, lr in reversed(selected) for name in names}  # the first key to select one wins
         lrs = {group.name: chosen[group.name] for group in model.groups if group.name in chosen}
     else:
         base = stage.lr if stage.lr is not None else strategy.lr
