@@ -36,18 +36,23 @@ def splice(document: str, source: Path, assets: str | None = None, made_on: str 
                             "<!-- /table --> after each one")
 
     def table(match: re.Match[str]) -> str:
-        path = source / match["file"]
-        if not path.is_file():
-            folder = match["file"].split("/")[0]
-            hint = f" (make {folder.replace('ex', 'exercise')} QUICK=1)" if re.fullmatch(r"ex\d", folder) else ""
-            raise TransferError(f"{path} does not exist: run what writes it first{hint}")
-        text = path.read_text(encoding="utf-8").strip()
-        if assets:
-            text = text.replace(str(Path(assets).expanduser().resolve()), "$ASSETS").replace(assets, "$ASSETS")
-        return f"{match[1]}{text}\n{match[4]}"
+        return f"{match[1]}{table_text(source, match['file'], assets)}\n{match[4]}"
 
     spliced = BLOCK.sub(table, document)
     return MADE_ON.sub(f"<!-- tables made on {made_on} -->", spliced) if made_on else spliced
+
+
+def table_text(source: Path, file: str, assets: str | None = None) -> str:
+    """The table `file` (relative to `source`) as the document shows it: the assets folder written `$ASSETS`."""
+    path = source / file
+    if not path.is_file():
+        folder = file.split("/")[0]
+        hint = f" (make {folder.replace('ex', 'exercise')} QUICK=1)" if re.fullmatch(r"ex\d", folder) else ""
+        raise TransferError(f"{path} does not exist: run what writes it first{hint}")
+    text = path.read_text(encoding="utf-8").strip()
+    if assets:
+        text = text.replace(str(Path(assets).expanduser().resolve()), "$ASSETS").replace(assets, "$ASSETS")
+    return text
 
 
 def tables(document: str) -> dict[str, str]:
